@@ -1,3 +1,27 @@
-"""lightning-xai: explain Vision Transformers while they train."""
+"""lightning-xai: explain Vision Transformers while they train.
+
+>>> import lightning_xai
+>>> result = lightning_xai.explain(model, images, method="gradtoken")   # doctest: +SKIP
+"""
+
+from lightning_xai.explainers import (
+    Explainer,
+    Explanation,
+    available_methods,
+    create_explainer,
+    get_explainer,
+    register,
+)
+from lightning_xai.functional import explain
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "Explainer",
+    "Explanation",
+    "available_methods",
+    "create_explainer",
+    "explain",
+    "get_explainer",
+    "register",
+]

@@ -1,0 +1,55 @@
+"""Gradient-free baselines: raw attention of the last block, and attention rollout."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_xai.adapter import Geometry
+from lightning_xai.explainers.base import Explainer, RawMaps
+from lightning_xai.explainers.registry import register
+from lightning_xai.explainers.relevance import query_row, rollout_product
+
+
+@register
+class RawAttention(Explainer):
+    """Raw attention: ``mean_h A^L[:, h, 0, P:]``, the last block's class-token attention (METHODS.md).
+
+    Class-agnostic by construction: every target gets the same map. Without a class token (average
+    pooling) the mean of the patch rows is used (an extension of METHODS.md).
+    """
+
+    name = "raw_attention"
+
+    def compute(self, x: Tensor, targets: Any, geom: Geometry) -> RawMaps:
+        with torch.no_grad():
+            _, record, resolved, probs = self.forward_captured(x, ("attn",), targets, blocks=[-1])
+        row = query_row(record.attn[-1].float().mean(1), geom)  # (B, h, w)
+        return RawMaps(row.unsqueeze(1).expand(-1, resolved.shape[1], -1, -1), resolved, probs)
+
+
+@register
+class AttentionRollout(Explainer):
+    """Attention rollout (Abnar & Zuidema 2020): ``R = Â^L ... Â^s``, ``Â = rownorm(mean_h A + I)``,
+    map ``R[:, 0, P:]`` (METHODS.md). Class-agnostic by construction.
+
+    Args:
+        start_layer: first block (0-based) included in the product; METHODS.md's "start layer 1" is 0 here.
+    """
+
+    name = "rollout"
+
+    def __init__(self, model: nn.Module, *, start_layer: int = 0, **kwargs: Any) -> None:
+        super().__init__(model, **kwargs)
+        if not 0 <= start_layer < len(self.vit.blocks):
+            raise ValueError(f"start_layer must be in [0, {len(self.vit.blocks) - 1}], got {start_layer}")
+        self.start_layer = start_layer
+
+    def compute(self, x: Tensor, targets: Any, geom: Geometry) -> RawMaps:
+        with torch.no_grad():
+            _, record, resolved, probs = self.forward_captured(x, ("attn",), targets)
+        product = rollout_product([a.float() for a in record.attn], self.start_layer)
+        row = query_row(product, geom)
+        return RawMaps(row.unsqueeze(1).expand(-1, resolved.shape[1], -1, -1), resolved, probs)

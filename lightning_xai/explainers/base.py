@@ -1,0 +1,249 @@
+"""The base class every explainer subclasses, the result it returns, and the pass they all share.
+
+An explainer subclass implements one method, :meth:`Explainer.compute`, that receives a prepared input
+(validated, detached, on the model's device and dtype, inside ``enable_grad`` with the model in eval mode)
+and returns raw maps. The base class does everything around it: input checks, model-state
+preservation, target resolution, upsampling to the input resolution and normalisation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_xai.adapter import Capture, Geometry, OutputTransform, ViTLocator, capture, find_vit, geometry
+from lightning_xai.validation import check_images, resolve_targets, to_logits
+
+
+@dataclass
+class Explanation:
+    """What an explainer returns for a batch of ``B`` images and ``K`` targets per image.
+
+    Attributes:
+        method: registry name of the method.
+        maps: ``(B, K, H, W)`` float32, per-map min-max normalised to ``[0, 1]``.
+        raw: ``(B, K, H, W)`` float32, the same maps before normalisation (strength comparable across
+            epochs and images).
+        targets: ``(B, K)`` int64 class indices explained.
+        probs: ``(B, K)`` float32 softmax probability of each target on the clean image.
+        options: the method's options as used.
+        patch_maps: ``(B, K, h, w)`` raw patch-level maps for patch-level methods, else ``None``.
+        coarse: C2F only: ``(B, K, H, W)`` normalised coarse (S3WM) map.
+        fine: C2F only: ``(B, K, H, W)`` normalised fine (AF) map, equal to ``maps``.
+        evaluations: perturbation methods only: ``(B,)`` model evaluations spent per image.
+    """
+
+    method: str
+    maps: Tensor
+    raw: Tensor
+    targets: Tensor
+    probs: Tensor
+    options: dict[str, Any] = field(default_factory=dict)
+    patch_maps: Tensor | None = None
+    coarse: Tensor | None = None
+    fine: Tensor | None = None
+    evaluations: Tensor | None = None
+
+    @property
+    def evaluations_per_image(self) -> float | None:
+        """Mean number of model evaluations per image, or ``None`` for methods that do one pass."""
+        return None if self.evaluations is None else float(self.evaluations.float().mean())
+
+
+@dataclass
+class RawMaps:
+    """What :meth:`Explainer.compute` returns.
+
+    Attributes:
+        maps: ``(B, K, h, w)`` (patch level) or ``(B, K, H, W)`` (pixel level), any dtype.
+        targets: ``(B, K)`` int64.
+        probs: ``(B, K)``.
+        extras: extra :class:`Explanation` fields (``coarse``, ``fine``, ``evaluations``).
+    """
+
+    maps: Tensor
+    targets: Tensor
+    probs: Tensor
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+
+def minmax(maps: Tensor, eps: float = 1e-12) -> Tensor:
+    """Min-max normalise each map over its last two dims: ``(..., H, W) -> (..., H, W)`` in ``[0, 1]``.
+
+    A constant map becomes all zeros.
+    """
+    flat = maps.flatten(-2)
+    low = flat.amin(-1, keepdim=True)
+    span = flat.amax(-1, keepdim=True) - low
+    out = torch.where(span > eps, (flat - low) / span.clamp_min(eps), torch.zeros_like(flat))
+    return out.view_as(maps)
+
+
+def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear upsampling (``align_corners=False``) of ``(B, K, h, w)`` to ``(B, K, H, W)``."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+
+
+@contextlib.contextmanager
+def explanation_mode(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode with gradients enabled (also inside ``inference_mode``); restore on exit.
+
+    Every submodule's ``training`` flag is restored individually, so a model with a frozen, eval-mode
+    backbone inside a training-mode wrapper comes back exactly as it was. ``requires_grad`` flags and
+    ``param.grad`` are never written by explainers (gradients are taken with ``torch.autograd.grad`` with
+    respect to captured activations only).
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.inference_mode(False), torch.enable_grad():
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+class Explainer:
+    """One base class for all methods; subclasses set ``name`` and implement :meth:`compute`.
+
+    Args:
+        model: the module whose output logits are explained: a timm ViT or any module (a LightningModule)
+            that contains one.
+        vit: where the ViT is inside ``model`` when automatic search is not enough: the module, an
+            attribute path (``"model.backbone"``) or a callable ``model -> vit``.
+        output_transform: turns ``model(images)`` into logits ``(B, num_classes)`` when the forward returns a
+            tuple, a dict or an object; default takes tensors as they are, the first element of a
+            tuple/list and the ``"logits"`` entry of a dict.
+    """
+
+    name: ClassVar[str] = ""
+    requires_class_token: ClassVar[bool] = False
+
+    def __init__(self, model: nn.Module, *, vit: ViTLocator = None, output_transform: OutputTransform = None):
+        self.model = model
+        self.vit = find_vit(model, vit)
+        self.output_transform = output_transform
+
+    # -- options --------------------------------------------------------------------------------------
+    @classmethod
+    def option_names(cls) -> list[str]:
+        """The method-specific keyword options its constructor accepts."""
+        params = inspect.signature(cls.__init__).parameters
+        base = {"self", "model", "vit", "output_transform"}
+        return [p for p, v in params.items() if p not in base and v.kind is inspect.Parameter.KEYWORD_ONLY]
+
+    def options(self) -> dict[str, Any]:
+        """The method's options as set on this instance (stored in every :class:`Explanation`)."""
+        return {name: getattr(self, name) for name in self.option_names()}
+
+    # -- the shared pass ------------------------------------------------------------------------------
+    def __call__(self, images: Tensor, targets: Any = None) -> Explanation:
+        """Explain ``images`` ``(B, C, H, W)`` for ``targets``.
+
+        Args:
+            images: a batch of input images in the model's input space (already normalised).
+            targets: ``None`` (predicted class), an int, a ``(B,)`` tensor/sequence, or ``(B, K)`` for
+                ``K`` targets per image.
+
+        Returns:
+            an :class:`Explanation` with ``maps`` ``(B, K, H, W)``.
+        """
+        check_images(images, self.vit)
+        geom = geometry(self.vit, (images.shape[-2], images.shape[-1]))
+        if self.requires_class_token and not geom.has_class_token:
+            from lightning_xai.explainers.registry import methods_without_class_token
+
+            raise ValueError(
+                f"{self.name} needs a class token, but this ViT has none (global_pool='avg', "
+                f"class_token=False). Methods that work without one: {methods_without_class_token()}."
+            )
+        param = next(self.vit.parameters())
+        with explanation_mode(self.model):
+            x = images.detach().clone().to(device=param.device, dtype=param.dtype)
+            out = self.compute(x, targets, geom)
+        return self._finish(out, geom)
+
+    def _finish(self, out: RawMaps, geom: Geometry) -> Explanation:
+        raw = out.maps.detach().float()
+        patch = raw if tuple(raw.shape[-2:]) == geom.grid else None
+        raw = upsample(raw, geom.image_size)
+        extras = {k: v.detach().float() for k, v in out.extras.items()}
+        return Explanation(
+            method=self.name,
+            maps=minmax(raw),
+            raw=raw,
+            targets=out.targets.detach(),
+            probs=out.probs.detach().float(),
+            options=self.options(),
+            patch_maps=patch,
+            **extras,
+        )
+
+    def compute(self, x: Tensor, targets: Any, geom: Geometry) -> RawMaps:
+        """Subclasses: raw maps for the prepared input ``x`` ``(B, C, H, W)``."""
+        raise NotImplementedError
+
+    # -- helpers for subclasses -----------------------------------------------------------------------
+    def logits(self, x: Tensor) -> Tensor:
+        """The whole model's output logits ``(B, num_classes)`` in float32."""
+        return to_logits(self.model(x), self.output_transform).float()
+
+    def forward_captured(
+        self, x: Tensor, what: tuple[str, ...], targets: Any, blocks: list[int] | None = None
+    ) -> tuple[Tensor, Capture, Tensor, Tensor]:
+        """One forward recording ``what``; returns ``(logits (B, C), capture, targets (B, K), probs (B, K))``."""
+        with capture(self.vit, what, blocks) as record:
+            logits = self.logits(x)
+        resolved = resolve_targets(targets, logits)
+        probs = logits.softmax(-1).gather(1, resolved)
+        return logits, record, resolved, probs
+
+    def attention_gradients(
+        self, x: Tensor, targets: Any, objective: str = "logit", blocks: list[int] | None = None
+    ) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor]:
+        """Attention probabilities and the gradients of the target score with respect to them.
+
+        One forward; one backward for ``K = 1``, or one batched vector-Jacobian product for ``K > 1``.
+
+        Returns:
+            ``(attn, grads, targets, probs)``: ``attn[l]`` ``(B, H, T, T)``; ``grads[l]`` ``(B, K, H, T, T)``
+            (``grads[l][:, k]`` is ``d sum_b score[b, targets[b, k]] / dA^l``); targets ``(B, K)``;
+            probs ``(B, K)``.
+        """
+        x = x.requires_grad_(True)
+        logits, record, resolved, probs = self.forward_captured(x, ("attn",), targets, blocks)
+        score = logits if objective == "logit" else logits.log_softmax(-1)
+        onehot = F.one_hot(resolved, score.shape[-1]).to(score.dtype).permute(1, 0, 2)  # (K, B, C)
+        if onehot.shape[0] == 1:
+            grads = torch.autograd.grad(score, record.attn, grad_outputs=onehot[0])
+            grads = [g.unsqueeze(1) for g in grads]
+        else:
+            grads = _batched_vjp(score, record.attn, onehot)
+        attn = [a.detach().float() for a in record.attn]
+        return attn, [g.float() for g in grads], resolved, probs.detach()
+
+
+def _batched_vjp(score: Tensor, inputs: list[Tensor], onehot: Tensor) -> list[Tensor]:
+    """Gradients of ``K`` target scores at once: ``onehot`` ``(K, B, C)`` -> list of ``(B, K, ...)``."""
+    try:
+        grads = torch.autograd.grad(
+            score, inputs, grad_outputs=onehot, is_grads_batched=True, retain_graph=True
+        )
+    except RuntimeError:  # an op without a batching rule: fall back to one backward per target
+        grads = [
+            torch.stack(parts)
+            for parts in zip(
+                *(torch.autograd.grad(score, inputs, grad_outputs=o, retain_graph=True) for o in onehot),
+                strict=True,
+            )
+        ]
+    return [g.transpose(0, 1) for g in grads]

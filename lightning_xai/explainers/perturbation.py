@@ -1,0 +1,295 @@
+"""Perturbation explainers built on last-block feature masks: ViT-CX and C2F-Explainer."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lightning_xai.adapter import Capture, Geometry
+from lightning_xai.explainers.base import Explainer, RawMaps, minmax
+from lightning_xai.explainers.masks import (
+    MaskScorer,
+    NoiseBank,
+    channel_masks,
+    cluster_labels,
+    cosine_distances,
+    coverage_corrected,
+    informative,
+    merge_clusters,
+    pad_stack,
+    vitcx_masks,
+)
+from lightning_xai.explainers.registry import register
+from lightning_xai.explainers.relevance import rollout_product
+
+GRANULARITIES = ("draws", "clusters")
+
+
+def _positive_float(name: str, value: float, upper: float | None = None) -> float:
+    if not isinstance(value, int | float) or value <= 0 or (upper is not None and value > upper):
+        bound = f" and <= {upper}" if upper is not None else ""
+        raise ValueError(f"{name} must be a number > 0{bound}, got {value!r}")
+    return float(value)
+
+
+def _positive_int(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+class _MaskExplainer(Explainer):
+    """Shared set-up of the mask-based explainers: options, the clean pass and the scorer."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        cluster_threshold: float = 0.1,
+        noise_sigma: float = 0.1,
+        batch_size: int = 64,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(model, **kwargs)
+        self.cluster_threshold = _positive_float("cluster_threshold", cluster_threshold, 2.0)
+        self.noise_sigma = _positive_float("noise_sigma", noise_sigma)
+        self.batch_size = _positive_int("batch_size", batch_size)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        self.seed = seed
+
+    def _probs(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.logits(x).softmax(-1)
+
+    def _clean_pass(self, x: Tensor, targets: Any, what: tuple[str, ...]) -> tuple[Capture, Tensor, Tensor]:
+        with torch.no_grad():
+            _, record, resolved, probs = self.forward_captured(x, what, targets)
+        return record, resolved, probs
+
+    def _scorer(self, x: Tensor, masks: Tensor, resolved: Tensor, probs: Tensor) -> MaskScorer:
+        noise = NoiseBank(self.seed, self.noise_sigma, tuple(x.shape[1:]), x)
+        return MaskScorer(self._probs, x, masks, resolved, probs.float(), noise, self.batch_size)
+
+
+@register
+class ViTCX(_MaskExplainer):
+    """ViT-CX (Xie et al., IJCAI 2023) as METHODS.md defines it: last-block ``norm1`` channel masks merged
+    by clustering, causal scores with seeded noise, map ``(1/n) Σ s_i M_i / Σ_j M_j``.
+
+    Constant channels (which cover nothing) are dropped before clustering.
+
+    Args:
+        cluster_threshold: cosine distance at which complete-linkage clustering stops merging (0.1).
+        noise_sigma: standard deviation of the Gaussian noise in the input space (0.1).
+        batch_size: masked images per forward pass.
+        seed: noise seed.
+    """
+
+    name = "vitcx"
+
+    def compute(self, x: Tensor, targets: Any, geom: Geometry) -> RawMaps:
+        record, resolved, probs = self._clean_pass(x, targets, ("norm1",))
+        masks, valid = vitcx_masks(record.norm1[-1], geom, self.cluster_threshold)
+        scorer = self._scorer(x, masks, resolved, probs)
+        scores = scorer(valid, torch.zeros(valid.shape, dtype=torch.long, device=valid.device))
+        counted = valid.unsqueeze(-1).expand_as(scores)
+        maps = coverage_corrected(scores, masks, counted) / valid.sum(1).view(-1, 1, 1, 1)
+        return RawMaps(maps, resolved, probs, {"evaluations": scorer.evaluations})
+
+
+def _check_thresholds(thresholds: Sequence[Sequence[float]]) -> tuple[tuple[float, float], ...]:
+    pairs = tuple((float(a), float(b)) for a, b in thresholds)
+    if not pairs or any(not 0 <= beta <= alpha <= 1 for alpha, beta in pairs):
+        raise ValueError(
+            f"thresholds must be a non-empty sequence of (alpha, beta) with 0 <= beta <= alpha <= 1, got {thresholds!r}"
+        )
+    return pairs
+
+
+@register
+class C2FExplainer(_MaskExplainer):
+    """C2F-Explainer (Ding et al., IEEE TKDE 36(12), 2024), our reading in METHODS.md: a coarse map from
+    the masks that sequential three-way decisions (S3WM) call positive, refined by attention fusion (AF)
+    over the cross-layer relation matrix ``Π_l rownorm(mean_h A^l + I)``.
+
+    ``maps`` is the fine map; ``coarse`` and ``fine`` are both returned, with ``evaluations`` per image.
+
+    Args:
+        granularity: ``"draws"`` (default: deferred masks get more noise draws) or ``"clusters"`` (granules
+            of a dendrogram cut at ``levels``, deferred granules split into their children).
+        thresholds: ``(alpha_k, beta_k)`` per stage; the last stage is two-way (``v >= alpha`` positive,
+            else negative), so every mask is decided.
+        draws: noise draws per stage for ``granularity="draws"`` (one entry per stage).
+        levels: coarse-to-fine cosine distances of the dendrogram cuts for ``granularity="clusters"``
+            (one entry per stage).
+        cluster_threshold, noise_sigma, batch_size, seed: as for ViT-CX.
+    """
+
+    name = "c2f"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        granularity: str = "draws",
+        thresholds: Sequence[Sequence[float]] = ((0.8, 0.2), (0.7, 0.3), (0.5, 0.5)),
+        draws: Sequence[int] = (1, 1, 2),
+        levels: Sequence[float] = (0.5, 0.25, 0.1),
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(model, **kwargs)
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        self.granularity = granularity
+        self.thresholds = _check_thresholds(thresholds)
+        self.draws = tuple(_positive_int("draws[k]", d) for d in draws)
+        self.levels = tuple(_positive_float("levels[k]", v, 2.0) for v in levels)
+        stages = len(self.thresholds)
+        per_stage = self.draws if granularity == "draws" else self.levels
+        if len(per_stage) != stages:
+            name = "draws" if granularity == "draws" else "levels"
+            raise ValueError(f"{name} needs one entry per stage: {len(per_stage)} given, {stages} stages")
+        if granularity == "clusters" and list(self.levels) != sorted(self.levels, reverse=True):
+            raise ValueError(f"levels must go from coarse to fine (decreasing distances), got {self.levels}")
+        self._warned = False
+
+    def compute(self, x: Tensor, targets: Any, geom: Geometry) -> RawMaps:
+        record, resolved, probs = self._clean_pass(x, targets, ("attn", "norm1"))
+        features = record.norm1[-1]
+        if self.granularity == "draws":
+            masks, valid = vitcx_masks(features, geom, self.cluster_threshold)
+            scorer = self._scorer(x, masks, resolved, probs)
+            mean, decision = self._decide_by_draws(scorer, valid, probs)
+        else:
+            masks, valid, parents = self._granules(features, geom)
+            scorer = self._scorer(x, masks, resolved, probs)
+            mean, decision = self._decide_by_clusters(scorer, valid, parents, probs)
+        coarse_raw = self._coarse(mean, masks, decision)
+        coarse = minmax(coarse_raw)
+        importance = self._attention_fusion(record.attn, coarse, geom)
+        fine_raw = coarse_raw * importance
+        extras = {"coarse": coarse, "fine": minmax(fine_raw), "evaluations": scorer.evaluations}
+        return RawMaps(fine_raw, resolved, probs, extras)
+
+    # -- S3WM ---------------------------------------------------------------------------------------------
+    # decision tensors are (B, n, K) int8: 1 positive, -1 negative, 0 undecided / not part of the partition
+    def _three_way(self, value: Tensor, stage: int) -> tuple[Tensor, Tensor]:
+        """Positive and negative calls of stage ``stage`` for decision values ``v`` in ``[0, 1]``."""
+        alpha, beta = self.thresholds[stage]
+        positive = value >= alpha
+        negative = ~positive if stage == len(self.thresholds) - 1 else value <= beta
+        return positive, negative
+
+    def _decide_by_draws(self, scorer: MaskScorer, valid: Tensor, probs: Tensor) -> tuple[Tensor, Tensor]:
+        """Stage ``k`` gives every still-undecided mask ``draws[k]`` more noise draws, then decides it."""
+        total = torch.zeros((*valid.shape, probs.shape[1]), device=valid.device)
+        count = torch.zeros(valid.shape, dtype=torch.long, device=valid.device)
+        decision = torch.zeros_like(total, dtype=torch.int8)
+        for stage, draws in enumerate(self.draws):
+            undecided = (decision == 0) & valid.unsqueeze(-1)
+            pending = undecided.any(-1)
+            if not pending.any():
+                break
+            for _ in range(draws):
+                total += scorer(pending, count)
+                count += pending.long()
+            mean = total / count.clamp_min(1).unsqueeze(-1)
+            positive, negative = self._three_way(self._value(mean, probs), stage)
+            decision[undecided & positive] = 1
+            decision[undecided & negative] = -1
+        return total / count.clamp_min(1).unsqueeze(-1), decision
+
+    @staticmethod
+    def _value(mean: Tensor, probs: Tensor) -> Tensor:
+        """Decision value ``v = clip(s̄ / p_c(x), 0, 1)``: ``(B, n, K)``."""
+        return (mean / probs.unsqueeze(1).clamp_min(1e-12)).clamp(0, 1)
+
+    def _granules(self, features: Tensor, geom: Geometry) -> tuple[Tensor, Tensor, Tensor]:
+        """Granules of every level for each image, stacked: masks ``(B, G, H, W)``, valid ``(B, G)`` and
+        ``parents`` ``(B, G)`` (index of the granule one level up, -1 at the top level)."""
+        all_masks, all_parents = [], []
+        for feats in features:  # per-image clustering (scikit-learn); not a model pass
+            masks = informative(channel_masks(feats, geom))
+            distances = cosine_distances(masks)
+            labels = [cluster_labels(distances, level) for level in self.levels]
+            granule_masks, parents, offset, previous = [], [], 0, None
+            for level_labels in labels:
+                count = int(level_labels.max()) + 1
+                granule_masks.append(merge_clusters(masks, level_labels))
+                if previous is None:
+                    parents.append(np.full(count, -1))
+                else:  # complete-linkage cuts of one dendrogram are nested: any member names the parent
+                    first_member = np.array([np.flatnonzero(level_labels == g)[0] for g in range(count)])
+                    parents.append(previous[first_member] + offset - previous_count)
+                previous, previous_count, offset = level_labels, count, offset + count
+            all_masks.append(torch.cat(granule_masks))
+            all_parents.append(torch.as_tensor(np.concatenate(parents), device=masks.device))
+        masks, valid = pad_stack(all_masks)
+        parents = torch.full(valid.shape, -2, dtype=torch.long, device=valid.device)
+        for b, p in enumerate(all_parents):
+            parents[b, : len(p)] = p
+        return masks, valid, parents
+
+    def _decide_by_clusters(
+        self, scorer: MaskScorer, valid: Tensor, parents: Tensor, probs: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Stage ``k`` scores the live granules of level ``k`` once and decides them; a deferred granule's
+        children (level ``k + 1``) are live at the next stage. The decided granules partition the channels."""
+        shape = (*valid.shape, probs.shape[1])
+        decision = torch.zeros(shape, dtype=torch.int8, device=valid.device)
+        mean = torch.zeros(shape, device=valid.device)
+        live = ((parents == -1) & valid).unsqueeze(-1).expand(shape)
+        has_parent = (parents >= 0).unsqueeze(-1).expand(shape)
+        parent_index = parents.clamp_min(0).unsqueeze(-1).expand(shape)
+        for stage in range(len(self.levels)):
+            scored = live.any(-1)
+            if not scored.any():
+                break
+            mean = torch.where(live, scorer(scored, torch.zeros_like(parents)), mean)
+            positive, negative = self._three_way(self._value(mean, probs), stage)
+            decision[live & positive] = 1
+            decision[live & negative] = -1
+            deferred = live & (decision == 0)
+            live = has_parent & deferred.gather(1, parent_index)
+        return mean, decision
+
+    def _coarse(self, mean: Tensor, masks: Tensor, decision: Tensor) -> Tensor:
+        """``Σ_{POS} s̄_i M_i / Σ_{decided j} M_j``: ``(B, n, K)`` scores -> ``(B, K, H, W)``."""
+        positive, counted = decision == 1, decision != 0
+        empty = ~positive.any(1)  # (B, K): no positive mask for this image and target
+        if empty.any():
+            if not self._warned:
+                warnings.warn(
+                    "C2F: no mask was decided positive for some image/target; using the top-scored mask "
+                    "instead (consider lower thresholds)",
+                    stacklevel=3,
+                )
+                self._warned = True
+            top = mean.masked_fill(~counted, float("-inf")).argmax(1)  # (B, K)
+            fallback = torch.zeros_like(positive).scatter_(1, top.unsqueeze(1), True)
+            positive = torch.where(empty.unsqueeze(1), fallback, positive)
+        return coverage_corrected(mean * positive, masks, counted)
+
+    # -- AF -----------------------------------------------------------------------------------------------
+    @staticmethod
+    def _attention_fusion(attn: list[Tensor], coarse: Tensor, geom: Geometry) -> Tensor:
+        """Patch importance ``relu(cos(Q_i, f) − cos(Q_i, b))`` upsampled: ``(B, K, H, W)`` in ``[0, 1]``."""
+        relation = rollout_product([a.float() for a in attn])
+        patches = relation[:, geom.num_prefix :, geom.num_prefix :]  # (B, N, N)
+        pooled = torch.nn.functional.adaptive_avg_pool2d(coarse, geom.grid).flatten(2)  # (B, K, N)
+        fg = (pooled @ patches) / pooled.sum(-1, keepdim=True).clamp_min(1e-12)
+        bg = ((1 - pooled) @ patches) / (1 - pooled).sum(-1, keepdim=True).clamp_min(1e-12)
+        unit = torch.nn.functional.normalize(patches, dim=-1).unsqueeze(1)  # (B, 1, N, N)
+        cos_fg = (unit * torch.nn.functional.normalize(fg, dim=-1).unsqueeze(2)).sum(-1)
+        cos_bg = (unit * torch.nn.functional.normalize(bg, dim=-1).unsqueeze(2)).sum(-1)
+        importance = minmax((cos_fg - cos_bg).clamp_min(0).unflatten(-1, geom.grid))
+        return torch.nn.functional.interpolate(
+            importance, size=geom.image_size, mode="bilinear", align_corners=False
+        )

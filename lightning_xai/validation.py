@@ -1,0 +1,91 @@
+"""Input checks shared by the explainers and the callbacks: clear errors that name the problem and the fix."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_xai.adapter import OutputTransform, in_channels
+
+
+def check_images(images: Any, vit: nn.Module) -> None:
+    """Raise ``TypeError``/``ValueError`` unless ``images`` is a finite, non-empty ``(B, C, H, W)`` float
+    tensor with the channel count the ViT's patch embedding takes."""
+    if not isinstance(images, Tensor):
+        raise TypeError(f"images must be a torch.Tensor of shape (B, C, H, W), got {type(images).__name__}")
+    if images.dim() != 4:
+        hint = " (add a batch dimension with images.unsqueeze(0))" if images.dim() == 3 else ""
+        raise ValueError(f"images must have shape (B, C, H, W), got {tuple(images.shape)}{hint}")
+    if images.shape[0] == 0:
+        raise ValueError("images is an empty batch (B = 0): pass at least one image")
+    if not images.is_floating_point():
+        raise TypeError(
+            f"images must be a floating-point tensor in the model's input space, got {images.dtype}: "
+            "convert and normalise them as for training (e.g. images.float() / 255 then normalise)"
+        )
+    channels = in_channels(vit)
+    if channels is not None and images.shape[1] != channels:
+        raise ValueError(f"images have {images.shape[1]} channels but the ViT takes {channels}")
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError("images contain NaN or inf values: clean or re-normalise the input")
+
+
+def resolve_targets(targets: Any, logits: Tensor) -> Tensor:
+    """Turn a user's ``targets`` into ``(B, K)`` int64 class indices on ``logits``' device.
+
+    Args:
+        targets: ``None`` (predicted class), an int (same class for every image), a ``(B,)`` tensor or
+            sequence (one per image), or ``(B, K)`` (``K`` per image).
+        logits: ``(B, num_classes)``.
+    """
+    batch, num_classes = logits.shape
+    if targets is None:
+        resolved = logits.argmax(-1, keepdim=True)
+    else:
+        if isinstance(targets, bool) or (
+            isinstance(targets, Tensor) and targets.dtype == torch.bool
+        ):
+            raise TypeError("targets must be class indices (int), not booleans")
+        if isinstance(targets, int):
+            resolved = torch.full((batch, 1), targets, dtype=torch.long)
+        elif isinstance(targets, Tensor | Sequence):
+            resolved = torch.as_tensor(targets)
+            if resolved.is_floating_point():
+                raise TypeError(f"targets must be integer class indices, got dtype {resolved.dtype}")
+            if resolved.dim() == 0:
+                resolved = resolved.expand(batch)
+            if resolved.dim() == 1:
+                resolved = resolved.unsqueeze(1)
+            if resolved.dim() != 2 or resolved.shape[0] != batch:
+                raise ValueError(
+                    f"targets must be None, an int, shape (B,) or (B, K) with B = {batch}; "
+                    f"got shape {tuple(resolved.shape)}"
+                )
+        else:
+            raise TypeError(f"targets must be None, an int, a sequence or a tensor, got {type(targets).__name__}")
+        if resolved.numel() and (int(resolved.min()) < 0 or int(resolved.max()) >= num_classes):
+            raise ValueError(
+                f"target class out of range: got values in [{int(resolved.min())}, {int(resolved.max())}] "
+                f"but the model has {num_classes} classes (valid: 0..{num_classes - 1})"
+            )
+    return resolved.to(device=logits.device, dtype=torch.long)
+
+
+def to_logits(output: Any, transform: OutputTransform = None) -> Tensor:
+    """The ``(B, num_classes)`` logits in a model's output (``transform`` applied first when given)."""
+    if transform is not None:
+        output = transform(output)
+    if isinstance(output, tuple | list) and output and isinstance(output[0], Tensor):
+        output = output[0]
+    elif isinstance(output, dict) and isinstance(output.get("logits"), Tensor):
+        output = output["logits"]
+    if not isinstance(output, Tensor) or output.dim() != 2:
+        shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+        raise TypeError(
+            f"the model's output is {shape}, not logits of shape (B, num_classes): pass "
+            "output_transform=lambda out: ... that returns the logits"
+        )
+    return output
