@@ -51,8 +51,11 @@ def resolve_targets(targets: Any, logits: Tensor) -> Tensor:
             raise TypeError("targets must be class indices (int), not booleans")
         if isinstance(targets, int):
             resolved = torch.full((batch, 1), targets, dtype=torch.long)
-        elif isinstance(targets, Tensor | Sequence):
-            resolved = torch.as_tensor(targets)
+        elif isinstance(targets, Tensor | Sequence) and not isinstance(targets, str):
+            try:
+                resolved = torch.as_tensor(targets)
+            except (TypeError, ValueError, RuntimeError) as err:
+                raise TypeError(f"targets must be integer class indices: {err}") from None
             if resolved.is_floating_point():
                 raise TypeError(f"targets must be integer class indices, got dtype {resolved.dtype}")
             if resolved.dim() == 0:

@@ -120,6 +120,7 @@ class C2FExplainer(_MaskExplainer):
     over the cross-layer relation matrix ``Π_l rownorm(mean_h A^l + I)``.
 
     ``maps`` is the fine map; ``coarse`` and ``fine`` are both returned, with ``evaluations`` per image.
+    ``raw`` is ``S_coarse ⊙ I`` (before the final min-max) times the peak of the unnormalised coarse map.
 
     Args:
         granularity: ``"draws"`` (default: deferred masks get more noise draws) or ``"clusters"`` (granules
@@ -174,7 +175,9 @@ class C2FExplainer(_MaskExplainer):
         coarse_raw = self._coarse(mean, masks, decision)
         coarse = minmax(coarse_raw)
         importance = self._attention_fusion(record.attn, coarse, geom)
-        fine_raw = coarse_raw * importance
+        # S_fine = minmax(S_coarse ⊙ I) on the normalised coarse map; the raw map keeps the coarse peak so
+        # its strength stays comparable across epochs
+        fine_raw = coarse * importance * coarse_raw.flatten(2).amax(-1)[..., None, None]
         extras = {"coarse": coarse, "fine": minmax(fine_raw), "evaluations": scorer.evaluations}
         return RawMaps(fine_raw, resolved, probs, extras)
 
@@ -219,7 +222,7 @@ class C2FExplainer(_MaskExplainer):
             masks = informative(channel_masks(feats, geom))
             distances = cosine_distances(masks)
             labels = [cluster_labels(distances, level) for level in self.levels]
-            granule_masks, parents, offset, previous = [], [], 0, None
+            granule_masks, parents, start, previous = [], [], 0, None  # start: first index of the level above
             for level_labels in labels:
                 count = int(level_labels.max()) + 1
                 granule_masks.append(merge_clusters(masks, level_labels))
@@ -227,8 +230,9 @@ class C2FExplainer(_MaskExplainer):
                     parents.append(np.full(count, -1))
                 else:  # complete-linkage cuts of one dendrogram are nested: any member names the parent
                     first_member = np.array([np.flatnonzero(level_labels == g)[0] for g in range(count)])
-                    parents.append(previous[first_member] + offset - previous_count)
-                previous, previous_count, offset = level_labels, count, offset + count
+                    parents.append(start + previous[first_member])
+                    start += int(previous.max()) + 1
+                previous = level_labels
             all_masks.append(torch.cat(granule_masks))
             all_parents.append(torch.as_tensor(np.concatenate(parents), device=masks.device))
         masks, valid = pad_stack(all_masks)
