@@ -35,3 +35,47 @@ def make_vit(
 @pytest.fixture
 def tiny_vit() -> torch.nn.Module:
     return make_vit()
+
+
+TRAINED = dict(model_name="vit_tiny_patch16_224", image_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4)
+
+
+def train_classifier(family: str, root, epochs: int = 12, num_classes: int = 4, seed: int = 0):
+    """Train the small test ViT on generated ``family`` images with a real Trainer; weights cached in ``root``."""
+    import lightning.pytorch as pl
+
+    from lightning_xai.data import SyntheticDataModule
+    from lightning_xai.demo import ViTClassifier
+
+    pl.seed_everything(seed, workers=True)
+    data = SyntheticDataModule(family=family, num_classes=num_classes, image_size=32, num_train=3072, num_val=256,
+                               batch_size=64, seed=seed, val_return_mask=True)
+    module = ViTClassifier(num_classes=num_classes, lr=2e-3, warmup_epochs=1, **TRAINED)
+    cached = root / f"{family}.pt"
+    if cached.exists():
+        module.load_state_dict(torch.load(cached))
+    else:
+        trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                             default_root_dir=str(root))
+        trainer.fit(module, datamodule=data)
+        torch.save(module.state_dict(), cached)
+    data.setup("fit")
+    return module.eval(), data
+
+
+@pytest.fixture(scope="session")
+def trained_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("trained")
+
+
+@pytest.fixture(scope="session")
+def shape_model(trained_root):
+    """A small ViT trained in this session on the shape family, with its data module."""
+    return train_classifier("shape", trained_root)
+
+
+@pytest.fixture(scope="session")
+def texture_model(trained_root):
+    """A small ViT trained in this session on the texture family, with its data module."""
+    return train_classifier("texture", trained_root)

@@ -1,0 +1,178 @@
+"""Speed and memory of each explainer on CPU, relative to one plain forward+backward of the same batch,
+and ViT-CX against C2F-Explainer (model evaluations, time, localisation on the texture family).
+
+    python benchmarks/bench_explainers.py            # ViT-Tiny and ViT-Small sized, 224 px, batch 4
+    python benchmarks/bench_explainers.py --quick    # smaller, for a smoke run
+
+Every ratio is measured in one run on one machine; times are medians over ``--repeats`` runs. Peak memory
+is the growth of the resident set above its level before the call, sampled every millisecond.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import resource
+import statistics
+import threading
+import time
+from functools import partial
+
+import timm
+import torch
+
+import lightning_xai as lx
+
+METHODS = ["raw_attention", "rollout", "gae", "gradtoken", "vitcx", "c2f"]
+SIZES = {
+    "vit-tiny": dict(model_name="vit_tiny_patch16_224"),
+    "vit-small": dict(model_name="vit_small_patch16_224"),
+}
+
+
+def build(name: str, image_size: int, num_classes: int = 10) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(SIZES[name]["model_name"], pretrained=False, img_size=image_size,
+                             num_classes=num_classes).eval()
+
+
+def forward_backward(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor) -> None:
+    """The reference cost: one training-style forward and backward (parameter gradients) of the batch."""
+    logits = model(images)
+    logits.gather(1, targets[:, None]).sum().backward()
+    model.zero_grad(set_to_none=True)
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+class PeakRSS:
+    """Peak growth of the process's resident memory while the context runs, sampled every millisecond.
+
+    PyTorch's CPU allocator has no peak counter; large tensors are mmap-ed and returned to the system when
+    freed, so sampling ``/proc/self/statm`` follows the live tensor memory closely.
+    """
+
+    page = resource.getpagesize()
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * self.page
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.001)
+
+    def __enter__(self) -> PeakRSS:
+        gc.collect()
+        self.start = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    @property
+    def mib(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+
+def peak_memory_mib(fn) -> float:
+    with PeakRSS() as peak:
+        fn()
+    return peak.mib
+
+
+def bench_model(size: str, image_size: int, batch: int, repeats: int, memory: bool) -> None:
+    """Print one table row per method for one model size."""
+    model = build(size, image_size)
+    images = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    targets = torch.zeros(batch, dtype=torch.long)
+    reference_fn = partial(forward_backward, model, images, targets)
+    reference = timed(reference_fn, repeats)
+    ref_mem = peak_memory_mib(reference_fn) if memory else float("nan")
+    print(f"| {size} | forward+backward | {1000 * reference / batch:.1f} | 1.00 | {ref_mem:.0f} | 1 |")
+    for method in METHODS:
+        run = partial(lx.explain, model, images, method=method, targets=targets)
+        seconds = timed(run, 1 if method in ("vitcx", "c2f") else repeats)
+        mem = peak_memory_mib(run) if memory else float("nan")
+        evals = run().evaluations_per_image if method in ("vitcx", "c2f") else None
+        print(f"| {size} | {method} | {1000 * seconds / batch:.1f} | {seconds / reference:.2f} | {mem:.0f} | "
+              f"{'1' if evals is None else f'{evals:.0f}'} |")
+
+
+def speed_table(sizes: list[str], image_size: int, batch: int, repeats: int, memory: bool) -> None:
+    print(f"\n## Speed and memory (CPU, {torch.get_num_threads()} threads, {image_size}px, batch {batch})\n")
+    print("| model | method | ms / image | x forward+backward | peak memory (MiB) | evaluations / image |")
+    print("|---|---|---:|---:|---:|---:|")
+    for size in sizes:
+        bench_model(size, image_size, batch, repeats, memory)
+
+
+def c2f_table(epochs: int, count: int) -> None:
+    """ViT-CX vs C2F on a small ViT trained here on the texture family (classes that survive no masking)."""
+    import lightning.pytorch as pl
+
+    from lightning_xai.data import SyntheticDataModule
+    from lightning_xai.demo import ViTClassifier
+    from lightning_xai.metrics import localization
+
+    pl.seed_everything(0)
+    data = SyntheticDataModule(family="texture", num_classes=4, image_size=32, num_train=3072, num_val=256,
+                               batch_size=64, seed=0, val_return_mask=True)
+    module = ViTClassifier(num_classes=4, image_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, lr=2e-3)
+    pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False).fit(module, datamodule=data)
+    module.eval()
+    images, labels, masks = data.val_set.batch(range(count))
+    with torch.no_grad():
+        accuracy = float((module(images).argmax(-1) == labels).float().mean())
+    print(f"\n## ViT-CX vs C2F-Explainer (texture family, 32px, patch 4, {count} images, accuracy {accuracy:.2f})\n")
+    print("| method | IoU@mean | energy in object | pointing game | evaluations / image | time ratio vs ViT-CX |")
+    print("|---|---:|---:|---:|---:|---:|")
+    rows = [("vitcx", {}), ("c2f", {}), ("c2f", {"granularity": "clusters"}), ("gradtoken", {}),
+            ("raw_attention", {})]
+    reference = None
+    for method, options in rows:
+        start = time.perf_counter()
+        result = lx.explain(module, images, method=method, targets=labels, **options)
+        seconds = time.perf_counter() - start
+        reference = reference or seconds
+        scores = {k: float(v.mean()) for k, v in localization(result.maps[:, 0], masks).items()}
+        evals = result.evaluations_per_image
+        label = method + (f" ({options['granularity']})" if options else "")
+        evals_text = "1" if evals is None else f"{evals:.1f}"
+        print(f"| {label} | {scores['iou']:.3f} | {scores['energy_pointing_game']:.3f} | "
+              f"{scores['pointing_game']:.2f} | {evals_text} | {seconds / reference:.2f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--skip-c2f", action="store_true")
+    args = parser.parse_args()
+    image_size, batch, epochs, count = (96, 2, 4, 16) if args.quick else (224, 4, 12, 64)
+    sizes = ["vit-tiny"] if args.quick else ["vit-tiny", "vit-small"]
+    if not args.skip_speed:
+        speed_table(sizes, image_size, batch, args.repeats, not args.no_memory)
+    if not args.skip_c2f:
+        c2f_table(epochs, count)
+
+
+if __name__ == "__main__":
+    main()
