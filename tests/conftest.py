@@ -1,5 +1,5 @@
-"""Shared fixtures: tiny random timm ViTs for geometry and state tests, and small ViTs trained once per
-session on generated data (weights cached in the session's temporary directory)."""
+"""Shared fixtures: tiny random timm ViTs for geometry and state tests, and a small ViT trained once per
+session on generated texture-family data (weights cached in the session's temporary directory)."""
 
 from __future__ import annotations
 
@@ -67,12 +67,6 @@ def train_classifier(family: str, root, epochs: int = 12, num_classes: int = 4, 
 @pytest.fixture(scope="session")
 def trained_root(tmp_path_factory):
     return tmp_path_factory.mktemp("trained")
-
-
-@pytest.fixture(scope="session")
-def shape_model(trained_root):
-    """A small ViT trained in this session on the shape family, with its data module."""
-    return train_classifier("shape", trained_root)
 
 
 @pytest.fixture(scope="session")

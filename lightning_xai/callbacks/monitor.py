@@ -153,6 +153,18 @@ class ExplanationMonitor(Callback):
         self._history: dict[str, list[tuple[str, np.ndarray]]] = {}
         self._explained_epochs: list[int] = []
         self._probes_uploaded = False
+        self.last_scalars: dict[str, float] = {}
+        """The scalars of the latest explanation event, ``{"xai/<method>/<name>": value}``."""
+
+    def timeline(self, method: str) -> np.ndarray:
+        """The current timeline of ``method``: uint8 ``(H, W, 3)``, rows = probes, columns = explained epochs."""
+        if method not in self._history:
+            raise KeyError(f"no explanations of {method!r} yet; explained so far: {sorted(self._history)}")
+        history = self._history[method]
+        return render.timeline(
+            [entry[1] for entry in history], [entry[0] for entry in history], max_columns=self.timeline_columns,
+            row_labels=[f"#{i}" for i in range(len(history[0][1]))],
+        )
 
     @staticmethod
     def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
@@ -281,6 +293,7 @@ class ExplanationMonitor(Callback):
                 self._fail(err, name, epoch)
         label = "init" if baseline else f"ep {epoch}"
         scalars = self._scalars(pl_module, images, logits, targets, probe, results, baseline)
+        self.last_scalars = dict(scalars)
         tiles = {name: self._overlays(images, result) for name, result in results.items()}
         grids = {name: self._grid(images, result, tiles[name]) for name, result in results.items()}
         timelines = {name: self._timeline(name, label, tiles[name][:, 0]) for name in results}
@@ -356,11 +369,7 @@ class ExplanationMonitor(Callback):
         history.append((label, tiles))
         if len(history) > HISTORY_LIMIT:  # thin the middle, keep the first and the newest
             del history[1:-1:2]
-        labels = [entry[0] for entry in history]
-        return render.timeline(
-            [entry[1] for entry in history], labels, max_columns=self.timeline_columns,
-            row_labels=[f"#{i}" for i in range(len(tiles))],
-        )
+        return self.timeline(name)
 
     def _rows(self, targets: Tensor, logits: Tensor, tiles: dict[str, np.ndarray]):
         probs = logits.softmax(-1).gather(1, targets).cpu()
