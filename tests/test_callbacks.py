@@ -243,6 +243,12 @@ def test_misconfiguration_raises_before_the_first_epoch(tmp_path):
         def forward(self, x):
             return self.net(x)
 
+        def training_step(self, batch, batch_idx):
+            return self(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
     with pytest.raises(TypeError, match="no supported Vision Transformer"):
         trainer(tmp_path, [ExplanationMonitor()]).fit(CNN(), datamodule())
     wrong_size = ExplanationMonitor(probe_images=torch.randn(2, 3, 48, 48))

@@ -303,7 +303,7 @@ class ExplanationMonitor(Callback):
             epoch=epoch,
             global_step=trainer.global_step,
             grids=grids,
-            timelines=timelines,
+            timelines={} if baseline else timelines,  # the baseline is the first column of the next one
             scalars=scalars,
             rows=self._rows(targets, logits, tiles),
             probe_tiles=None if self._probes_uploaded else render.overlay(

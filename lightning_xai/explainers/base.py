@@ -137,9 +137,15 @@ class Explainer:
     @classmethod
     def option_names(cls) -> list[str]:
         """The method-specific keyword options its constructor accepts."""
-        params = inspect.signature(cls.__init__).parameters
         base = {"self", "model", "vit", "output_transform"}
-        return [p for p, v in params.items() if p not in base and v.kind is inspect.Parameter.KEYWORD_ONLY]
+        names: list[str] = []
+        for klass in cls.__mro__:  # subclasses first, then the options they pass on through **kwargs
+            if klass is Explainer or "__init__" not in vars(klass):
+                continue
+            for p, v in inspect.signature(klass.__init__).parameters.items():
+                if p not in base and p not in names and v.kind is inspect.Parameter.KEYWORD_ONLY:
+                    names.append(p)
+        return names
 
     def options(self) -> dict[str, Any]:
         """The method's options as set on this instance (stored in every :class:`Explanation`)."""
@@ -169,6 +175,8 @@ class Explainer:
         param = next(self.vit.parameters())
         with explanation_mode(self.model):
             x = images.detach().clone().to(device=param.device, dtype=param.dtype)
+            if isinstance(targets, Tensor):  # may be an inference tensor (trainer.validate); autograd saves it
+                targets = targets.detach().clone()
             out = self.compute(x, targets, geom)
         return self._finish(out, geom)
 
