@@ -70,4 +70,4 @@ def test_unknown_method_and_option(model):
 def test_registry_aliases(model):
     assert lx.get_explainer("Grad-Rollout").name == "gae"
     assert lx.get_explainer("ViT-CX").name == "vitcx"
-    assert set(lx.available_methods()) == {"raw_attention", "rollout", "gae", "gradtoken", "vitcx", "c2f"}
+    assert {"raw_attention", "rollout", "gae", "gradtoken", "vitcx", "c2f"} <= set(lx.available_methods())

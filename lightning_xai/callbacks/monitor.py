@@ -43,7 +43,9 @@ def _normalise_methods(methods: Any) -> dict[str, dict[str, Any]]:
         cls = get_explainer(name)  # unknown names raise here, at construction
         unknown = sorted(set(options) - set(cls.option_names()))
         if unknown:
-            raise ValueError(f"unknown option(s) {unknown} for method {cls.name!r}; its options are {cls.option_names()}")
+            raise ValueError(
+                f"unknown option(s) {unknown} for method {cls.name!r}; its options are {cls.option_names()}"
+            )
         out[cls.name] = options
     return out
 
@@ -131,9 +133,12 @@ class ExplanationMonitor(Callback):
         if isinstance(targets, str):
             self._check_choice("targets", targets, TARGET_MODES)
         elif isinstance(targets, bool) or not (
-            isinstance(targets, int) or (isinstance(targets, Sequence) and targets and all(isinstance(t, int) for t in targets))
+            isinstance(targets, int)
+            or (isinstance(targets, Sequence) and targets and all(isinstance(t, int) for t in targets))
         ):
-            raise ValueError(f"targets must be one of {TARGET_MODES}, a class index or a list of class indices, got {targets!r}")
+            raise ValueError(
+                f"targets must be one of {TARGET_MODES}, a class index or a list of class indices, got {targets!r}"
+            )
         if targets == "label" and probe_images is not None and probe_labels is None:
             raise ValueError("targets='label' needs probe_labels when probe_images are given")
         if not 0 <= alpha <= 1:
@@ -225,7 +230,8 @@ class ExplanationMonitor(Callback):
 
     # -- state ------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"probe": None if self.probe is None else self.probe.state_dict(), "explained_epochs": self._explained_epochs}
+        probe = None if self.probe is None else self.probe.state_dict()
+        return {"probe": probe, "explained_epochs": self._explained_epochs}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("probe") is not None:
@@ -357,7 +363,8 @@ class ExplanationMonitor(Callback):
             images.float().cpu(), torch.zeros(count, *images.shape[-2:]), alpha=0.0, mean=self.mean, std=self.std
         )
         texts = [
-            f"{self._name(int(t))} p={float(p):.2f}" for t, p in zip(result.targets.flatten(), result.probs.flatten(), strict=True)
+            f"{self._name(int(t))} p={float(p):.2f}"
+            for t, p in zip(result.targets.flatten(), result.probs.flatten(), strict=True)
         ]
         captioned = render.caption(tiles.reshape(-1, *tiles.shape[2:]), texts).reshape(count, k, -1, *tiles.shape[3:])
         firsts = render.caption(originals, [f"probe {i}" for i in range(count)])
@@ -374,7 +381,8 @@ class ExplanationMonitor(Callback):
     def _rows(self, targets: Tensor, logits: Tensor, tiles: dict[str, np.ndarray]):
         probs = logits.softmax(-1).gather(1, targets).cpu()
         return [
-            (p, int(targets[p, k]), self._name(int(targets[p, k])), float(probs[p, k]), {m: t[p, k] for m, t in tiles.items()})
+            (p, int(targets[p, k]), self._name(int(targets[p, k])), float(probs[p, k]),
+             {m: t[p, k] for m, t in tiles.items()})
             for p in range(targets.shape[0])
             for k in range(targets.shape[1])
         ]
