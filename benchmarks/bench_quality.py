@@ -38,12 +38,13 @@ ROWS: list[tuple[str, dict]] = [
 EXAMPLE_VIT = dict(model_name="vit_tiny_patch16_224", image_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4)
 
 
-def train(family: str, epochs: int, num_train: int, seed: int = 0) -> tuple[ViTClassifier, SyntheticDataModule]:
-    """The example's model trained on ``family`` with a real Trainer."""
+def train(family: str, epochs: int, num_train: int, seed: int = 0, **architecture) -> tuple[ViTClassifier,
+                                                                                         SyntheticDataModule]:
+    """The example's model (``architecture`` overrides its layout) trained on ``family`` with a real Trainer."""
     pl.seed_everything(seed, workers=True)
     data = SyntheticDataModule(family=family, num_classes=4, image_size=32, num_train=num_train, num_val=512,
                                batch_size=64, seed=seed, val_return_mask=True)
-    module = ViTClassifier(num_classes=4, lr=2e-3, warmup_epochs=1, **EXAMPLE_VIT)
+    module = ViTClassifier(num_classes=4, lr=2e-3, warmup_epochs=1, **{**EXAMPLE_VIT, **architecture})
     pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                enable_progress_bar=False, enable_model_summary=False).fit(module, datamodule=data)
     data.setup("fit")
@@ -118,11 +119,14 @@ def main() -> None:
     parser.add_argument("--family", choices=["texture", "shape"], default="texture")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--count", type=int, default=None, help="validation images explained")
+    parser.add_argument("--depth", type=int, default=EXAMPLE_VIT["depth"], help="blocks of the ViT")
+    parser.add_argument("--embed-dim", type=int, default=EXAMPLE_VIT["embed_dim"], help="width of the ViT")
     args = parser.parse_args()
     epochs = args.epochs or (3 if args.quick else 12)
     count = args.count or (16 if args.quick else 128)
     torch.manual_seed(0)
-    module, data = train(args.family, epochs, 1024 if args.quick else 3072)
+    module, data = train(args.family, epochs, 1024 if args.quick else 3072, depth=args.depth,
+                         embed_dim=args.embed_dim)
     check_claims(quality_table(module, data, count))
 
 

@@ -1,0 +1,196 @@
+"""Train two small ViTs that differ in one thing and compare how their explanations evolve, side by side.
+
+Run A and run B share the seed, the data and the probe images (the monitor draws its probes from the validation
+set with its own seed), so the only difference is the one chosen with ``--vary``:
+
+    python examples/compare_runs.py                              # augment: without vs with random flips/shifts
+    python examples/compare_runs.py --vary model-size            # embed_dim 64/depth 4 vs embed_dim 96/depth 6
+    python examples/compare_runs.py --logger wandb --epochs 10   # W&B (offline unless you are logged in)
+
+At the end it prints the last explanation scores and validation accuracy of both runs and writes the two
+final GradToken timelines, A above B, to ``<output-dir>/compare_gradtoken.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+from lightning_xai.callbacks import ExplanationMonitor
+from lightning_xai.data import MEAN, STD, SyntheticDataModule
+from lightning_xai.demo import ViTClassifier
+from lightning_xai.explainers import available_methods
+from lightning_xai.render import caption, save_png
+
+
+def _small_vit() -> dict[str, int]:
+    """``SMALL_VIT`` of ``examples/train_vit.py`` (the architecture the main example trains), read from that file."""
+    spec = importlib.util.spec_from_file_location("train_vit", Path(__file__).resolve().parent / "train_vit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return dict(module.SMALL_VIT)
+
+
+SMALL_VIT = _small_vit()
+
+#: What each ``--vary`` choice changes: run label -> (description, data settings, model settings).
+VARIANTS: dict[str, dict[str, tuple[str, dict[str, Any], dict[str, Any]]]] = {
+    "augment": {
+        "A": ("augment off", {"augment": False}, {}),
+        "B": ("augment on", {"augment": True}, {}),
+    },
+    "model-size": {
+        "A": ("embed_dim 64, depth 4", {}, {"embed_dim": 64, "depth": 4}),
+        "B": ("embed_dim 96, depth 6", {}, {"embed_dim": 96, "depth": 6}),
+    },
+}
+
+#: Scalars of the monitor shown in the final table (keys ``xai/<method>/<name>`` ending with these).
+SCORES = ("iou", "energy_pointing_game", "entropy")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--vary", choices=sorted(VARIANTS), default="augment",
+                        help="what differs between run A and run B")
+    parser.add_argument("--epochs", type=int, default=6, help="training epochs of each run")
+    parser.add_argument("--image-size", type=int, default=32, help="side of the generated images")
+    parser.add_argument("--family", choices=["shape", "texture"], default="texture",
+                        help="class family of the data (a small ViT from scratch learns textures in minutes)")
+    parser.add_argument("--num-classes", type=int, default=4)
+    parser.add_argument("--num-train", type=int, default=2048)
+    parser.add_argument("--num-val", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--methods", nargs="+", default=["gradtoken", "c2f"], choices=available_methods(),
+                        help="explanation methods to log")
+    parser.add_argument("--num-probes", type=int, default=8, help="validation images explained every epoch")
+    parser.add_argument("--logger", choices=["tensorboard", "wandb"], default="tensorboard")
+    parser.add_argument("--output-dir", default="runs/compare", help="where logs and the comparison picture go")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.epochs < 1 or args.num_probes < 1:
+        parser.error("--epochs and --num-probes must be at least 1")
+    return args
+
+
+def build_model(args: argparse.Namespace, overrides: dict[str, Any]) -> ViTClassifier:
+    """The small from-scratch ViT of ``train_vit.py``, with ``overrides`` of its layout."""
+    return ViTClassifier(model_name="vit_tiny_patch16_224", num_classes=args.num_classes, image_size=args.image_size,
+                         lr=args.lr, warmup_epochs=1, pretrained=False, **{**SMALL_VIT, **overrides})
+
+
+def build_logger(args: argparse.Namespace, name: str):
+    root = Path(args.output_dir)
+    if args.logger == "wandb":
+        if not os.environ.get("WANDB_API_KEY") and not (Path.home() / ".netrc").exists():
+            os.environ.setdefault("WANDB_MODE", "offline")
+        return WandbLogger(project="lightning-xai", group=f"compare-{args.vary}", name=name, save_dir=str(root))
+    run_dir = root / "compare" / name
+    if run_dir.exists():  # a re-run replaces its own run folder, so TensorBoard does not mix two trainings
+        print(f"Replacing the previous run in {run_dir.resolve()}")
+        shutil.rmtree(run_dir)
+    return TensorBoardLogger(str(root), name="compare", version=name)
+
+
+def train(args: argparse.Namespace, run: str) -> dict[str, Any]:
+    """Train run ``run`` ("A" or "B"); returns what the comparison needs."""
+    description, data_settings, model_settings = VARIANTS[args.vary][run]
+    name = f"{args.vary}-{run}"
+    print(f"\n=== run {run} ({name}): {description} ===")
+    pl.seed_everything(args.seed, workers=True)  # same initial weights and data order for both runs
+    data = SyntheticDataModule(family=args.family, num_classes=args.num_classes, image_size=args.image_size,
+                               num_train=args.num_train, num_val=args.num_val, batch_size=args.batch_size,
+                               seed=args.seed, val_return_mask=True, **{"augment": False, **data_settings})
+    model = build_model(args, model_settings)
+    monitor = ExplanationMonitor(
+        methods=args.methods, num_probes=args.num_probes, seed=args.seed, explain_at_fit_start=True,
+        class_names=data.classes, mean=MEAN, std=STD,
+    )
+    logger = build_logger(args, name)
+    logger.log_hyperparams({"vary": args.vary, "run": run, "variant": description, **data_settings})
+    trainer = pl.Trainer(max_epochs=args.epochs, accelerator="auto", devices=1, logger=logger, callbacks=[monitor],
+                         default_root_dir=args.output_dir, log_every_n_steps=10, enable_checkpointing=True)
+    trainer.fit(model, datamodule=data)
+    result = {
+        "run": run, "name": name, "description": description,
+        "val_acc": float(trainer.callback_metrics.get("val_acc", float("nan"))),
+        "scalars": dict(monitor.last_scalars),
+        "timelines": {method: monitor.timeline(method) for method in args.methods},
+        "log_dir": Path(trainer.log_dir or args.output_dir),
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+    if args.logger == "wandb":
+        result["log_dir"] = Path(logger.experiment.dir).parent
+        logger.experiment.finish()  # close this W&B run before the next one starts
+    return result
+
+
+def print_table(runs: list[dict[str, Any]]) -> None:
+    keys = sorted({key for run in runs for key in run["scalars"] if key.rsplit("/", 1)[-1] in SCORES})
+    rows = [("val_acc", [run["val_acc"] for run in runs])]
+    rows += [(key, [run["scalars"].get(key, float("nan")) for run in runs]) for key in keys]
+    width = max(len(label) for label, _ in rows)
+    names = [run["name"] for run in runs]
+    columns = max(10, *(len(name) for name in names))
+    print(f"\n{'':<{width}}  " + "  ".join(f"{name:>{columns}}" for name in names) + f"  {'B - A':>{columns}}")
+    for label, values in rows:
+        cells = "  ".join(f"{value:>{columns}.3f}" for value in values)
+        print(f"{label:<{width}}  {cells}  {values[1] - values[0]:>+{columns}.3f}")
+    for run in runs:
+        print(f"  {run['name']}: {run['description']} ({run['params'] / 1e6:.2f}M parameters)")
+
+
+def side_by_side(runs: list[dict[str, Any]], method: str) -> np.ndarray:
+    """The final timelines of ``method``, A above B, each under a caption band (white-padded to one width)."""
+    panels = [caption(run["timelines"][method][None], [f"{run['name']}: {run['description']} - {method}"])[0]
+              for run in runs]
+    width = max(panel.shape[1] for panel in panels)
+    padded = [np.pad(panel, ((0, 0), (0, width - panel.shape[1]), (0, 0)), constant_values=255) for panel in panels]
+    spacer = np.full((6, width, 3), 255, np.uint8)
+    return np.concatenate([padded[0], spacer, padded[1]], axis=0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    runs = [train(args, "A"), train(args, "B")]
+
+    print_table(runs)
+    method = "gradtoken" if "gradtoken" in args.methods else args.methods[0]
+    path = save_png(side_by_side(runs, method), Path(args.output_dir) / f"compare_{method}.png")
+    print(f"\nFinal {method} timelines, {runs[0]['name']} above {runs[1]['name']}: {path.resolve()}")
+
+    if args.logger == "tensorboard":
+        parent = (Path(args.output_dir) / "compare").resolve()
+        print(f"TensorBoard logs of both runs: {parent}")
+        print("View them side by side with:")
+        print(f"  tensorboard --logdir {parent} --samples_per_plugin images=0")
+        print(f"The runs appear as {runs[0]['name']} and {runs[1]['name']}: their scalars (xai/<method>/iou, "
+              "xai/<method>/entropy, val_acc, ...) are overlaid in one chart each; the Images tab shows each run's "
+              "overlays and timelines per epoch.")
+        if shutil.which("tensorboard") is None:
+            print("(tensorboard is installed with lightning-xai; activate the same virtual environment to run it)")
+    else:
+        print("W&B run directories:")
+        for run in runs:
+            print(f"  {run['name']}: {run['log_dir'].resolve()}")
+        if os.environ.get("WANDB_MODE") == "offline":
+            print("Offline runs; upload them later with:")
+            print(f"  wandb sync {' '.join(str(run['log_dir'].resolve()) for run in runs)}")
+        print(f"In the W&B UI (project lightning-xai), group the runs by 'group' (compare-{args.vary}) to see their "
+              "per-epoch xai/table tables and xai/<method>/overlay images side by side.")
+
+
+if __name__ == "__main__":
+    main()
