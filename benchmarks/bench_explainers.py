@@ -1,5 +1,6 @@
 """Speed and memory of each explainer on CPU, relative to one plain forward+backward of the same batch,
 and ViT-CX against C2F-Explainer (model evaluations, time, localisation on the texture family).
+Run from the repository root or from ``benchmarks/``.
 
     python benchmarks/bench_explainers.py            # ViT-Tiny and ViT-Small sized, 224 px, batch 4
     python benchmarks/bench_explainers.py --quick    # smaller, for a smoke run
@@ -53,6 +54,21 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(samples)
 
 
+def set_mmap_threshold(size: int) -> None:
+    """glibc serves allocations above ``size`` bytes with their own mmap, released on free. Memory is
+    measured with a small threshold (128 KiB), so that the resident set follows the live tensors (by
+    default glibc raises the threshold as the program runs and keeps freed memory, which hides peaks);
+    times with a large one (64 MiB), as a long-running training process would have. No-op without glibc."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, int(size))  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)  # hand back what the heap holds free, so that new peaks show
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakRSS:
     """Peak growth of the process's resident memory while the context runs, sampled every millisecond.
 
@@ -90,13 +106,18 @@ class PeakRSS:
 
 
 def peak_memory_mib(fn) -> float:
-    with PeakRSS() as peak:
-        fn()
+    set_mmap_threshold(128 * 1024)
+    try:
+        with PeakRSS() as peak:
+            fn()
+    finally:
+        set_mmap_threshold(64 * 2**20)
     return peak.mib
 
 
 def bench_model(size: str, image_size: int, batch: int, repeats: int, memory: bool) -> None:
     """Print one table row per method for one model size."""
+    set_mmap_threshold(64 * 2**20)
     model = build(size, image_size)
     images = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     targets = torch.zeros(batch, dtype=torch.long)
@@ -122,40 +143,14 @@ def speed_table(sizes: list[str], image_size: int, batch: int, repeats: int, mem
 
 
 def c2f_table(epochs: int, count: int) -> None:
-    """ViT-CX vs C2F on a small ViT trained here on the texture family (classes that survive no masking)."""
-    import lightning.pytorch as pl
+    """ViT-CX vs C2F on the example's ViT trained here on the texture family (classes that survive no masking):
+    localisation, model evaluations and time per image (``bench_quality.py`` has every method)."""
+    from bench_quality import check_claims, quality_table, train
 
-    from lightning_xai.data import SyntheticDataModule
-    from lightning_xai.demo import ViTClassifier
-    from lightning_xai.metrics import localization
-
-    pl.seed_everything(0)
-    data = SyntheticDataModule(family="texture", num_classes=4, image_size=32, num_train=3072, num_val=256,
-                               batch_size=64, seed=0, val_return_mask=True)
-    module = ViTClassifier(num_classes=4, image_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, lr=2e-3)
-    pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-               enable_progress_bar=False, enable_model_summary=False).fit(module, datamodule=data)
-    module.eval()
-    images, labels, masks = data.val_set.batch(range(count))
-    with torch.no_grad():
-        accuracy = float((module(images).argmax(-1) == labels).float().mean())
-    print(f"\n## ViT-CX vs C2F-Explainer (texture family, 32px, patch 4, {count} images, accuracy {accuracy:.2f})\n")
-    print("| method | IoU@mean | energy in object | pointing game | evaluations / image | time ratio vs ViT-CX |")
-    print("|---|---:|---:|---:|---:|---:|")
+    module, data = train("texture", epochs, 3072 if epochs > 4 else 1024)
     rows = [("vitcx", {}), ("c2f", {}), ("c2f", {"granularity": "clusters"}), ("gradtoken", {}),
-            ("raw_attention", {})]
-    reference = None
-    for method, options in rows:
-        start = time.perf_counter()
-        result = lx.explain(module, images, method=method, targets=labels, **options)
-        seconds = time.perf_counter() - start
-        reference = reference or seconds
-        scores = {k: float(v.mean()) for k, v in localization(result.maps[:, 0], masks).items()}
-        evals = result.evaluations_per_image
-        label = method + (f" ({options['granularity']})" if options else "")
-        evals_text = "1" if evals is None else f"{evals:.1f}"
-        print(f"| {label} | {scores['iou']:.3f} | {scores['energy_pointing_game']:.3f} | "
-              f"{scores['pointing_game']:.2f} | {evals_text} | {seconds / reference:.2f} |")
+            ("raw_attention", {}), ("rollout", {})]
+    check_claims(quality_table(module, data, count, rows))
 
 
 def main() -> None:
