@@ -34,7 +34,7 @@ SMALL_VIT = dict(patch_size=4, embed_dim=64, depth=4, num_heads=4)
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=8, help="training epochs")
+    parser.add_argument("--epochs", type=int, default=10, help="training epochs")
     parser.add_argument("--model", default="vit_tiny_patch16_224", help="timm model name")
     parser.add_argument("--pretrained", action="store_true", help="start from the hub's weights (needs network)")
     parser.add_argument("--image-size", type=int, default=32, help="side of the generated images")
@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--family", choices=["shape", "texture"], default="texture",
                         help="class family of the data (a small ViT from scratch learns textures in minutes)")
     parser.add_argument("--num-classes", type=int, default=4)
-    parser.add_argument("--num-train", type=int, default=2048)
+    parser.add_argument("--num-train", type=int, default=3072)
     parser.add_argument("--num-val", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)

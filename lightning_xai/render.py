@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -107,8 +108,10 @@ def overlay(
     return out
 
 
+@functools.lru_cache(maxsize=1024)
 def _text_band(text: str, width: int, height: int = BAND, fill: int = 32) -> np.ndarray:
-    """uint8 ``(height, width, 3)`` dark band with ``text`` in white, shortened with "…" to fit."""
+    """uint8 ``(height, width, 3)`` dark band with ``text`` in white, shortened with "…" to fit (cached:
+    labels repeat every epoch; the array is read-only)."""
     band = Image.new("RGB", (width, height), (fill, fill, fill))
     draw = ImageDraw.Draw(band)
     font = ImageFont.load_default()
@@ -116,7 +119,9 @@ def _text_band(text: str, width: int, height: int = BAND, fill: int = 32) -> np.
     while shown and draw.textlength(shown, font=font) > width - 2:
         shown = shown[:-2] + "…" if len(shown) > 2 else ""
     draw.text((1, max(0, (height - 11) // 2)), shown, fill=(255, 255, 255), font=font)
-    return np.asarray(band)
+    out = np.asarray(band).copy()
+    out.flags.writeable = False
+    return out
 
 
 def caption(tiles: np.ndarray, texts: Sequence[str]) -> np.ndarray:
