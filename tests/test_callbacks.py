@@ -251,6 +251,13 @@ def test_misconfiguration_raises_before_the_first_epoch(tmp_path):
 
     with pytest.raises(TypeError, match="no supported Vision Transformer"):
         trainer(tmp_path, [ExplanationMonitor()]).fit(CNN(), datamodule())
+    class NoImageWriter(TensorBoardLogger):  # a TensorBoard logger whose writer cannot take images
+        @property
+        def experiment(self):
+            return object()
+
+    with pytest.raises(TypeError, match="cannot take the explanation images"):
+        fit(tmp_path, [ExplanationMonitor()], logger=NoImageWriter(str(tmp_path)))
     wrong_size = ExplanationMonitor(probe_images=torch.randn(2, 3, 48, 48))
     with pytest.raises(ValueError, match="built for 32x32"):
         fit(tmp_path, [wrong_size])

@@ -59,6 +59,12 @@ class Sink:
 class TensorBoardSink(Sink):
     def __init__(self, logger: Any) -> None:
         self.experiment = logger.experiment
+        if not callable(getattr(self.experiment, "add_image", None)):
+            raise TypeError(
+                f"{type(logger).__name__}'s writer ({type(self.experiment).__name__}) has no add_image, so it "
+                "cannot take the explanation images. Use a writer with image support (torch's or tensorboardX's "
+                "SummaryWriter), or add a CSVLogger: other loggers get PNG files under their log directory."
+            )
 
     def write(self, record: EpochRecord) -> None:
         for method, grid in record.grids.items():
@@ -75,7 +81,13 @@ class TensorBoardSink(Sink):
 
 class WandbSink(Sink):
     def __init__(self, logger: Any) -> None:
-        import wandb
+        try:
+            import wandb
+        except ImportError as err:
+            raise TypeError(
+                "a WandbLogger is attached but `wandb` cannot be imported, so images cannot be logged: "
+                "pip install wandb (it is a dependency of lightning-xai)"
+            ) from err
 
         self.wandb = wandb
         self.experiment = logger.experiment
