@@ -101,7 +101,10 @@ def main(argv: list[str] | None = None) -> None:
 
     print()
     print(f"Validation accuracy: {float(trainer.callback_metrics.get('val_acc', float('nan'))):.3f}")
-    log_dir = Path(trainer.log_dir or args.output_dir)
+    if args.logger == "wandb":  # the run's own folder, so that runs do not overwrite each other's timelines
+        log_dir = Path(logger.experiment.dir).parent
+    else:
+        log_dir = Path(trainer.log_dir or args.output_dir)
     for method in args.methods:
         path = save_png(monitor.timeline(method), log_dir / "xai" / f"timeline_{method}.png")
         scores = {key.rsplit("/", 1)[-1]: value for key, value in monitor.last_scalars.items()
@@ -113,10 +116,9 @@ def main(argv: list[str] | None = None) -> None:
         print("View them with:")
         print(f"  tensorboard --logdir {Path(args.output_dir).resolve()} --samples_per_plugin images=0")
     else:
-        run_dir = Path(logger.experiment.dir).parent
-        print(f"W&B run directory: {run_dir.resolve()}")
+        print(f"W&B run directory: {log_dir.resolve()}")
         if os.environ.get("WANDB_MODE") == "offline":
-            print(f"Offline run; upload it later with:  wandb sync {run_dir.resolve()}")
+            print(f"Offline run; upload it later with:  wandb sync {log_dir.resolve()}")
     if shutil.which("tensorboard") is None and args.logger == "tensorboard":
         print("(tensorboard is installed with lightning-xai; activate the same virtual environment to run it)")
 
