@@ -116,10 +116,12 @@ def test_batched_equals_one_image_at_a_time(model, images, method):
 
 @pytest.mark.parametrize("method", ["gae", "gradtoken", "c2f"])
 def test_several_targets_equal_separate_calls(model, images, method):
+    # C2F scores the union of the targets' undecided masks together: other chunks, other float32 rounding
+    tol = dict(rtol=1e-3, atol=2e-4) if method == "c2f" else dict(rtol=1e-4, atol=1e-6)
     together = lx.explain(model, images, method=method, targets=TARGETS)
     for k in range(2):
         alone = lx.explain(model, images, method=method, targets=TARGETS[:, k])
-        torch.testing.assert_close(alone.raw[:, 0], together.raw[:, k], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(alone.raw[:, 0], together.raw[:, k], **tol)
     assert torch.equal(together.targets, TARGETS)
     probs = model(images).softmax(-1).gather(1, TARGETS)
     torch.testing.assert_close(together.probs, probs.detach())
