@@ -20,9 +20,9 @@ import torch
 
 from lightning_xai.callbacks import ExplanationMonitor
 from lightning_xai.data import MEAN, STD, SyntheticDataModule
-from lightning_xai.demo import ViTClassifier
+from lightning_xai.demo import SMALL_VIT, ViTClassifier
 
-EXAMPLE_VIT = dict(model_name="vit_tiny_patch16_224", image_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4)
+EXAMPLE_VIT = dict(model_name="vit_tiny_patch16_224", image_size=32, **SMALL_VIT)
 
 
 class EpochTimer(pl.Callback):

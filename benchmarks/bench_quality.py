@@ -24,7 +24,7 @@ import torch
 
 import lightning_xai as lx
 from lightning_xai.data import SyntheticDataModule, TwoObjectImages
-from lightning_xai.demo import ViTClassifier
+from lightning_xai.demo import SMALL_VIT, ViTClassifier
 from lightning_xai.metrics import class_discrimination, deletion_insertion, localization
 
 ROWS: list[tuple[str, dict]] = [
@@ -36,7 +36,7 @@ ROWS: list[tuple[str, dict]] = [
     ("c2f", {}),
     ("c2f", {"granularity": "clusters"}),
 ]
-EXAMPLE_VIT = dict(model_name="vit_tiny_patch16_224", image_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4)
+EXAMPLE_VIT = dict(model_name="vit_tiny_patch16_224", image_size=32, **SMALL_VIT)
 
 
 def train(family: str, epochs: int, num_train: int, seed: int = 0, lr: float = 2e-3,

@@ -14,7 +14,6 @@ final GradToken timelines, A above B, to ``<output-dir>/compare_gradtoken.png``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -27,20 +26,9 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 from lightning_xai.callbacks import ExplanationMonitor
 from lightning_xai.data import MEAN, STD, SyntheticDataModule
-from lightning_xai.demo import ViTClassifier
+from lightning_xai.demo import SMALL_VIT, ViTClassifier
 from lightning_xai.explainers import available_methods
 from lightning_xai.render import caption, save_png
-
-
-def _small_vit() -> dict[str, int]:
-    """``SMALL_VIT`` of ``examples/train_vit.py`` (the architecture the main example trains), read from that file."""
-    spec = importlib.util.spec_from_file_location("train_vit", Path(__file__).resolve().parent / "train_vit.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return dict(module.SMALL_VIT)
-
-
-SMALL_VIT = _small_vit()
 
 #: What each ``--vary`` choice changes: run label -> (description, data settings, model settings).
 VARIANTS: dict[str, dict[str, tuple[str, dict[str, Any], dict[str, Any]]]] = {

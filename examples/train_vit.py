@@ -23,12 +23,9 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 from lightning_xai.callbacks import ExplanationMonitor
 from lightning_xai.data import MEAN, STD, SyntheticDataModule
-from lightning_xai.demo import ViTClassifier
+from lightning_xai.demo import SMALL_VIT, ViTClassifier
 from lightning_xai.explainers import available_methods
 from lightning_xai.render import save_png
-
-#: Architecture of the default (from-scratch) model: ViT-Tiny's layout, shrunk to train in minutes on a CPU.
-SMALL_VIT = dict(patch_size=4, embed_dim=64, depth=4, num_heads=4)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

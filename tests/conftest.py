@@ -37,7 +37,11 @@ def tiny_vit() -> torch.nn.Module:
     return make_vit()
 
 
-TRAINED = dict(model_name="vit_tiny_patch16_224", image_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4)
+def trained_architecture() -> dict:
+    """The examples' small ViT (``lightning_xai.demo.SMALL_VIT``) at 32 px."""
+    from lightning_xai.demo import SMALL_VIT
+
+    return dict(model_name="vit_tiny_patch16_224", image_size=32, **SMALL_VIT)
 
 
 def train_classifier(family: str, root, epochs: int = 12, num_classes: int = 4, seed: int = 0):
@@ -50,7 +54,7 @@ def train_classifier(family: str, root, epochs: int = 12, num_classes: int = 4, 
     pl.seed_everything(seed, workers=True)
     data = SyntheticDataModule(family=family, num_classes=num_classes, image_size=32, num_train=3072, num_val=256,
                                batch_size=64, seed=seed, val_return_mask=True)
-    module = ViTClassifier(num_classes=num_classes, lr=2e-3, warmup_epochs=1, **TRAINED)
+    module = ViTClassifier(num_classes=num_classes, lr=2e-3, warmup_epochs=1, **trained_architecture())
     cached = root / f"{family}.pt"
     if cached.exists():
         module.load_state_dict(torch.load(cached))
