@@ -45,3 +45,29 @@ def test_explain_checkpoint_writes_overlays(example_run, tmp_path, capsys):
         assert len(list((tmp_path / method).glob("*.png"))) == 8
     with pytest.raises(SystemExit):
         load("explain_checkpoint").main(["--checkpoint", str(tmp_path / "missing.ckpt")])
+
+
+def test_pretrained_without_network_falls_back_to_scratch(tmp_path):
+    """``--pretrained`` offline: a warning that says so, and a model built from scratch instead of a crash.
+    The hub is forced offline with an empty cache (set before import), so nothing is downloaded."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings\n"
+        "from lightning_xai.demo import create_vit\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    model = create_vit('vit_tiny_patch16_224', num_classes=3, image_size=32, pretrained=True,"
+        " patch_size=8, depth=1)\n"
+        "print(type(model).__name__, model.head.out_features)\n"
+        "print([str(w.message) for w in caught if 'pretrained' in str(w.message)])\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines[0] == "VisionTransformer 3"
+    assert "could not load pretrained weights for 'vit_tiny_patch16_224'" in lines[1]
+    assert "Training from scratch instead" in lines[1]
