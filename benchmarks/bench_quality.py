@@ -1,12 +1,13 @@
 """Quality of each method's maps on the example model: localisation, faithfulness, class discrimination.
 
 Trains the example's small ViT (``examples/train_vit.py`` defaults: texture family, 32 px, patch 4) on the
-generated data, then explains held-out images with known object masks and prints one Markdown table row per
-method:
+generated data once per seed, explains held-out images with known object masks and prints one Markdown table
+row per method and seed, then the mean over the seeds (min-max in brackets), the issue's claims checked on
+the means and per seed, and diagnostics of the mask-based methods (see ``mask_diagnostics``):
 
-    python benchmarks/bench_quality.py              # about 4 minutes on 2 CPU cores
+    python benchmarks/bench_quality.py              # three seeds, about 4 minutes on 2 CPU cores
     python benchmarks/bench_quality.py --quick      # fewer images and epochs, for a smoke run
-    python benchmarks/bench_quality.py --depth 6 --lr 1e-3   # a deeper model (6 blocks instead of 4)
+    python benchmarks/bench_quality.py --depth 6 --lr 1e-3   # 6 blocks instead of 4, about 6 minutes
 
 Columns: IoU at the map mean, pointing game and energy inside the object (localisation against the mask),
 deletion/insertion AUC (RISE-style, blur baseline; deletion lower is better, insertion higher), class
@@ -23,8 +24,10 @@ import lightning.pytorch as pl
 import torch
 
 import lightning_xai as lx
+from lightning_xai.adapter import find_vit, geometry
 from lightning_xai.data import SyntheticDataModule, TwoObjectImages
 from lightning_xai.demo import SMALL_VIT, ViTClassifier
+from lightning_xai.explainers.masks import vitcx_masks
 from lightning_xai.metrics import class_discrimination, deletion_insertion, localization
 
 ROWS: list[tuple[str, dict]] = [
@@ -96,22 +99,94 @@ def quality_table(module: ViTClassifier, data: SyntheticDataModule, count: int, 
     return results
 
 
-def check_claims(results: list[dict]) -> None:
-    """Print whether the claims the README makes hold in this run."""
+def mask_diagnostics(module: ViTClassifier, data: SyntheticDataModule, count: int,
+                     alpha: float = 0.8) -> dict[str, float]:
+    """Why the perturbation methods localise as they do: is the class evidence inside the object, and how
+    well could any map built from ViT-CX's masks (which C2F shares) localise at all?
+
+    Prints the target probability with only the object kept and with the object removed (pixels set to the
+    dataset mean), the number of merged masks per image, the share of masks whose noise-free decision value
+    ``p_c(x ⊙ M) / p_c(x)`` reaches S3WM's first positive threshold ``alpha``, and the best IoU (at the
+    mask's mean) that a single mask reaches against the object (mean over images). Returns those figures.
+    """
+    images, labels, masks = data.val_set.batch(range(count))
+    objects = masks.float().reshape(count, 1, *images.shape[-2:])
+    vit = find_vit(module)
+    features: dict[str, torch.Tensor] = {}
+    hook = vit.blocks[-1].norm1.register_forward_hook(lambda _m, _i, out: features.__setitem__("norm1", out))
+    try:
+        with torch.no_grad():
+            clean = module(images).softmax(-1).gather(1, labels[:, None])[:, 0]
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        kept = module(images * objects).softmax(-1).gather(1, labels[:, None])[:, 0]
+        removed = module(images * (1 - objects)).softmax(-1).gather(1, labels[:, None])[:, 0]
+    merged, valid = vitcx_masks(features["norm1"], geometry(vit, tuple(images.shape[-2:])), 0.1)
+    best_iou, values = [], []
+    with torch.no_grad():
+        for b in range(count):  # a diagnostic, not an explainer: one image's masks per forward
+            mask = merged[b, valid[b]]
+            values.append(module(images[b] * mask[:, None]).softmax(-1)[:, labels[b]] / clean[b])
+            above = mask > mask.flatten(1).mean(1)[:, None, None]
+            inside = objects[b, 0] > 0.5
+            best_iou.append(((above & inside).flatten(1).sum(1) / (above | inside).flatten(1).sum(1)).max())
+    values = torch.cat(values)
+    figures = dict(clean=float(clean.mean()), object_only=float(kept.mean()), object_removed=float(removed.mean()),
+                   masks=float(valid.sum(1).float().mean()), positive=float((values >= alpha).float().mean()),
+                   best_mask_iou=float(torch.stack(best_iou).mean()))
+    print(f"\n- diagnostics: target probability clean {figures['clean']:.3f}, object only "
+          f"{figures['object_only']:.3f}, object removed {figures['object_removed']:.3f}; "
+          f"{figures['masks']:.1f} merged masks per image, {figures['positive']:.2f} of them with "
+          f"p_c(x * M) / p_c(x) >= {alpha}; best single mask's IoU with the object {figures['best_mask_iou']:.3f}")
+    return figures
+
+
+def claims(results: list[dict]) -> dict[str, bool]:
+    """Whether each claim of the issue holds for one table (or the table of means)."""
     by = {r["method"]: r for r in results}
-    claims = {
-        "GradToken beats raw attention and rollout (IoU and energy)": all(
-            by["gradtoken"][k] > by[b][k] for b in ("raw_attention", "rollout") for k in ("iou", "energy")),
-        "C2F beats raw attention and rollout (IoU and energy)": all(
-            by["c2f"][k] > by[b][k] for b in ("raw_attention", "rollout") for k in ("iou", "energy")),
-        "C2F beats ViT-CX (IoU and energy)": all(by["c2f"][k] > by["vitcx"][k] for k in ("iou", "energy")),
+
+    def beats(method: str, others: tuple[str, ...]) -> bool:
+        return all(by[method][k] > by[o][k] for o in others for k in ("iou", "energy"))
+
+    return {
+        "GradToken beats raw attention and rollout (IoU and energy)": beats("gradtoken", ("raw_attention", "rollout")),
+        "C2F beats raw attention and rollout (IoU and energy)": beats("c2f", ("raw_attention", "rollout")),
+        "C2F beats ViT-CX (IoU and energy)": beats("c2f", ("vitcx",)),
         "C2F (draws) at most 2x ViT-CX's evaluations": by["c2f"]["evaluations"] <= 2 * by["vitcx"]["evaluations"],
         "C2F (clusters) fewer evaluations than ViT-CX": by["c2f (clusters)"]["evaluations"]
         < by["vitcx"]["evaluations"],
     }
+
+
+COLUMNS = ("iou", "pointing", "energy", "deletion", "insertion", "discrimination", "evaluations")
+
+
+def summary(runs: list[list[dict]], diagnostics: list[dict[str, float]]) -> None:
+    """Mean (min-max) over the seeds' tables, the claims on the means and per seed, mean diagnostics."""
+    n = len(runs)
+    means = []
+    print(f"\n## Mean over {n} seed{'s' * (n > 1)} (min-max)\n")
+    print("| method | IoU@mean | pointing game | energy in object | deletion AUC ↓ | insertion AUC ↑ | "
+          "class discrimination | evaluations / image |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for row in range(len(runs[0])):
+        values = {k: [run[row][k] for run in runs] for k in COLUMNS}
+        mean = {"method": runs[0][row]["method"], **{k: sum(v) / n for k, v in values.items()}}
+        means.append(mean)
+        cells = [f"{mean[k]:.3f} ({min(values[k]):.2f}-{max(values[k]):.2f})" if n > 1 else f"{mean[k]:.3f}"
+                 for k in COLUMNS[:-1]]
+        print(f"| {mean['method']} | {' | '.join(cells)} | {mean['evaluations']:.1f} |")
+    per_seed = [claims(run) for run in runs]
     print()
-    for claim, holds in claims.items():
-        print(f"- {'holds' if holds else 'FAILS'}: {claim}")
+    for claim, holds in claims(means).items():
+        count = sum(seed[claim] for seed in per_seed)
+        print(f"- {'holds' if holds else 'FAILS'} on the means ({count} of {n} seeds): {claim}")
+    mean_diag = {k: sum(d[k] for d in diagnostics) / n for k in diagnostics[0]}
+    print(f"- diagnostics (means): target probability clean {mean_diag['clean']:.3f}, object only "
+          f"{mean_diag['object_only']:.3f}, object removed {mean_diag['object_removed']:.3f}; "
+          f"{mean_diag['masks']:.1f} merged masks per image, {mean_diag['positive']:.2f} of them positive at "
+          f"S3WM's first stage (noise-free); best single mask's IoU with the object {mean_diag['best_mask_iou']:.3f}")
 
 
 def main() -> None:
@@ -123,13 +198,20 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=EXAMPLE_VIT["depth"], help="blocks of the ViT")
     parser.add_argument("--embed-dim", type=int, default=EXAMPLE_VIT["embed_dim"], help="width of the ViT")
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="one model trained (and its data generated) per seed; the summary averages them")
     args = parser.parse_args()
     epochs = args.epochs or (3 if args.quick else 12)
     count = args.count or (16 if args.quick else 128)
-    torch.manual_seed(0)
-    module, data = train(args.family, epochs, 1024 if args.quick else 3072, lr=args.lr, depth=args.depth,
-                         embed_dim=args.embed_dim)
-    check_claims(quality_table(module, data, count))
+    runs, diagnostics = [], []
+    for seed in args.seeds:
+        print(f"\n# Seed {seed}")
+        torch.manual_seed(seed)
+        module, data = train(args.family, epochs, 1024 if args.quick else 3072, seed=seed, lr=args.lr,
+                             depth=args.depth, embed_dim=args.embed_dim)
+        runs.append(quality_table(module, data, count))
+        diagnostics.append(mask_diagnostics(module, data, count))
+    summary(runs, diagnostics)
 
 
 if __name__ == "__main__":
