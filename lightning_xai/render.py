@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -208,9 +209,23 @@ def timeline(
     return image
 
 
+#: zlib level of the PNGs we write: 1 encodes about twice as fast as PIL's default 6 for about 10 % more bytes,
+#: which matters because the callback encodes its grids and timelines inside the training loop.
+PNG_COMPRESS_LEVEL = 1
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 ``(H, W, 3)`` or ``(H, W)`` -> PNG bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(
+        buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL
+    )
+    return buffer.getvalue()
+
+
 def save_png(image: np.ndarray, path: str | Path) -> Path:
     """Write uint8 ``(H, W, 3)`` or ``(H, W)`` to ``path`` (parent folders created); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(path)
+    path.write_bytes(encode_png(image))
     return path

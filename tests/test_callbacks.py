@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import glob
+import io
 import json
 import os
 import random
@@ -18,6 +19,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_xai.callbacks import C2FMonitor, ExplanationMonitor, GradTokenMonitor
@@ -80,6 +82,15 @@ def test_tensorboard_images_per_epoch_with_expected_sizes(tensorboard_run):
         assert len(values) == 3 and all(0 <= v <= 1 for v in values)
     assert len(events.Images("xai/probes/0")) == 1  # probe images logged once, not every epoch
     assert "xai/probe_accuracy" in tags["scalars"]
+
+
+def test_tensorboard_images_decode_to_the_rendered_pixels(tensorboard_run):
+    monitor, _, events = tensorboard_run
+    for method in ("gradtoken", "c2f"):
+        last = events.Images(f"xai/{method}/timeline")[-1]
+        decoded = np.asarray(Image.open(io.BytesIO(last.encoded_image_string)).convert("RGB"))
+        assert (last.height, last.width) == decoded.shape[:2]
+        np.testing.assert_array_equal(decoded, monitor.timeline(method))  # lossless, same orientation
 
 
 def test_save_raw_writes_tensors_per_epoch(tensorboard_run):

@@ -16,8 +16,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
+from tensorboard.compat.proto.summary_pb2 import Summary
+from torch.utils.tensorboard import SummaryWriter
 
-from lightning_xai.render import save_png
+from lightning_xai.render import encode_png, save_png
 
 
 @dataclass
@@ -66,14 +68,25 @@ class TensorBoardSink(Sink):
                 "SummaryWriter), or add a CSVLogger: other loggers get PNG files under their log directory."
             )
 
+    def _image(self, tag: str, image: np.ndarray, step: int) -> None:
+        """Log a uint8 ``(H, W, 3)`` image. With torch's ``SummaryWriter`` the PNG is encoded here, at our fast
+        compression level, and written as the same image summary ``add_image`` writes (which would first
+        round-trip the array through float32 and encode at PIL's slow default); other writers get ``add_image``."""
+        if not isinstance(self.experiment, SummaryWriter):
+            self.experiment.add_image(tag, image, step, dataformats="HWC")
+            return
+        height, width = image.shape[:2]
+        png = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=encode_png(image))
+        self.experiment._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=png)]), step)
+
     def write(self, record: EpochRecord) -> None:
         for method, grid in record.grids.items():
-            self.experiment.add_image(record.image_tag(method, "overlay"), grid, record.epoch, dataformats="HWC")
+            self._image(record.image_tag(method, "overlay"), grid, record.epoch)
         for method, image in record.timelines.items():
-            self.experiment.add_image(f"xai/{method}/timeline", image, record.epoch, dataformats="HWC")
+            self._image(f"xai/{method}/timeline", image, record.epoch)
         if record.probe_tiles is not None:
             for index, tile in enumerate(record.probe_tiles):
-                self.experiment.add_image(f"xai/probes/{index}", tile, record.epoch, dataformats="HWC")
+                self._image(f"xai/probes/{index}", tile, record.epoch)
         for tag, value in record.scalars.items():
             self.experiment.add_scalar(tag, value, record.epoch)
         self.experiment.flush()
