@@ -145,12 +145,14 @@ def speed_table(sizes: list[str], image_size: int, batch: int, repeats: int, mem
 def c2f_table(epochs: int, count: int) -> None:
     """ViT-CX vs C2F on the example's ViT trained here on the texture family (classes that survive no masking):
     localisation, model evaluations and time per image (``bench_quality.py`` has every method)."""
-    from bench_quality import check_claims, quality_table, train
+    from bench_quality import claims, quality_table, train
 
     module, data = train("texture", epochs, 3072 if epochs > 4 else 1024)
     rows = [("vitcx", {}), ("c2f", {}), ("c2f", {"granularity": "clusters"}), ("gradtoken", {}),
             ("raw_attention", {}), ("rollout", {})]
-    check_claims(quality_table(module, data, count, rows))
+    print()
+    for claim, holds in claims(quality_table(module, data, count, rows)).items():
+        print(f"- {'holds' if holds else 'FAILS'}: {claim}")
 
 
 def main() -> None:
