@@ -19,8 +19,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_xai.callbacks import ExplanationMonitor
-from lightning_xai.data import MEAN, STD, SyntheticDataModule
-from lightning_xai.demo import SMALL_VIT, ViTClassifier
+from lightning_xai.demos import MEAN, SMALL_VIT, STD, SyntheticDataModule, ViTClassifier
 
 EXAMPLE_VIT = dict(model_name="vit_tiny_patch16_224", image_size=32, **SMALL_VIT)
 

@@ -24,9 +24,8 @@ import lightning.pytorch as pl
 import torch
 
 import lightning_xai as lx
-from lightning_xai.adapter import find_vit, geometry
-from lightning_xai.data import SyntheticDataModule, TwoObjectImages
-from lightning_xai.demo import SMALL_VIT, ViTClassifier
+from lightning_xai.adapters import find_vit, geometry
+from lightning_xai.demos import SMALL_VIT, SyntheticDataModule, TwoObjectImages, ViTClassifier
 from lightning_xai.explainers.masks import vitcx_masks
 from lightning_xai.metrics import class_discrimination, deletion_insertion, localization
 

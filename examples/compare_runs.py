@@ -25,8 +25,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 from lightning_xai.callbacks import ExplanationMonitor
-from lightning_xai.data import MEAN, STD, SyntheticDataModule
-from lightning_xai.demo import SMALL_VIT, ViTClassifier
+from lightning_xai.demos import MEAN, SMALL_VIT, STD, SyntheticDataModule, ViTClassifier
 from lightning_xai.explainers import available_methods
 from lightning_xai.render import caption, save_png
 

@@ -22,8 +22,7 @@ import torch
 from PIL import Image
 
 import lightning_xai
-from lightning_xai.data import MEAN, STD, SyntheticObjects
-from lightning_xai.demo import ViTClassifier
+from lightning_xai.demos import MEAN, STD, SyntheticObjects, ViTClassifier
 from lightning_xai.render import caption, grid, overlay, save_png
 
 #: File types read from ``--images`` (matched case-insensitively, searched recursively).
@@ -34,7 +33,7 @@ NUM_SAMPLES = 8
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="Lightning .ckpt of a lightning_xai.demo.ViTClassifier")
+    parser.add_argument("--checkpoint", required=True, help="Lightning .ckpt of a lightning_xai.demos.ViTClassifier")
     parser.add_argument("--images", default=None,
                         help=f"folder of images ({', '.join(IMAGE_EXTENSIONS)}; searched recursively); "
                              f"default: {NUM_SAMPLES} generated samples written to <output>/inputs/")

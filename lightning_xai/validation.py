@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_xai.adapter import OutputTransform, in_channels
+from lightning_xai.adapters import OutputTransform, in_channels
 
 
 def check_images(images: Any, vit: nn.Module) -> None:

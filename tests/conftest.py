@@ -38,8 +38,8 @@ def tiny_vit() -> torch.nn.Module:
 
 
 def trained_architecture() -> dict:
-    """The examples' small ViT (``lightning_xai.demo.SMALL_VIT``) at 32 px."""
-    from lightning_xai.demo import SMALL_VIT
+    """The examples' small ViT (``lightning_xai.demos.SMALL_VIT``) at 32 px."""
+    from lightning_xai.demos import SMALL_VIT
 
     return dict(model_name="vit_tiny_patch16_224", image_size=32, **SMALL_VIT)
 
@@ -48,8 +48,7 @@ def train_classifier(family: str, root, epochs: int = 12, num_classes: int = 4, 
     """Train the small test ViT on generated ``family`` images with a real Trainer; weights cached in ``root``."""
     import lightning.pytorch as pl
 
-    from lightning_xai.data import SyntheticDataModule
-    from lightning_xai.demo import ViTClassifier
+    from lightning_xai.demos import SyntheticDataModule, ViTClassifier
 
     pl.seed_everything(seed, workers=True)
     data = SyntheticDataModule(family=family, num_classes=num_classes, image_size=32, num_train=3072, num_val=256,

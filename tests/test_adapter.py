@@ -10,7 +10,7 @@ from conftest import make_vit
 from torch import nn
 
 import lightning_xai as lx
-from lightning_xai.adapter import capture, find_vit, geometry
+from lightning_xai.adapters import capture, find_vit, geometry
 
 ALL_METHODS = ["raw_attention", "rollout", "gae", "gradtoken", "vitcx", "c2f"]
 

@@ -23,8 +23,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_xai.callbacks import C2FMonitor, ExplanationMonitor, GradTokenMonitor
-from lightning_xai.data import SyntheticDataModule
-from lightning_xai.demo import ViTClassifier
+from lightning_xai.demos import SyntheticDataModule, ViTClassifier
 from lightning_xai.explainers import Explainer, register
 
 TINY = dict(model_name="vit_tiny_patch16_224", num_classes=4, image_size=32, patch_size=8, embed_dim=48, depth=2,
@@ -323,7 +322,7 @@ import os, sys, json, torch, lightning.pytorch as pl
 sys.path.insert(0, {tests!r})
 from test_callbacks import TINY, datamodule
 from lightning_xai.callbacks import ExplanationMonitor
-from lightning_xai.demo import ViTClassifier
+from lightning_xai.demos import ViTClassifier
 
 class Where(ExplanationMonitor):
     def _explain(self, trainer, module, epoch, baseline):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_xai.data import (
+from lightning_xai.demos import (
     MEAN,
     SHAPE_CLASSES,
     STD,

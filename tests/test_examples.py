@@ -56,7 +56,7 @@ def test_pretrained_without_network_falls_back_to_scratch(tmp_path):
 
     code = (
         "import warnings\n"
-        "from lightning_xai.demo import create_vit\n"
+        "from lightning_xai.demos import create_vit\n"
         "with warnings.catch_warnings(record=True) as caught:\n"
         "    warnings.simplefilter('always')\n"
         "    model = create_vit('vit_tiny_patch16_224', num_classes=3, image_size=32, pretrained=True,"

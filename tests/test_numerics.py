@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import make_vit
 
 import lightning_xai as lx
-from lightning_xai.adapter import capture, geometry
+from lightning_xai.adapters import capture, geometry
 from lightning_xai.explainers.masks import vitcx_masks
 
 TARGETS = torch.tensor([[0, 3], [2, 1], [4, 4]])

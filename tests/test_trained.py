@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lightning_xai as lx
-from lightning_xai.data import TwoObjectImages
+from lightning_xai.demos import TwoObjectImages
 from lightning_xai.metrics import class_discrimination, localization
 
 N_EVAL = 48

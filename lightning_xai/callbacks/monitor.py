@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from lightning_xai import render
-from lightning_xai.adapter import OutputTransform, ViTLocator, find_vit, geometry
+from lightning_xai.adapters import OutputTransform, ViTLocator, find_vit, geometry
 from lightning_xai.callbacks.evolution import SIMILARITIES, evolution_scalars
 from lightning_xai.callbacks.probes import Probe, find_dataset, from_dataset, from_tensors, preserved_rng
 from lightning_xai.callbacks.sinks import EpochRecord, PngSink, Sink, sinks_for

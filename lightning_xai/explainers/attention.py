@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_xai.adapter import Geometry
+from lightning_xai.adapters import Geometry
 from lightning_xai.explainers.base import Explainer, RawMaps
 from lightning_xai.explainers.registry import register
 from lightning_xai.explainers.relevance import query_row, rollout_product

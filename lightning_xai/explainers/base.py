@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_xai.adapter import Capture, Geometry, OutputTransform, ViTLocator, capture, find_vit, geometry
+from lightning_xai.adapters import Capture, Geometry, OutputTransform, ViTLocator, capture, find_vit, geometry
 from lightning_xai.validation import check_images, resolve_targets, to_logits
 
 

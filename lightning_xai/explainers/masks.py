@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from sklearn.cluster import AgglomerativeClustering
 from torch import Tensor
 
-from lightning_xai.adapter import Geometry
+from lightning_xai.adapters import Geometry
 from lightning_xai.explainers.base import minmax
 
 

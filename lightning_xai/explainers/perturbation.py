@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_xai.adapter import Capture, Geometry
+from lightning_xai.adapters import Capture, Geometry
 from lightning_xai.explainers.base import Explainer, RawMaps, minmax
 from lightning_xai.explainers.masks import (
     MaskScorer,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_xai.adapter import Geometry
+from lightning_xai.adapters import Geometry
 
 
 def rownorm_with_identity(attn: Tensor) -> Tensor:
