@@ -1,10 +1,13 @@
 """torchvision's ``VisionTransformer`` (``vit_b_16`` and friends).
 
 Blocks are ``encoder.layers`` (``EncoderBlock``: ``ln_1``, ``self_attention``, ``ln_2``, ``mlp``); the head reads
-the class token. ``EncoderBlock`` calls its ``nn.MultiheadAttention`` with ``need_weights=False``; during a
-capture a forward pre-hook on that module asks for ``need_weights=True, average_attn_weights=False`` (per-head
-probabilities, the same tensor the attention output is computed from, so gradients reach it) and a forward
-hook records them. Both hooks are removed on exit, so training calls stay as they were.
+the class token. ``EncoderBlock`` calls its ``nn.MultiheadAttention`` with ``need_weights=False``, and even with
+``need_weights=True, average_attn_weights=False`` the weights it returns are a view taken *after* the attention
+output was computed from them, so gradients of a logit never reach them. During a capture the module's
+``forward`` is therefore replaced, on that instance only, by the same self-attention written out
+(``softmax(q k^T / sqrt(d)) v``, then ``out_proj``) that records the probabilities it multiplies the values
+with; the instance attribute is deleted again on exit (also on errors), so training runs torchvision's own
+``forward``. Configurations other than torchvision's (separate q/k/v weights, ``bias_k``, masks) are refused.
 """
 
 from __future__ import annotations
@@ -12,13 +15,43 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_xai.adapters.base import Family, Geometry, Readout, check_divisible, pair
 
 
-def _ask_for_weights(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    return args, {**kwargs, "need_weights": True, "average_attn_weights": False}
+def _recording_forward(mha: nn.MultiheadAttention, sink: list[Tensor]):
+    """A ``forward`` for ``mha`` (self-attention, ``batch_first``) that appends the probabilities ``(B, H, T, T)``
+    it uses to ``sink`` and returns ``(output (B, T, D), probabilities or None)``."""
+    heads = mha.num_heads
+
+    def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if key is not query or value is not query or key_padding_mask is not None or attn_mask is not None:
+            raise TypeError(
+                "lightning-xai reads torchvision ViT attention from unmasked self-attention (query is key is value); "
+                "this nn.MultiheadAttention was called otherwise"
+            )
+        batch, tokens, width = query.shape
+        qkv = F.linear(query, mha.in_proj_weight, mha.in_proj_bias)  # (B, T, 3D)
+        q, k, v = qkv.unflatten(-1, (3, heads, width // heads)).permute(2, 0, 3, 1, 4)  # each (B, H, T, d)
+        probs = ((q * (q.shape[-1] ** -0.5)) @ k.transpose(-2, -1)).softmax(-1)
+        sink.append(probs)
+        mixed = F.dropout(probs, p=mha.dropout, training=mha.training) @ v  # (B, H, T, d)
+        out = mha.out_proj(mixed.transpose(1, 2).reshape(batch, tokens, width))
+        weights = (probs.mean(1) if average_attn_weights else probs) if need_weights else None
+        return out, weights
+
+    return forward
+
+
+def _check_mha(mha: nn.MultiheadAttention) -> None:
+    if not (mha.batch_first and mha._qkv_same_embed_dim and mha.bias_k is None and not mha.add_zero_attn):
+        raise TypeError(
+            "this torchvision VisionTransformer's nn.MultiheadAttention is not configured as torchvision builds it "
+            "(batch_first, one in_proj_weight, no bias_k/add_zero_attn): lightning-xai cannot read its attention"
+        )
 
 
 class TorchvisionFamily(Family):
@@ -62,7 +95,8 @@ class TorchvisionFamily(Family):
 
     def attach_attention(self, block: nn.Module, sink: list[Tensor], stack: contextlib.ExitStack) -> None:
         mha = block.self_attention
-        pre = mha.register_forward_pre_hook(_ask_for_weights, with_kwargs=True)
-        stack.callback(pre.remove)
-        post = mha.register_forward_hook(lambda _m, _a, out: sink.append(out[1]))
-        stack.callback(post.remove)
+        _check_mha(mha)
+        if "forward" in vars(mha):
+            raise TypeError(f"{type(block).__name__}.self_attention already has a patched forward; cannot capture")
+        mha.forward = _recording_forward(mha, sink)
+        stack.callback(delattr, mha, "forward")

@@ -2,7 +2,7 @@
 
 Recognised by class name and module (``transformers.models.*``) without importing ``transformers``; it is
 imported (an optional extra: ``pip install "lightning-xai[hf]"``) only once such a model is found. Blocks
-are ``encoder.layer``; the attention module returns ``(output, probabilities)``, and the probabilities are
+are ``layers`` or ``encoder.layer``; the attention module returns ``(output, probabilities)``, and the probabilities are
 materialised only by the eager implementation, so ``config._attn_implementation`` is set to ``"eager"`` for
 the duration of a capture and restored afterwards (also on errors). The probabilities are the tensor the
 attention output is computed from, so gradients reach them.
@@ -88,7 +88,14 @@ class TransformersFamily(Family):
         return getattr(vit, "base_model", vit)
 
     def blocks(self, vit: nn.Module) -> Sequence[nn.Module]:
-        return self._base(vit).encoder.layer
+        base = self._base(vit)
+        # transformers 5 keeps ViT/DeiT/BEiT blocks in base.layers, DINOv2's and 4.x's in base.encoder.layer
+        for owner, name in ((base, "layers"), (getattr(base, "encoder", None), "layer"),
+                            (getattr(base, "encoder", None), "layers")):
+            layers = getattr(owner, name, None)
+            if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+                return layers
+        raise TypeError(f"cannot find the transformer blocks of {type(vit).__name__} (no layers/encoder.layer)")
 
     def in_channels(self, vit: nn.Module) -> int | None:
         return getattr(vit.config, "num_channels", None)
