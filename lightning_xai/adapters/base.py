@@ -257,6 +257,7 @@ class UnsupportedFamily:
 
     def error(self, module: nn.Module) -> TypeError:
         return TypeError(
-            f"{type(module).__name__} is a {self.name} model, which lightning-xai does not support: {self.reason}. "
+            f"{type(module).__name__} is a model of the {self.name} family, which lightning-xai does not support: "
+            f"{self.reason}. "
             f"{self.advice}"
         )
