@@ -158,7 +158,8 @@ def test_unsupported_families_are_named(name):
     model = UNSUPPORTED[name]().eval()
     family = name.split()[-1]
     for module in (model, nn.Sequential(nn.Identity(), model)):  # alone and nested in a wrapper
-        with pytest.raises(TypeError, match=rf"a model of the .*{family}.* family, which lightning-xai does not support") as error:
+        message = rf"a model of the .*{family}.* family, which lightning-xai does not support"
+        with pytest.raises(TypeError, match=message) as error:
             lx.create_explainer("gradtoken", module)
         assert "vit=" not in str(error.value)  # pointing at the model cannot help
     with pytest.raises(TypeError, match=rf"{family}.*not support"):
@@ -234,7 +235,7 @@ def test_float64_probes_and_bf16_models(pairs, images, family):
             assert torch.corrcoef(torch.stack([result.maps.flatten(), expected.maps.flatten()]))[0, 1] > 0.95
 
 
-# -- option values are checked without a model --------------------------------------------------------------------------
+# -- option values are checked without a model ----------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("method", "options", "message"),
     [
@@ -292,3 +293,68 @@ def test_a_method_written_against_the_public_contract_runs_everywhere(pairs, ima
     finally:
         unregister("test_attn_norm")
     assert "test_attn_norm" not in lx.available_methods()
+
+
+# -- inside a real Trainer, through the callback's public API --------------------------------------------------------
+class Classifier:
+    """A tiny LightningModule around ``net`` whose forward takes an image tensor (built lazily: lightning is
+    imported only by the test that trains)."""
+
+    @staticmethod
+    def build(net: nn.Module):
+        import lightning.pytorch as pl
+
+        class Module(pl.LightningModule):
+            def __init__(self) -> None:
+                super().__init__()
+                self.net = net
+
+            def forward(self, x):
+                return self.net(x)
+
+            def training_step(self, batch, _):
+                images, labels = batch[0], batch[1]
+                return nn.functional.cross_entropy(self(images), labels)
+
+            def validation_step(self, batch, _):
+                images, labels = batch[0], batch[1]
+                self.log("val_loss", nn.functional.cross_entropy(self(images), labels))
+
+            def configure_optimizers(self):
+                return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+        return Module()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["torchvision", "hf_vit"])
+def test_every_method_inside_a_trainer_with_the_callback(pairs, tmp_path, family):
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_xai.callbacks import ExplanationMonitor
+    from lightning_xai.demos import SyntheticDataModule
+
+    net = copy.deepcopy(pairs[family][1]).train()
+    module = Classifier.build(net)
+    data = SyntheticDataModule(family="shape", num_classes=4, image_size=32, num_train=64, num_val=32, batch_size=32,
+                               seed=0)
+    monitor = ExplanationMonitor(
+        methods={name: ({"granularity": "clusters"} if name == "c2f" else {}) for name in ALL_METHODS},
+        num_probes=2, on_error="raise", save_raw=True)
+    logger = CSVLogger(str(tmp_path), name=family)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=logger, callbacks=[monitor],
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, default_root_dir=str(tmp_path))
+    trainer.fit(module, datamodule=data)
+    root = tmp_path / family
+    for method in ALL_METHODS:
+        assert list(root.rglob(f"xai/{method}/epoch_0000.png")), method
+        saved = torch.load(next(root.rglob(f"raw/{method}/*.pt")))
+        assert saved["raw"].shape[:2] == (2, 1) and torch.isfinite(saved["raw"]).all()
+        assert float(saved["raw"].abs().max()) > 0
+        assert torch.isfinite(torch.tensor(monitor.last_scalars[f"xai/{method}/entropy"]))
+    if family == "hf_vit":
+        assert net.model.config._attn_implementation != "eager"  # training kept its attention kernel
+    else:
+        assert all("forward" not in vars(block.self_attention) for block in net.encoder.layers)
