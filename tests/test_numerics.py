@@ -258,6 +258,7 @@ READOUT_CASES = {
     "avg_with_class_token": (dict(global_pool="avg"), list(range(1, 17)), [1 / 16] * 16),
     "avg_registers_no_class_token": (dict(global_pool="avg", class_token=False, reg_tokens=2, fc_norm=False),
                                      list(range(2, 18)), [1 / 16] * 16),
+    "avg_including_prefix": (dict(global_pool="avg", pool_include_prefix=True), list(range(17)), [1 / 17] * 17),
     "token_with_registers": (dict(reg_tokens=2), [0], [1.0]),
 }
 
