@@ -118,8 +118,9 @@ class Explainer:
     """One base class for all methods; subclasses set ``name`` and implement :meth:`compute`.
 
     Args:
-        model: the module whose output logits are explained: a timm ViT or any module (a LightningModule)
-            that contains one.
+        model: the module whose output logits are explained: a ViT of a supported family (timm, torchvision,
+            Hugging Face) or any module (a LightningModule) that contains one; a ``torch.compile``d module is
+            explained through its original module.
         vit: where the ViT is inside ``model`` when automatic search is not enough: the module, an
             attribute path (``"model.backbone"``) or a callable ``model -> vit``.
         output_transform: turns ``model(images)`` into logits ``(B, num_classes)`` when the forward returns a
