@@ -42,13 +42,14 @@ def torchvision_from_timm(source: nn.Module) -> nn.Module:
         "encoder.ln.weight": s["norm.weight"], "encoder.ln.bias": s["norm.bias"],
         "heads.head.weight": s["head.weight"], "heads.head.bias": s["head.bias"],
     }
-    names = {"ln_1": "norm1", "ln_2": "norm2", "self_attention.in_proj_": "attn.qkv.",
-             "self_attention.out_proj.": "attn.proj.", "mlp.0.": "mlp.fc1.", "mlp.3.": "mlp.fc2."}
     for i in range(DEPTH):
-        for tv, tm in names.items():
+        tv, tm = f"encoder.layers.encoder_layer_{i}", f"blocks.{i}"
+        state[f"{tv}.self_attention.in_proj_weight"] = s[f"{tm}.attn.qkv.weight"]  # both (3D, D): q, k, v stacked
+        state[f"{tv}.self_attention.in_proj_bias"] = s[f"{tm}.attn.qkv.bias"]
+        for tv_name, tm_name in (("ln_1", "norm1"), ("ln_2", "norm2"), ("self_attention.out_proj", "attn.proj"),
+                                 ("mlp.0", "mlp.fc1"), ("mlp.3", "mlp.fc2")):
             for p in ("weight", "bias"):
-                tv_key = f"encoder.layers.encoder_layer_{i}.{tv}{'.' if not tv.endswith(('.', '_')) else ''}{p}"
-                state[tv_key] = s[f"blocks.{i}.{tm}{'.' if not tm.endswith('.') else ''}{p}"]
+                state[f"{tv}.{tv_name}.{p}"] = s[f"{tm}.{tm_name}.{p}"]
     model.load_state_dict(state)
     return model.eval()
 
@@ -64,6 +65,8 @@ def hf_config(cls_name: str = "ViTConfig", **kwargs):
 
 
 def _hf_blocks(state: dict, s: dict, prefix: str) -> None:
+    """timm blocks into Hugging Face ViT/DeiT layers, with transformers 5's parameter names (``layers.i``,
+    ``attention.q_proj``, ``mlp.fc1``; transformers 4 named them ``encoder.layer.i.attention.attention.query``...)."""
     for i in range(DEPTH):
         q, k, v = s[f"blocks.{i}.attn.qkv.weight"].chunk(3)
         qb, kb, vb = s[f"blocks.{i}.attn.qkv.bias"].chunk(3)
