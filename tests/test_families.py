@@ -5,6 +5,8 @@ torch.compile, dtypes, option checks and the public extension contract."""
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 import sys
 
 import pytest
@@ -220,6 +222,24 @@ def test_compiled_models_are_explained_through_their_original_module(images):
             torch.testing.assert_close(result, expected)
     assert type(holder.backbone).__name__ == "OptimizedModule"  # the compiled module is back for training
     assert find_vit(compiled) is model
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("LIGHTNING_XAI_TEST_INDUCTOR"),
+    reason="the default inductor backend compiles for about 90 s on a 2-core CPU (same maps measured by hand); "
+    "set LIGHTNING_XAI_TEST_INDUCTOR=1 to run it",
+)
+def test_inductor_compiled_model(images):
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("inductor needs a C compiler on CPU")
+    model = make_vit(depth=2)
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        compiled(images)
+    for method in ("gradtoken", "gae", "vitcx"):
+        expected = lx.explain(model, images[:1], method=method).raw
+        torch.testing.assert_close(lx.explain(compiled, images[:1], method=method).raw, expected)
 
 
 @pytest.mark.parametrize("family", ["timm", "torchvision", "hf_vit"])
