@@ -116,6 +116,19 @@ def test_other_hugging_face_classes_every_method(images, cls_name):
     assert float(last.raw.amax()) > 0
 
 
+@pytest.mark.parametrize("name", ["beit_base_patch16_224", "eva02_tiny_patch14_224"])
+def test_timm_beit_and_eva02_average_the_patches_by_default(images, name):
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2,
+                              num_classes=3).eval()
+    assert geometry(model, (32, 32)).readout.groups == ("patches",)
+    for method in ALL_METHODS:
+        options = {"granularity": "clusters"} if method == "c2f" else {}
+        result = lx.explain(model, images[:1], method=method, **options)
+        assert torch.isfinite(result.raw).all() and float(result.raw.abs().max()) > 0
+    assert float(lx.explain(model, images[:1], method="gradtoken", layers=[-1]).raw.amax()) > 0
+
+
 def test_capture_switches_are_undone_also_on_errors(pairs, images):
     tv = pairs["torchvision"][1]
     hf = pairs["hf_vit"][1]
