@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_xai.adapters import Capture, Geometry
-from lightning_xai.explainers.base import Explainer, RawMaps, minmax
+from lightning_xai.explainers.base import Explainer, RawMaps, minmax, upsample
 from lightning_xai.explainers.masks import (
     MaskScorer,
     NoiseBank,
@@ -28,6 +28,7 @@ from lightning_xai.explainers.registry import register
 from lightning_xai.explainers.relevance import rollout_product
 
 GRANULARITIES = ("draws", "clusters")
+FUSIONS = ("relation", "contrast")
 
 
 def _positive_float(name: str, value: float, upper: float | None = None) -> float:
@@ -115,12 +116,17 @@ def _check_thresholds(thresholds: Sequence[Sequence[float]]) -> tuple[tuple[floa
 
 @register
 class C2FExplainer(_MaskExplainer):
-    """C2F-Explainer (Ding et al., IEEE TKDE 36(12), 2024), our reading in METHODS.md: a coarse map from
-    the masks that sequential three-way decisions (S3WM) call positive, refined by attention fusion (AF)
-    over the cross-layer relation matrix ``Π_l rownorm(mean_h A^l + I)``.
+    """C2F-Explainer (Ding et al., IEEE TKDE 36(12), 2024): implements METHODS.md's reading (the paper has no
+    reachable code or equations); ``fusion="contrast"`` keeps the specification's first AF reading.
+
+    A coarse map from the masks that sequential three-way decisions (S3WM) call positive, refined by attention
+    fusion (AF) over the cross-layer relation matrix ``Π_l rownorm(mean_h A^l + I)``: the fine map is
+    ``minmax(S_coarse ⊙ upsample(I))`` with patch importance ``I = minmax(f) ⊙ minmax(relu(cos(Q_i, f) −
+    cos(Q_i, b)))`` (``f``, ``b``: the coarse map's foreground and background relation profiles).
 
     ``maps`` is the fine map; ``coarse`` and ``fine`` are both returned, with ``evaluations`` per image.
-    ``raw`` is ``S_coarse ⊙ I`` (before the final min-max) times the peak of the unnormalised coarse map.
+    ``raw`` is ``S_coarse ⊙ upsample(I)`` (the fine map before its final min-max) times the peak of the
+    unnormalised coarse map ``Σ_{POS} s̄_i M_i / Σ_j M_j``, so its strength follows the masks' scores.
 
     Args:
         granularity: ``"draws"`` (default: deferred masks get more noise draws) or ``"clusters"`` (granules
@@ -130,6 +136,8 @@ class C2FExplainer(_MaskExplainer):
         draws: noise draws per stage for ``granularity="draws"`` (one entry per stage).
         levels: coarse-to-fine cosine distances of the dendrogram cuts for ``granularity="clusters"``
             (one entry per stage).
+        fusion: ``"relation"`` (default: ``I`` is the foreground relation ``minmax(f)`` times the cosine
+            contrast) or ``"contrast"`` (the cosine contrast alone, the earlier reading).
         cluster_threshold, noise_sigma, batch_size, seed: as for ViT-CX.
     """
 
@@ -143,12 +151,16 @@ class C2FExplainer(_MaskExplainer):
         thresholds: Sequence[Sequence[float]] = ((0.8, 0.2), (0.7, 0.3), (0.5, 0.5)),
         draws: Sequence[int] = (1, 1, 2),
         levels: Sequence[float] = (0.5, 0.25, 0.1),
+        fusion: str = "relation",
         **kwargs: Any,
     ) -> None:
         super().__init__(model, **kwargs)
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         self.granularity = granularity
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+        self.fusion = fusion
         self.thresholds = _check_thresholds(thresholds)
         self.draws = tuple(_positive_int("draws[k]", d) for d in draws)
         self.levels = tuple(_positive_float("levels[k]", v, 2.0) for v in levels)
@@ -175,8 +187,8 @@ class C2FExplainer(_MaskExplainer):
         coarse_raw = self._coarse(mean, masks, decision)
         coarse = minmax(coarse_raw)
         importance = self._attention_fusion(record.attn, coarse, geom)
-        # S_fine = minmax(S_coarse ⊙ I) on the normalised coarse map; the raw map keeps the coarse peak so
-        # its strength stays comparable across epochs
+        # S_fine = minmax(S_coarse ⊙ upsample(I)) on the normalised coarse map; the raw map keeps the coarse
+        # peak so its strength stays comparable across epochs
         fine_raw = coarse * importance * coarse_raw.flatten(2).amax(-1)[..., None, None]
         extras = {"coarse": coarse, "fine": minmax(fine_raw), "evaluations": scorer.evaluations}
         return RawMaps(fine_raw, resolved, probs, extras)
@@ -282,18 +294,23 @@ class C2FExplainer(_MaskExplainer):
         return coverage_corrected(mean * positive, masks, counted)
 
     # -- AF -----------------------------------------------------------------------------------------------
-    @staticmethod
-    def _attention_fusion(attn: list[Tensor], coarse: Tensor, geom: Geometry) -> Tensor:
-        """Patch importance ``relu(cos(Q_i, f) − cos(Q_i, b))`` upsampled: ``(B, K, H, W)`` in ``[0, 1]``."""
+    def _attention_fusion(self, attn: list[Tensor], coarse: Tensor, geom: Geometry) -> Tensor:
+        """Patch importance ``I`` on the patch grid, upsampled: ``(B, K, H, W)`` in ``[0, 1]``.
+
+        ``fusion="relation"``: ``I = minmax(f) ⊙ minmax(relu(cos(Q_i, f) − cos(Q_i, b)))``;
+        ``fusion="contrast"``: ``I = minmax(relu(cos(Q_i, f) − cos(Q_i, b)))``. ``Q`` ``(B, N, N)`` is the patch
+        block of the cross-layer relation matrix, ``f`` and ``b`` ``(B, K, N)`` the coarse map's foreground and
+        background profiles.
+        """
         relation = rollout_product([a.float() for a in attn])
-        patches = relation[:, geom.num_prefix :, geom.num_prefix :]  # (B, N, N)
-        pooled = torch.nn.functional.adaptive_avg_pool2d(coarse, geom.grid).flatten(2)  # (B, K, N)
+        patches = relation[:, geom.num_prefix :, geom.num_prefix :]  # (B, N, N): row i is patch i's profile
+        pooled = torch.nn.functional.adaptive_avg_pool2d(coarse.float(), geom.grid).flatten(2)  # (B, K, N)
         fg = (pooled @ patches) / pooled.sum(-1, keepdim=True).clamp_min(1e-12)
         bg = ((1 - pooled) @ patches) / (1 - pooled).sum(-1, keepdim=True).clamp_min(1e-12)
-        unit = torch.nn.functional.normalize(patches, dim=-1).unsqueeze(1)  # (B, 1, N, N)
-        cos_fg = (unit * torch.nn.functional.normalize(fg, dim=-1).unsqueeze(2)).sum(-1)
-        cos_bg = (unit * torch.nn.functional.normalize(bg, dim=-1).unsqueeze(2)).sum(-1)
-        importance = minmax((cos_fg - cos_bg).clamp_min(0).unflatten(-1, geom.grid))
-        return torch.nn.functional.interpolate(
-            importance, size=geom.image_size, mode="bilinear", align_corners=False
-        )
+        unit = torch.nn.functional.normalize(patches, dim=-1)
+        cos_fg = torch.einsum("bin,bkn->bki", unit, torch.nn.functional.normalize(fg, dim=-1))
+        cos_bg = torch.einsum("bin,bkn->bki", unit, torch.nn.functional.normalize(bg, dim=-1))
+        importance = minmax((cos_fg - cos_bg).clamp_min(0).unflatten(-1, geom.grid))  # (B, K, h, w)
+        if self.fusion == "relation":
+            importance = minmax(fg.unflatten(-1, geom.grid)) * importance
+        return upsample(importance, geom.image_size)
