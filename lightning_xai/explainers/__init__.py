@@ -3,7 +3,7 @@
 from lightning_xai.explainers.attention import AttentionRollout, RawAttention
 from lightning_xai.explainers.base import Explainer, Explanation
 from lightning_xai.explainers.gradient import GradientRollout, GradToken
-from lightning_xai.explainers.perturbation import C2FExplainer, ViTCX
+from lightning_xai.explainers.perturbation import C2FExplainer, NoPositiveMaskWarning, ViTCX
 from lightning_xai.explainers.registry import available_methods, create_explainer, get_explainer, register
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "Explanation",
     "GradToken",
     "GradientRollout",
+    "NoPositiveMaskWarning",
     "RawAttention",
     "ViTCX",
     "available_methods",

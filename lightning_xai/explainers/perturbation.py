@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,8 +29,24 @@ from lightning_xai.explainers.masks import (
 from lightning_xai.explainers.registry import register
 from lightning_xai.explainers.relevance import rollout_product
 
+_PACKAGE_DIR = str(Path(__file__).resolve().parents[1])  # .../lightning_xai
+
 GRANULARITIES = ("draws", "clusters")
 FUSIONS = ("relation", "contrast")
+
+
+class NoPositiveMaskWarning(UserWarning):
+    """C2F's three-way decisions called no mask positive for some image and target, so the coarse map fell
+    back to the top-scored mask. Issued once per explainer instance, at the user's call site."""
+
+
+def _user_stacklevel() -> int:
+    """``stacklevel`` for :func:`warnings.warn` called from this module's caller chain that points at the first
+    frame outside the ``lightning_xai`` package (Python 3.11 has no ``skip_file_prefixes``)."""
+    frame, level = sys._getframe(1), 1  # level 1: the function that calls warnings.warn
+    while frame is not None and Path(frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _positive_float(name: str, value: float, upper: float | None = None) -> float:
@@ -283,9 +301,12 @@ class C2FExplainer(_MaskExplainer):
         if empty.any():
             if not self._warned:
                 warnings.warn(
-                    "C2F: no mask was decided positive for some image/target; using the top-scored mask "
-                    "instead (consider lower thresholds)",
-                    stacklevel=3,
+                    "C2F: for some image and target no mask was decided positive, so the coarse map uses the "
+                    "top-scored mask alone. If this happens often, lower the positive thresholds alpha_k of "
+                    "the option `thresholds` (default ((0.8, 0.2), (0.7, 0.3), (0.5, 0.5))). Warned once per "
+                    "explainer.",
+                    NoPositiveMaskWarning,
+                    stacklevel=_user_stacklevel(),
                 )
                 self._warned = True
             top = mean.masked_fill(~counted, float("-inf")).argmax(1)  # (B, K)
