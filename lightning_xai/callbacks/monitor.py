@@ -18,8 +18,9 @@ from lightning_xai.adapters import OutputTransform, ViTLocator, find_vit, geomet
 from lightning_xai.callbacks.evolution import SIMILARITIES, evolution_scalars
 from lightning_xai.callbacks.probes import Probe, find_dataset, from_dataset, from_tensors, preserved_rng
 from lightning_xai.callbacks.sinks import EpochRecord, PngSink, Sink, sinks_for
-from lightning_xai.explainers import Explainer, Explanation, create_explainer, get_explainer
+from lightning_xai.explainers import Explainer, Explanation, create_explainer
 from lightning_xai.explainers.base import explanation_mode
+from lightning_xai.explainers.registry import resolve_methods
 from lightning_xai.metrics import deletion_insertion
 from lightning_xai.validation import check_images, resolve_targets, to_logits
 
@@ -27,27 +28,6 @@ STAGES = ("validation", "train")
 TARGET_MODES = ("pred", "label", "topk")
 ON_ERROR = ("warn", "raise")
 HISTORY_LIMIT = 64  # timeline frames kept per method; older ones are thinned, first and last always kept
-
-
-def _normalise_methods(methods: Any) -> dict[str, dict[str, Any]]:
-    if isinstance(methods, str):
-        methods = [methods]
-    if isinstance(methods, Mapping):
-        items = [(name, dict(options or {})) for name, options in methods.items()]
-    elif isinstance(methods, Sequence) and methods:
-        items = [(name, {}) for name in methods]
-    else:
-        raise ValueError(f"methods must be a method name, a list of names or a {{name: options}} dict, got {methods!r}")
-    out: dict[str, dict[str, Any]] = {}
-    for name, options in items:
-        cls = get_explainer(name)  # unknown names raise here, at construction
-        unknown = sorted(set(options) - set(cls.option_names()))
-        if unknown:
-            raise ValueError(
-                f"unknown option(s) {unknown} for method {cls.name!r}; its options are {cls.option_names()}"
-            )
-        out[cls.name] = options
-    return out
 
 
 class ExplanationMonitor(Callback):
@@ -121,7 +101,7 @@ class ExplanationMonitor(Callback):
         output_transform: OutputTransform = None,
     ) -> None:
         super().__init__()
-        self.methods = _normalise_methods(methods)
+        self.methods = resolve_methods(methods)
         self._check_choice("stage", stage, STAGES)
         self._check_choice("probe_split", probe_split, ("val", "train"))
         self._check_choice("similarity", similarity, SIMILARITIES)

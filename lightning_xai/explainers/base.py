@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_xai.adapters import Capture, Geometry, OutputTransform, ViTLocator, capture, find_vit, geometry
-from lightning_xai.validation import check_images, resolve_targets, to_logits
+from lightning_xai.adapters import Capture, Geometry, OutputTransform, ViTLocator, capture, geometry
+from lightning_xai.handle import ForwardFn, ModelHandle
+from lightning_xai.validation import check_images, resolve_targets
 
 
 @dataclass
@@ -123,21 +124,33 @@ class Explainer:
         output_transform: turns ``model(images)`` into logits ``(B, num_classes)`` when the forward returns a
             tuple, a dict or an object; default takes tensors as they are, the first element of a
             tuple/list and the ``"logits"`` entry of a dict.
+        forward: ``forward(model, images) -> output`` for a module whose forward does not take an image
+            tensor (e.g. ``lambda m, x: m(pixel_values=x)``); default ``model(images)``.
     """
 
     name: ClassVar[str] = ""
     requires_class_token: ClassVar[bool] = False
+    #: keyword arguments every explainer takes besides its method-specific options
+    COMMON_OPTIONS: ClassVar[tuple[str, ...]] = ("vit", "output_transform", "forward")
 
-    def __init__(self, model: nn.Module, *, vit: ViTLocator = None, output_transform: OutputTransform = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        vit: ViTLocator = None,
+        output_transform: OutputTransform = None,
+        forward: ForwardFn = None,
+    ):
+        self.handle = ModelHandle(model, vit=vit, output_transform=output_transform, forward=forward)
         self.model = model
-        self.vit = find_vit(model, vit)
+        self.vit = self.handle.vit
         self.output_transform = output_transform
 
     # -- options --------------------------------------------------------------------------------------
     @classmethod
     def option_names(cls) -> list[str]:
         """The method-specific keyword options its constructor accepts."""
-        base = {"self", "model", "vit", "output_transform"}
+        base = {"self", "model", *cls.COMMON_OPTIONS}
         names: list[str] = []
         for klass in cls.__mro__:  # subclasses first, then the options they pass on through **kwargs
             if klass is Explainer or "__init__" not in vars(klass):
@@ -146,6 +159,26 @@ class Explainer:
                 if p not in base and p not in names and v.kind is inspect.Parameter.KEYWORD_ONLY:
                     names.append(p)
         return names
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Check the method-specific ``options`` without a model and return them normalised.
+
+        Subclasses override this to check their own values (calling ``super().check_options`` first) and
+        call it from ``__init__``; only checks that need the model (a block index against the depth) stay in
+        ``__init__``. The callbacks call it when they are built, so a bad value fails before training starts.
+
+        Raises:
+            ValueError: an unknown option name, or a value the method does not accept; the message names the
+                option and what it accepts.
+        """
+        unknown = sorted(set(options) - set(cls.option_names()))
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {unknown} for method {cls.name!r}; its options are {cls.option_names()} "
+                f"plus {list(cls.COMMON_OPTIONS)}"
+            )
+        return dict(options)
 
     def options(self) -> dict[str, Any]:
         """The method's options as set on this instance (stored in every :class:`Explanation`)."""
@@ -172,9 +205,8 @@ class Explainer:
                 f"{self.name} needs a class token, but this ViT has none (global_pool='avg', "
                 f"class_token=False). Methods that work without one: {methods_without_class_token()}."
             )
-        param = next(self.vit.parameters())
         with explanation_mode(self.model):
-            x = images.detach().clone().to(device=param.device, dtype=param.dtype)
+            x = self.handle.prepare(images)
             if isinstance(targets, Tensor):  # may be an inference tensor (trainer.validate); autograd saves it
                 targets = targets.detach().clone()
             out = self.compute(x, targets, geom)
@@ -203,7 +235,7 @@ class Explainer:
     # -- helpers for subclasses -----------------------------------------------------------------------
     def logits(self, x: Tensor) -> Tensor:
         """The whole model's output logits ``(B, num_classes)`` in float32."""
-        return to_logits(self.model(x), self.output_transform).float()
+        return self.handle.logits(x)
 
     def forward_captured(
         self, x: Tensor, what: tuple[str, ...], targets: Any, blocks: list[int] | None = None
