@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
+import math
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,17 +51,38 @@ def _user_stacklevel() -> int:
     return level
 
 
-def _positive_float(name: str, value: float, upper: float | None = None) -> float:
-    if not isinstance(value, int | float) or value <= 0 or (upper is not None and value > upper):
+def _positive_float(name: str, value: Any, upper: float | None = None) -> float:
+    """``value`` as a finite float in ``(0, upper]``; a clear error naming ``name`` otherwise."""
+    number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not number or value <= 0 or (upper is not None and value > upper):
         bound = f" and <= {upper}" if upper is not None else ""
-        raise ValueError(f"{name} must be a number > 0{bound}, got {value!r}")
+        raise ValueError(f"{name} must be a finite number > 0{bound}, got {value!r}")
     return float(value)
 
 
-def _positive_int(name: str, value: int) -> int:
+def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     return value
+
+
+def _per_stage(name: str, value: Any) -> tuple[Any, ...]:
+    """A non-empty sequence of per-stage values as a tuple (a string or a bare number is not one)."""
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence) or len(value) == 0:
+        raise ValueError(f"{name} must be a non-empty sequence with one entry per stage, got {value!r}")
+    return tuple(value)
+
+
+def _option_defaults(cls: type) -> dict[str, Any]:
+    """Default values of the keyword-only options of ``cls``'s constructors (the subclass's win)."""
+    defaults: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is Explainer or "__init__" not in vars(klass) or not issubclass(klass, Explainer):
+            continue
+        for name, parameter in inspect.signature(klass.__init__).parameters.items():
+            if parameter.kind is inspect.Parameter.KEYWORD_ONLY and parameter.default is not inspect.Parameter.empty:
+                defaults[name] = parameter.default
+    return {name: defaults[name] for name in cls.option_names() if name in defaults}
 
 
 class _MaskExplainer(Explainer):
@@ -76,12 +99,25 @@ class _MaskExplainer(Explainer):
         **kwargs: Any,
     ) -> None:
         super().__init__(model, **kwargs)
-        self.cluster_threshold = _positive_float("cluster_threshold", cluster_threshold, 2.0)
-        self.noise_sigma = _positive_float("noise_sigma", noise_sigma)
-        self.batch_size = _positive_int("batch_size", batch_size)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")
-        self.seed = seed
+        options = self.check_options(
+            dict(cluster_threshold=cluster_threshold, noise_sigma=noise_sigma, batch_size=batch_size, seed=seed)
+        )
+        self.cluster_threshold = options["cluster_threshold"]
+        self.noise_sigma = options["noise_sigma"]
+        self.batch_size = options["batch_size"]
+        self.seed = options["seed"]
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Checked options with the defaults filled in: ``cluster_threshold`` in ``(0, 2]`` (a cosine
+        distance), ``noise_sigma`` > 0, ``batch_size`` an int >= 1, ``seed`` an int."""
+        options = {**_option_defaults(cls), **super().check_options(options)}
+        options["cluster_threshold"] = _positive_float("cluster_threshold", options["cluster_threshold"], 2.0)
+        options["noise_sigma"] = _positive_float("noise_sigma", options["noise_sigma"])
+        options["batch_size"] = _positive_int("batch_size", options["batch_size"])
+        if isinstance(options["seed"], bool) or not isinstance(options["seed"], int):
+            raise ValueError(f"seed must be an int, got {options['seed']!r}")
+        return options
 
     def _probs(self, x: Tensor) -> Tensor:
         with torch.no_grad():
@@ -123,12 +159,18 @@ class ViTCX(_MaskExplainer):
         return RawMaps(maps, resolved, probs, {"evaluations": scorer.evaluations})
 
 
-def _check_thresholds(thresholds: Sequence[Sequence[float]]) -> tuple[tuple[float, float], ...]:
-    pairs = tuple((float(a), float(b)) for a, b in thresholds)
-    if not pairs or any(not 0 <= beta <= alpha <= 1 for alpha, beta in pairs):
-        raise ValueError(
-            f"thresholds must be a non-empty sequence of (alpha, beta) with 0 <= beta <= alpha <= 1, got {thresholds!r}"
-        )
+def _check_thresholds(thresholds: Any) -> tuple[tuple[float, float], ...]:
+    """``(alpha_k, beta_k)`` pairs with ``0 <= beta_k <= alpha_k <= 1`` as a tuple of float pairs."""
+    problem = ValueError(
+        f"thresholds must be a non-empty sequence of (alpha, beta) pairs with 0 <= beta <= alpha <= 1, one per "
+        f"stage, e.g. ((0.8, 0.2), (0.7, 0.3), (0.5, 0.5)); got {thresholds!r}"
+    )
+    try:
+        pairs = tuple((float(a), float(b)) for a, b in _per_stage("thresholds", thresholds))
+    except (TypeError, ValueError):
+        raise problem from None
+    if any(not 0 <= beta <= alpha <= 1 for alpha, beta in pairs):
+        raise problem
     return pairs
 
 
@@ -173,23 +215,42 @@ class C2FExplainer(_MaskExplainer):
         **kwargs: Any,
     ) -> None:
         super().__init__(model, **kwargs)
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-        self.granularity = granularity
-        if fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
-        self.fusion = fusion
-        self.thresholds = _check_thresholds(thresholds)
-        self.draws = tuple(_positive_int("draws[k]", d) for d in draws)
-        self.levels = tuple(_positive_float("levels[k]", v, 2.0) for v in levels)
-        stages = len(self.thresholds)
-        per_stage = self.draws if granularity == "draws" else self.levels
-        if len(per_stage) != stages:
-            name = "draws" if granularity == "draws" else "levels"
-            raise ValueError(f"{name} needs one entry per stage: {len(per_stage)} given, {stages} stages")
-        if granularity == "clusters" and list(self.levels) != sorted(self.levels, reverse=True):
-            raise ValueError(f"levels must go from coarse to fine (decreasing distances), got {self.levels}")
+        options = self.check_options(
+            dict(granularity=granularity, thresholds=thresholds, draws=draws, levels=levels, fusion=fusion)
+        )
+        self.granularity = options["granularity"]
+        self.thresholds = options["thresholds"]
+        self.draws = options["draws"]
+        self.levels = options["levels"]
+        self.fusion = options["fusion"]
         self._warned = False
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Checked options with the defaults filled in (ViT-CX's as well): ``granularity`` and ``fusion`` among
+        their choices; ``thresholds`` pairs ``0 <= beta <= alpha <= 1``; ``draws`` (ints >= 1) or ``levels``
+        (decreasing distances in ``(0, 2]``), whichever ``granularity`` uses, with one entry per stage."""
+        options = super().check_options(options)
+        if options["granularity"] not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {options['granularity']!r}")
+        if options["fusion"] not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {options['fusion']!r}")
+        options["thresholds"] = _check_thresholds(options["thresholds"])
+        options["draws"] = tuple(_positive_int("draws[k]", d) for d in _per_stage("draws", options["draws"]))
+        options["levels"] = tuple(
+            _positive_float("levels[k]", v, 2.0) for v in _per_stage("levels", options["levels"])
+        )
+        stages = len(options["thresholds"])
+        name = "draws" if options["granularity"] == "draws" else "levels"
+        if len(options[name]) != stages:
+            raise ValueError(
+                f"{name} needs one entry per stage (granularity={options['granularity']!r}): "
+                f"{len(options[name])} given for {stages} stages of thresholds"
+            )
+        levels = options["levels"]
+        if name == "levels" and list(levels) != sorted(levels, reverse=True):
+            raise ValueError(f"levels must go from coarse to fine (decreasing distances), got {levels}")
+        return options
 
     def compute(self, x: Tensor, targets: Any, geom: Geometry) -> RawMaps:
         record, resolved, probs = self._clean_pass(x, targets, ("attn", "norm1"))
