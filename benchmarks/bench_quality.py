@@ -10,7 +10,8 @@ the means and per seed, and diagnostics of the mask-based methods (see ``mask_di
     python benchmarks/bench_quality.py --depth 6 --lr 1e-3   # 6 blocks instead of 4, about 6 minutes
 
 On a busy machine, one process per seed (``--seeds 1 --save s1.json``; ``OMP_NUM_THREADS=1`` avoids threads
-waiting on each other) and ``--merge s0.json s1.json s2.json`` for the summary give the same figures.
+waiting on each other) and ``--merge s0.json s1.json s2.json`` print the same summary (each seed is trained
+from its own seed; the thread count changes float rounding, hence the trained models, slightly).
 
 Columns: IoU at the map mean, pointing game and energy inside the object (localisation against the mask),
 deletion/insertion AUC (RISE-style, blur baseline; deletion lower is better, insertion higher), class
