@@ -52,14 +52,15 @@ def forward_backward(model: torch.nn.Module, images: torch.Tensor, targets: torc
     model.zero_grad(set_to_none=True)
 
 
-def timed(fn, repeats: int) -> float:
+def timed(fn, repeats: int) -> tuple[float, object]:
+    """Median seconds of ``repeats`` calls of ``fn`` after one warm-up call, and the last call's result."""
     fn()  # warm-up
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
+        result = fn()
         samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    return statistics.median(samples), result
 
 
 def set_mmap_threshold(size: int) -> None:
@@ -130,14 +131,14 @@ def bench_model(size: str, image_size: int, batch: int, repeats: int, memory: bo
     images = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     targets = torch.zeros(batch, dtype=torch.long)
     reference_fn = partial(forward_backward, model, images, targets)
-    reference = timed(reference_fn, repeats)
+    reference, _ = timed(reference_fn, repeats)
     ref_mem = peak_memory_mib(reference_fn) if memory else float("nan")
     print(f"| {size} | forward+backward | {1000 * reference / batch:.1f} | 1.00 | {ref_mem:.0f} | 1 |")
     for method in METHODS:
         run = partial(lx.explain, model, images, method=method, targets=targets)
-        seconds = timed(run, 1 if method in ("vitcx", "c2f") else repeats)
+        seconds, result = timed(run, 1 if method in ("vitcx", "c2f") else repeats)
         mem = peak_memory_mib(run) if memory else float("nan")
-        evals = run().evaluations_per_image if method in ("vitcx", "c2f") else None
+        evals = result.evaluations_per_image
         print(f"| {size} | {method} | {1000 * seconds / batch:.1f} | {seconds / reference:.2f} | {mem:.0f} | "
               f"{'1' if evals is None else f'{evals:.0f}'} |")
 
