@@ -133,9 +133,14 @@ BAND = band_height(1)  # one-line band: timeline column and row labels
 CAPTION_LINES = 2  # tile captions: class name and probability, wrapped to two lines when they do not fit in one
 
 
+def _spaced(text: str) -> str:
+    """``text`` as drawn: each space doubled, since the font's space is 2 px at this size and words run together."""
+    return text.replace(" ", "  ")
+
+
 def text_width(text: str) -> float:
-    """Width in pixels of ``text`` drawn in the caption font."""
-    return float(_font().getlength(text))
+    """Width in pixels of ``text`` as captions draw it (caption font, spaces doubled)."""
+    return float(_font().getlength(_spaced(text)))
 
 
 def _shorten(text: str, width: float) -> str:
@@ -207,7 +212,7 @@ def _text_band(text: str, width: int, lines: int = 1, fill: int = 32) -> np.ndar
     band = Image.new("RGB", (width, band_height(lines)), (fill, fill, fill))
     draw = ImageDraw.Draw(band)
     for row, line in enumerate(fit_caption(text, width, lines)):
-        draw.text((1, row * pitch), line, fill=(255, 255, 255), font=_font())
+        draw.text((1, row * pitch), _spaced(line), fill=(255, 255, 255), font=_font())
     out = np.asarray(band).copy()
     out.flags.writeable = False
     return out

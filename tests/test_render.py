@@ -79,6 +79,7 @@ def drawn(lines, width, height):
     draw = ImageDraw.Draw(band)
     font = ImageFont.load_default(size=render.FONT_SIZE)
     for row, line in enumerate(lines):
+        line = line.replace(" ", "  ")  # word gaps are drawn as two spaces (the font's space is 2 px wide)
         assert font.getbbox(line)[2] <= width - 1, f"{line!r} does not fit in {width} px"
         draw.text((1, row * render.line_height()), line, fill=(255, 255, 255), font=font)
     return np.asarray(band)
