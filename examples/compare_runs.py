@@ -98,11 +98,22 @@ def build_model(args: argparse.Namespace, overrides: dict[str, Any], class_names
                          **{**SMALL_VIT, **overrides})
 
 
+def staging_dir() -> Path:
+    """Where W&B stages the files of the per-epoch ``xai/table`` (its image cells) until ``wandb sync`` uploads
+    them: ``$WANDB_DATA_DIR/artifacts/staging``. The run folder's ``.wandb`` file refers to them by absolute path,
+    so an offline run's sync needs them; the examples point ``WANDB_DATA_DIR`` at ``<output-dir>/wandb-data``."""
+    from wandb import env
+
+    return Path(env.get_data_dir()).expanduser().resolve() / "artifacts" / "staging"
+
+
 def build_logger(args: argparse.Namespace, name: str):
     root = Path(args.output_dir)
     if args.logger == "wandb":
         if not os.environ.get("WANDB_API_KEY") and not (Path.home() / ".netrc").exists():
             os.environ.setdefault("WANDB_MODE", "offline")
+        if os.environ.get("WANDB_MODE") == "offline":  # see staging_dir()
+            os.environ.setdefault("WANDB_DATA_DIR", str((root / "wandb-data").resolve()))
         return WandbLogger(project="lightning-xai", group=f"compare-{args.vary}", name=name, save_dir=str(root))
     run_dir = root / name
     if run_dir.exists():  # a re-run replaces its own run folder, so TensorBoard does not mix two trainings
@@ -200,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("WANDB_MODE") == "offline":
             print("Offline runs; upload them later with:")
             print(f"  wandb sync {' '.join(str(run['log_dir'].resolve()) for run in runs)}")
+            print(f"  (the xai/table images are staged in {staging_dir()}: keep that folder until you have synced)")
         print(f"In the W&B UI (project lightning-xai), group the runs by 'group' (compare-{args.vary}) to see their "
               "per-epoch xai/table tables and xai/<method>/overlay images side by side.")
 

@@ -92,11 +92,22 @@ def build_model(args: argparse.Namespace, class_names: list[str]) -> ViTClassifi
                          warmup_epochs=1, pretrained=args.pretrained, class_names=class_names, **kwargs)
 
 
+def staging_dir() -> Path:
+    """Where W&B stages the files of the per-epoch ``xai/table`` (its image cells) until ``wandb sync`` uploads
+    them: ``$WANDB_DATA_DIR/artifacts/staging``. The run folder's ``.wandb`` file refers to them by absolute path,
+    so an offline run's sync needs them; the examples point ``WANDB_DATA_DIR`` at ``<output-dir>/wandb-data``."""
+    from wandb import env
+
+    return Path(env.get_data_dir()).expanduser().resolve() / "artifacts" / "staging"
+
+
 def build_logger(args: argparse.Namespace, name: str):
     root = Path(args.output_dir)
     if args.logger == "wandb":
         if not os.environ.get("WANDB_API_KEY") and not (Path.home() / ".netrc").exists():
             os.environ.setdefault("WANDB_MODE", "offline")
+        if os.environ.get("WANDB_MODE") == "offline":  # see staging_dir()
+            os.environ.setdefault("WANDB_DATA_DIR", str((root / "wandb-data").resolve()))
         return WandbLogger(project="lightning-xai", name=name, save_dir=str(root), group=args.family)
     return TensorBoardLogger(str(root), name=name)
 
@@ -140,9 +151,11 @@ def main(argv: list[str] | None = None) -> None:
         print("View them with:")
         print(f"  tensorboard --logdir {Path(args.output_dir).resolve()} --samples_per_plugin {TENSORBOARD_SAMPLES}")
     else:
+        logger.experiment.finish()  # close the run, so that its folder is complete for `wandb sync`
         print(f"W&B run directory: {log_dir.resolve()}")
         if os.environ.get("WANDB_MODE") == "offline":
             print(f"Offline run; upload it later with:  wandb sync {log_dir.resolve()}")
+            print(f"  (the xai/table images are staged in {staging_dir()}: keep that folder until you have synced)")
     if shutil.which("tensorboard") is None and args.logger == "tensorboard":
         print("(tensorboard is installed with lightning-xai; activate the same virtual environment to run it)")
 

@@ -8,6 +8,7 @@ import importlib.util
 import io
 import re
 import shlex
+import time
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,26 @@ def test_compare_runs_writes_one_folder_per_run_and_a_readable_picture(tmp_path)
         title = compare.panel_title({"run": run, "name": f"augment-{run}", "description": description}, "gradtoken")
         assert " ".join(render.fit_caption(title, width)) == title  # drawn in full over a two-epoch timeline
         assert description in title and "gradtoken" in title
+
+
+def test_train_vit_offline_wandb_run_keeps_its_table_images_in_the_output_dir(tmp_path, monkeypatch):
+    """W&B stages the per-epoch table's image cells outside the run folder (``$WANDB_DATA_DIR/artifacts/staging``)
+    and the run's ``.wandb`` file refers to them by absolute path: ``wandb sync`` needs them. Offline, the example
+    points ``WANDB_DATA_DIR`` into its output folder and prints where they are."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_DATA_DIR", raising=False)  # restored (removed) after the test
+    printed = run_main("train_vit", ["--logger", "wandb", "--epochs", "1", "--num-train", "64", "--num-val", "16",
+                                     "--num-probes", "2", "--methods", "gradtoken", "--output-dir", str(tmp_path)])
+    run_dir = Path(re.search(r"wandb sync (\S+)", printed).group(1))
+    assert run_dir.is_dir() and tmp_path.resolve() in run_dir.parents
+    transaction_log = next(run_dir.glob("run-*.wandb"))
+    deadline = time.monotonic() + 60  # wandb's service process may still be writing the log after finish()
+    while True:  # tempfile names: "tmp" and 8 characters; the protobuf framing around them is not part of the path
+        staged = re.findall(rb"/(?:[\w.-]+/)+artifacts/staging/tmp[a-z0-9_]{8}", transaction_log.read_bytes())
+        if staged or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert staged, "no staged artifact files referenced by the run"
+    for path in {Path(p.decode()) for p in staged}:
+        assert tmp_path.resolve() / "wandb-data" in path.parents and path.is_file(), path
+    assert str(tmp_path.resolve() / "wandb-data" / "artifacts" / "staging") in printed
