@@ -315,12 +315,26 @@ def timeline(
 
 
 
-#: Per-probe timelines (:func:`probe_timelines`) are at most this many tiles wide and show at most this many
-#: explanation steps: 4 x 2 tiles of 96 px make a picture of about 394 x 250 px, which TensorBoard's Images
-#: card (about 345 px wide) and Time Series card (about 380 x 216 px) both draw at 0.86x or more, so the
-#: captions stay readable without "Show actual image size".
+#: Per-probe timelines (:func:`probe_timelines`): at most 8 explanation steps as 4 x 2 tiles of 64 px under
+#: two-line captions, a picture of 266 x 184 px. TensorBoard draws an image about 345 px wide in the Images
+#: dashboard and fits it into about 340 x 211 px in Time Series (measured in Chromium at a 1400 px window), so
+#: this picture is shown at 1.3x and 1.15x there: tiles and captions stay readable without "Show actual image
+#: size". (The whole-run overview, :func:`timeline`, is for PNG files viewed at full size.)
 PROBE_TIMELINE_COLUMNS = 4
 PROBE_TIMELINE_FRAMES = 8
+PROBE_TIMELINE_TILE = 64
+
+
+def shrink(tiles: np.ndarray, size: int) -> np.ndarray:
+    """Downscale uint8 ``(N, h, w, 3)`` tiles (area averaging) so the shorter side is ``size``; never upscales."""
+    h, w = tiles.shape[1:3]
+    if min(h, w) <= size:
+        return tiles
+    scale = size / min(h, w)
+    shape = (max(1, round(h * scale)), max(1, round(w * scale)))
+    pixels = torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2).float()
+    out = F.interpolate(pixels, size=shape, mode="area").round().clamp(0, 255).to(torch.uint8)
+    return out.permute(0, 2, 3, 1).numpy()
 
 
 def probe_timelines(
@@ -328,6 +342,7 @@ def probe_timelines(
     labels: Sequence[str] | Sequence[Sequence[str]],
     max_frames: int = PROBE_TIMELINE_FRAMES,
     columns: int = PROBE_TIMELINE_COLUMNS,
+    tile_size: int | None = PROBE_TIMELINE_TILE,
     lines: int = CAPTION_LINES,
 ) -> np.ndarray:
     """One picture per probe of its maps across explanation steps, in reading order, ``columns`` tiles a row.
@@ -337,16 +352,17 @@ def probe_timelines(
 
     Args:
         frames: one uint8 ``(P, h, w, 3)`` array per explanation step (all the same shape), oldest first.
-        labels: per step, a caption shared by all probes (e.g. ``"ep 3 · step 192"``), or a sequence of ``P``
-            captions (e.g. adding each probe's prediction ``"ep 3 · step 192\\ncheckers p=0.93"``).
+        labels: per step, a caption shared by all probes (e.g. ``"ep 3\\nstep 192"``), or a sequence of ``P``
+            captions (one per probe).
         max_frames: at most this many steps are shown: the first, the latest and evenly spaced ones between.
         columns: tiles per row; the picture is always ``columns`` tiles wide (empty cells white), so its scale
             in the viewer does not change from step to step.
+        tile_size: tiles larger than this are shrunk (area averaging) to this shorter side; ``None`` keeps them.
         lines: caption lines per tile.
 
     Returns:
-        uint8 ``(P, rows * (band_height(lines) + h + 2) + 2, columns * (w + 2) + 2, 3)`` with
-        ``rows = ceil(min(len(frames), max_frames) / columns)``.
+        uint8 ``(P, rows * (band_height(lines) + t + 2) + 2, columns * (s + 2) + 2, 3)``, ``(t, s)`` the tile
+        size, ``rows = ceil(min(len(frames), max_frames) / columns)``.
     """
     if len(frames) == 0:
         raise ValueError("probe_timelines needs at least one frame")
@@ -355,13 +371,17 @@ def probe_timelines(
     shape = frames[0].shape
     if len(shape) != 4 or any(f.shape != shape for f in frames):
         raise ValueError(f"all frames must be uint8 (P, h, w, 3) of one shape; got {[f.shape for f in frames]}")
-    probes, _, w, _ = shape
+    probes = shape[0]
     chosen = timeline_columns(len(frames), max_frames)
     stack = np.stack([frames[i] for i in chosen], axis=1)  # (P, T, h, w, 3)
+    if tile_size:
+        small = shrink(stack.reshape(-1, *shape[1:]), tile_size)
+        stack = small.reshape(probes, len(chosen), *small.shape[1:])
     per_probe = [[labels[i]] * probes if isinstance(labels[i], str) else list(labels[i]) for i in chosen]
     if any(len(texts) != probes for texts in per_probe):
         raise ValueError(f"each frame's labels must be one string or {probes} strings (one per probe)")
-    bands = np.stack([np.stack([_text_band(text, w, lines) for text in texts]) for texts in per_probe], axis=1)
+    width = stack.shape[3]
+    bands = np.stack([np.stack([_text_band(text, width, lines) for text in texts]) for texts in per_probe], axis=1)
     return grids(np.concatenate([bands, stack], axis=2), ncols=columns)
 
 #: zlib level of the PNGs we write: 1 encodes about twice as fast as PIL's default 6 for about 10 % more bytes,

@@ -158,8 +158,8 @@ def test_save_png_round_trip(tmp_path):
 
 def test_probe_timelines_one_bounded_picture_per_probe():
     frames = [np.full((3, 20, 20, 3), i * 10, np.uint8) for i in range(12)]
-    labels = ["ep 0 · step 0"] + [f"ep {i} · step {i * 48}" for i in range(11)]
-    out = render.probe_timelines(frames, labels, max_frames=8, columns=4)
+    labels = ["start\nstep 0"] + [f"ep {i}\nstep {i * 48}" for i in range(11)]
+    out = render.probe_timelines(frames, labels, max_frames=8, columns=4, tile_size=None)
     band = render.band_height(2)
     assert out.shape == (3, 2 * (band + 20 + 2) + 2, 4 * 22 + 2, 3)
     shown = render.timeline_columns(12, 8)
@@ -169,7 +169,7 @@ def test_probe_timelines_one_bounded_picture_per_probe():
         assert (out[:, top : top + 20, left : left + 20] == frame * 10).all()
     np.testing.assert_array_equal(out[0, 2 : 2 + band, 2:22], render.caption(np.zeros((1, 1, 20, 3), np.uint8),
                                                                               [labels[0]])[0, :band])
-    early = render.probe_timelines(frames[:1], labels[:1])
+    early = render.probe_timelines(frames[:1], labels[:1], tile_size=None)
     assert early.shape[2] == out.shape[2] and (early[:, :, 24:] == 255).all()  # same width, empty cells white
     per_probe = render.probe_timelines(frames[:2], [["a", "b", "c"], ["d", "e", "f"]])
     assert (per_probe[0, 2 : 2 + band] != per_probe[1, 2 : 2 + band]).any()
@@ -179,9 +179,24 @@ def test_probe_timelines_one_bounded_picture_per_probe():
         render.probe_timelines(frames, labels[:2])
 
 
-def test_probe_timeline_of_the_logged_tiles_fits_a_tensorboard_card():
-    """96 px tiles (32 px probes upscaled), 4 x 2 steps: at most 400 px wide and 260 px high, so TensorBoard's
-    cards (Images about 345 px wide, Time Series about 380 x 216) draw it at 0.83x or more."""
+def test_shrink_averages_areas_and_never_upscales():
+    tiles = np.zeros((2, 6, 6, 3), np.uint8)
+    tiles[:, :3, :3] = 90  # top-left quarter
+    out = render.shrink(tiles, 2)
+    assert out.shape == (2, 2, 2, 3) and (out[:, 0, 0] == 90).all() and (out[:, 1, 1] == 0).all()
+    corner = np.zeros((1, 6, 6, 3), np.uint8)
+    corner[:, :2, :2] = 90  # 6 -> 4 averages 2 x 2 windows on a 1.5 px stride: the corner's edge is blended
+    blended = render.shrink(corner, 4)
+    assert blended.shape == (1, 4, 4, 3) and blended[0, 0, 0, 0] == 90 and 0 < blended[0, 1, 1, 0] < 90
+    assert render.shrink(tiles, 8) is tiles
+
+
+def test_probe_timeline_of_the_logged_tiles_fits_tensorboard_cards_at_full_size():
+    """96 px overlay tiles (32 px probes upscaled), 11 steps: one picture per probe that TensorBoard's Images card
+    (about 345 px wide) and Time Series card (about 340 x 211 px) draw at 1x or more, captions included."""
     frames = [np.zeros((8, 96, 96, 3), np.uint8) for _ in range(11)]
-    out = render.probe_timelines(frames, [f"ep {i}" for i in range(11)])
-    assert out.shape[0] == 8 and out.shape[2] <= 400 and out.shape[1] <= 260
+    out = render.probe_timelines(frames, [f"ep {i - 1}\nstep {i * 48}" for i in range(11)])
+    assert out.shape[0] == 8 and out.shape[2] <= 340 and out.shape[1] <= 211
+    for i in range(11):
+        assert render.fit_caption(f"ep {i - 1}\nstep {i * 48}", render.PROBE_TIMELINE_TILE) == [f"ep {i - 1}",
+                                                                                            f"step {i * 48}"]
