@@ -45,36 +45,66 @@ VARIANTS: dict[str, dict[str, tuple[str, dict[str, Any], dict[str, Any]]]] = {
 SCORES = ("iou", "energy_pointing_game", "entropy")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+#: TensorBoard keeps 10 images per tag unless told otherwise, and in TensorBoard 2.21 ``images=0`` makes the images
+#: endpoint answer ``[]``: a large count keeps every explained step (a cap, not a reservation).
+TENSORBOARD_SAMPLES = "images=10000"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except ``None`` (the help text says what happens then)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this example (``--help`` shows every option with its default)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--vary", choices=sorted(VARIANTS), default="augment",
                         help="what differs between run A and run B")
     parser.add_argument("--epochs", type=int, default=6, help="training epochs of each run")
     parser.add_argument("--image-size", type=int, default=32, help="side of the generated images")
     parser.add_argument("--family", choices=["shape", "texture"], default="texture",
                         help="class family of the data (a small ViT from scratch learns textures in minutes)")
-    parser.add_argument("--num-classes", type=int, default=4)
-    parser.add_argument("--num-train", type=int, default=2048)
-    parser.add_argument("--num-val", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--num-classes", type=int, default=4, help="number of classes of the family used (2-6)")
+    parser.add_argument("--num-train", type=int, default=2048, help="generated training images")
+    parser.add_argument("--num-val", type=int, default=256, help="generated validation images")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per training step")
+    parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
     parser.add_argument("--methods", nargs="+", default=["gradtoken", "c2f"], choices=available_methods(),
                         help="explanation methods to log")
     parser.add_argument("--num-probes", type=int, default=8, help="validation images explained every epoch")
-    parser.add_argument("--logger", choices=["tensorboard", "wandb"], default="tensorboard")
+    parser.add_argument("--logger", choices=["tensorboard", "wandb"], default="tensorboard",
+                        help="where the explanations go")
     parser.add_argument("--output-dir", default="runs/compare", help="where logs and the comparison picture go")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data, the models and the probe draw")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.epochs < 1 or args.num_probes < 1:
         parser.error("--epochs and --num-probes must be at least 1")
     return args
 
 
-def build_model(args: argparse.Namespace, overrides: dict[str, Any]) -> ViTClassifier:
+def build_model(args: argparse.Namespace, overrides: dict[str, Any], class_names: list[str]) -> ViTClassifier:
     """The small from-scratch ViT of ``train_vit.py``, with ``overrides`` of its layout."""
     return ViTClassifier(model_name="vit_tiny_patch16_224", num_classes=args.num_classes, image_size=args.image_size,
-                         lr=args.lr, warmup_epochs=1, pretrained=False, **{**SMALL_VIT, **overrides})
+                         lr=args.lr, warmup_epochs=1, pretrained=False, class_names=class_names,
+                         **{**SMALL_VIT, **overrides})
+
+
+def staging_dir() -> Path:
+    """Where W&B stages the files of the per-epoch ``xai/table`` (its image cells) until ``wandb sync`` uploads
+    them: ``$WANDB_DATA_DIR/artifacts/staging``. The run folder's ``.wandb`` file refers to them by absolute path,
+    so an offline run's sync needs them; the examples point ``WANDB_DATA_DIR`` at ``<output-dir>/wandb-data``."""
+    from wandb import env
+
+    return Path(env.get_data_dir()).expanduser().resolve() / "artifacts" / "staging"
 
 
 def build_logger(args: argparse.Namespace, name: str):
@@ -82,12 +112,14 @@ def build_logger(args: argparse.Namespace, name: str):
     if args.logger == "wandb":
         if not os.environ.get("WANDB_API_KEY") and not (Path.home() / ".netrc").exists():
             os.environ.setdefault("WANDB_MODE", "offline")
+        if os.environ.get("WANDB_MODE") == "offline":  # see staging_dir()
+            os.environ.setdefault("WANDB_DATA_DIR", str((root / "wandb-data").resolve()))
         return WandbLogger(project="lightning-xai", group=f"compare-{args.vary}", name=name, save_dir=str(root))
-    run_dir = root / "compare" / name
+    run_dir = root / name
     if run_dir.exists():  # a re-run replaces its own run folder, so TensorBoard does not mix two trainings
         print(f"Replacing the previous run in {run_dir.resolve()}")
         shutil.rmtree(run_dir)
-    return TensorBoardLogger(str(root), name="compare", version=name)
+    return TensorBoardLogger(str(root), name="", version=name)  # <output-dir>/<name>: one run folder each
 
 
 def train(args: argparse.Namespace, run: str) -> dict[str, Any]:
@@ -99,7 +131,7 @@ def train(args: argparse.Namespace, run: str) -> dict[str, Any]:
     data = SyntheticDataModule(family=args.family, num_classes=args.num_classes, image_size=args.image_size,
                                num_train=args.num_train, num_val=args.num_val, batch_size=args.batch_size,
                                seed=args.seed, val_return_mask=True, **{"augment": False, **data_settings})
-    model = build_model(args, model_settings)
+    model = build_model(args, model_settings, list(data.classes))
     monitor = ExplanationMonitor(
         methods=args.methods, num_probes=args.num_probes, seed=args.seed, explain_at_fit_start=True,
         class_names=data.classes, mean=MEAN, std=STD,
@@ -138,10 +170,14 @@ def print_table(runs: list[dict[str, Any]]) -> None:
         print(f"  {run['name']}: {run['description']} ({run['params'] / 1e6:.2f}M parameters)")
 
 
+def panel_title(run: dict[str, Any], method: str) -> str:
+    """The caption above one run's timeline in the comparison picture."""
+    return f"run {run['run']}: {run['description']} ({method})"
+
+
 def side_by_side(runs: list[dict[str, Any]], method: str) -> np.ndarray:
     """The final timelines of ``method``, A above B, each under a caption band (white-padded to one width)."""
-    panels = [caption(run["timelines"][method][None], [f"{run['name']}: {run['description']} - {method}"])[0]
-              for run in runs]
+    panels = [caption(run["timelines"][method][None], [panel_title(run, method)])[0] for run in runs]
     width = max(panel.shape[1] for panel in panels)
     padded = [np.pad(panel, ((0, 0), (0, width - panel.shape[1]), (0, 0)), constant_values=255) for panel in panels]
     spacer = np.full((6, width, 3), 255, np.uint8)
@@ -159,10 +195,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nFinal {method} timelines, {runs[0]['name']} above {runs[1]['name']}: {path.resolve()}")
 
     if args.logger == "tensorboard":
-        parent = (Path(args.output_dir) / "compare").resolve()
+        parent = Path(args.output_dir).resolve()
         print(f"TensorBoard logs of both runs: {parent}")
         print("View them side by side with:")
-        print(f"  tensorboard --logdir {parent} --samples_per_plugin images=0")
+        print(f"  tensorboard --logdir {parent} --samples_per_plugin {TENSORBOARD_SAMPLES}")
         print(f"The runs appear as {runs[0]['name']} and {runs[1]['name']}: their scalars (xai/<method>/iou, "
               "xai/<method>/entropy, val_acc, ...) are overlaid in one chart each; the Images tab shows each run's "
               "overlays and timelines per epoch.")
@@ -175,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("WANDB_MODE") == "offline":
             print("Offline runs; upload them later with:")
             print(f"  wandb sync {' '.join(str(run['log_dir'].resolve()) for run in runs)}")
+            print(f"  (the xai/table images are staged in {staging_dir()}: keep that folder until you have synced)")
         print(f"In the W&B UI (project lightning-xai), group the runs by 'group' (compare-{args.vary}) to see their "
               "per-epoch xai/table tables and xai/<method>/overlay images side by side.")
 

@@ -1,8 +1,10 @@
 """Explain a trained ViT checkpoint on a folder of images and save the heat maps as PNG overlays.
 
-Uses the functional API (``lightning_xai.explain``) on a ``ViTClassifier`` checkpoint written by
-``examples/train_vit.py``:
+Uses the functional API (``lightning_xai.explain``) on a ``ViTClassifier`` checkpoint such as the one
+``examples/train_vit.py`` writes and prints at the end (``<output-dir>/<run name>/version_N/checkpoints/last.ckpt``;
+it stores the class names, so predictions are printed by name):
 
+    python examples/train_vit.py                     # prints "Checkpoint (with the class names): ..."
     python examples/explain_checkpoint.py --checkpoint runs/texture-vit_tiny_patch16_224/version_0/checkpoints/last.ckpt
     python examples/explain_checkpoint.py --checkpoint model.ckpt --images my_pictures/ --methods gradtoken gae
     python examples/explain_checkpoint.py --checkpoint model.ckpt --target-class 2 --output explanations/class2
@@ -30,9 +32,18 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 NUM_SAMPLES = 8
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except ``None`` (the help text says what happens then)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this example (``--help`` shows every option with its default)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="Lightning .ckpt of a lightning_xai.demos.ViTClassifier")
     parser.add_argument("--images", default=None,
                         help=f"folder of images ({', '.join(IMAGE_EXTENSIONS)}; searched recursively); "
@@ -42,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--targets", default="pred",
                         help="class to explain: 'pred' (the predicted class) or a class index")
     parser.add_argument("--target-class", type=int, default=None,
-                        help="explain this class index for every image (same as --targets N)")
+                        help="explain this class index for every image (same as --targets N; default: as --targets)")
     parser.add_argument("--output", default="explanations", help="where the PNG files go")
     parser.add_argument("--batch-size", type=int, default=16, help="images explained at once")
     parser.add_argument("--class-names", default=None,
@@ -50,6 +61,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--family", choices=["shape", "texture"], default="texture",
                         help="kind of generated sample images when --images is not given")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated sample images")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")

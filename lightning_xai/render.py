@@ -109,45 +109,150 @@ def overlay(
     return out
 
 
-@functools.lru_cache(maxsize=1024)
-def _text_band(text: str, width: int, height: int = BAND, fill: int = 32) -> np.ndarray:
-    """uint8 ``(height, width, 3)`` dark band with ``text`` in white, shortened with "…" to fit (cached:
-    labels repeat every epoch; the array is read-only)."""
-    band = Image.new("RGB", (width, height), (fill, fill, fill))
+FONT_SIZE = 10  # caption font: Pillow's built-in font at this pixel size
+
+
+@functools.cache
+def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """The caption font: Pillow's bundled FreeType font at ``FONT_SIZE`` (its bitmap font without FreeType)."""
+    return ImageFont.load_default(size=FONT_SIZE)
+
+
+@functools.cache
+def line_height() -> int:
+    """Pixel pitch of one caption line: the font's height from the top of capitals to the bottom of descenders."""
+    return int(_font().getbbox("Agjy|")[3])
+
+
+def band_height(lines: int = 1) -> int:
+    """Height in pixels of a caption band holding ``lines`` lines of text."""
+    return int(lines) * line_height() + 1
+
+
+BAND = band_height(1)  # one-line band: timeline column and row labels
+CAPTION_LINES = 2  # tile captions: class name and probability, wrapped to two lines when they do not fit in one
+
+
+def _spaced(text: str) -> str:
+    """``text`` as drawn: each space doubled, since the font's space is 2 px at this size and words run together."""
+    return text.replace(" ", "  ")
+
+
+def text_width(text: str) -> float:
+    """Width in pixels of ``text`` as captions draw it (caption font, spaces doubled)."""
+    return float(_font().getlength(_spaced(text)))
+
+
+def _shorten(text: str, width: float) -> str:
+    """``text``, cut at the end and marked with "…" until it is at most ``width`` pixels wide."""
+    if text_width(text) <= width:
+        return text
+    while text and text_width(text + "…") > width:
+        text = text[:-1]
+    return text + "…" if text else ""
+
+
+def _shorten_keep_last_word(text: str, width: float) -> str:
+    """Like :func:`_shorten`, but cut before the last word (a probability such as ``p=0.93``) when that fits."""
+    if text_width(text) <= width or " " not in text:
+        return _shorten(text, width)
+    front, last = text.rsplit(" ", 1)
+    room = width - text_width(" " + last)
+    if room < text_width("…"):
+        return _shorten(last, width)
+    return f"{_shorten(front, room)} {last}"
+
+
+def _wrap(paragraph: str, width: float) -> list[str]:
+    """Greedy word wrap at spaces; a word wider than ``width`` stays whole on its own line."""
+    lines, current = [], ""
+    for word in paragraph.split(" "):
+        candidate = f"{current} {word}" if current else word
+        if current and text_width(candidate) > width:
+            lines.append(current)
+            current = word
+        else:
+            current = candidate
+    return [*lines, current]
+
+
+def fit_caption(text: str, width: int, lines: int = CAPTION_LINES) -> list[str]:
+    """The lines ``text`` is drawn as in a band ``width`` pixels wide.
+
+    Explicit newlines start new lines, then words are wrapped at spaces. While that needs more than ``lines``
+    lines, wrapped lines are joined again (the first paragraph that was wrapped first, then whole paragraphs);
+    a line that is still too wide is shortened with "…", cutting before the last word of its paragraph (the
+    probability, in ``"checker p=0.93"``) rather than the word itself.
+
+    Returns:
+        at most ``lines`` strings, each at most ``width - 2`` pixels wide in the caption font.
+    """
+    if int(lines) < 1:
+        raise ValueError(f"lines must be >= 1, got {lines}")
+    room = width - 2  # one pixel of margin each side
+    paragraphs = [_wrap(paragraph, room) for paragraph in text.split("\n")]
+    while sum(len(paragraph) for paragraph in paragraphs) > lines:
+        wrapped = next((p for p in paragraphs if len(p) > 1), None)
+        if wrapped is not None:
+            wrapped[:2] = [" ".join(wrapped[:2])]
+        else:
+            paragraphs[:2] = [[" ".join(paragraphs[0] + paragraphs[1])]]
+    out = []
+    for paragraph in paragraphs:
+        out += [_shorten(line, room) for line in paragraph[:-1]]
+        out.append(_shorten_keep_last_word(paragraph[-1], room))
+    return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _text_band(text: str, width: int, lines: int = 1, fill: int = 32) -> np.ndarray:
+    """uint8 ``(band_height(lines), width, 3)`` dark band with ``text`` in white, wrapped and shortened by
+    :func:`fit_caption` (cached: labels repeat every epoch; the array is read-only)."""
+    pitch = line_height()
+    band = Image.new("RGB", (width, band_height(lines)), (fill, fill, fill))
     draw = ImageDraw.Draw(band)
-    font = ImageFont.load_default()
-    shown = text
-    while shown and draw.textlength(shown, font=font) > width - 2:
-        shown = shown[:-2] + "…" if len(shown) > 2 else ""
-    draw.text((1, max(0, (height - 11) // 2)), shown, fill=(255, 255, 255), font=font)
+    for row, line in enumerate(fit_caption(text, width, lines)):
+        draw.text((1, row * pitch), _spaced(line), fill=(255, 255, 255), font=_font())
     out = np.asarray(band).copy()
     out.flags.writeable = False
     return out
 
 
-def caption(tiles: np.ndarray, texts: Sequence[str]) -> np.ndarray:
-    """Put a text band on top of each tile: uint8 ``(N, h, w, 3)`` -> ``(N, h + BAND, w, 3)``."""
+def caption(tiles: np.ndarray, texts: Sequence[str], lines: int = CAPTION_LINES) -> np.ndarray:
+    """Put a text band of ``lines`` lines on top of each tile: uint8 ``(N, h, w, 3)`` -> ``(N, band_height(lines)
+    + h, w, 3)``. Texts are wrapped at spaces (and at ``"\\n"``); see :func:`fit_caption` for what is shortened."""
     if len(texts) != len(tiles):
         raise ValueError(f"caption needs one text per tile: {len(tiles)} tiles, {len(texts)} texts")
-    bands = np.stack([_text_band(text, tiles.shape[2]) for text in texts]) if len(texts) else np.zeros(
-        (0, BAND, tiles.shape[2], 3), np.uint8)
+    width = tiles.shape[2]
+    if len(texts):
+        bands = np.stack([_text_band(text, width, lines) for text in texts])
+    else:
+        bands = np.zeros((0, band_height(lines), width, 3), np.uint8)
     return np.concatenate([bands, tiles], axis=1)
+
+
+def grids(tiles: np.ndarray, ncols: int, pad: int = 2, pad_value: int = 255) -> np.ndarray:
+    """A row-major grid per batch entry: uint8 ``(B, N, h, w, C)`` -> ``(B, rows*h + (rows+1)*pad, ncols*w +
+    (ncols+1)*pad, C)`` with ``rows = ceil(N / ncols)``; empty cells are ``pad_value``."""
+    if int(ncols) < 1:
+        raise ValueError(f"ncols must be >= 1, got {ncols}")
+    if tiles.ndim != 5 or tiles.shape[1] == 0:
+        raise ValueError(f"tiles must be a non-empty (B, N, h, w, C) array, got shape {tiles.shape}")
+    batch, count, h, w, c = tiles.shape
+    rows = -(-count // ncols)
+    cells = np.full((batch, rows * ncols, h + pad, w + pad, c), pad_value, dtype=np.uint8)
+    cells[:, :count, :h, :w] = tiles
+    body = cells.reshape(batch, rows, ncols, h + pad, w + pad, c).transpose(0, 1, 3, 2, 4, 5)
+    canvas = np.full((batch, rows * (h + pad) + pad, ncols * (w + pad) + pad, c), pad_value, dtype=np.uint8)
+    canvas[:, pad:, pad:] = body.reshape(batch, rows * (h + pad), ncols * (w + pad), c)
+    return canvas
 
 
 def grid(tiles: np.ndarray, ncols: int, pad: int = 2, pad_value: int = 255) -> np.ndarray:
     """Row-major grid of tiles: uint8 ``(N, h, w, 3)`` -> ``(rows*h + (rows+1)*pad, ncols*w + (ncols+1)*pad, 3)``."""
-    if int(ncols) < 1:
-        raise ValueError(f"ncols must be >= 1, got {ncols}")
     if tiles.ndim != 4 or len(tiles) == 0:
         raise ValueError(f"tiles must be a non-empty (N, h, w, 3) array, got shape {tiles.shape}")
-    count, h, w, c = tiles.shape
-    rows = -(-count // ncols)
-    canvas = np.full((rows * h + (rows + 1) * pad, ncols * w + (ncols + 1) * pad, c), pad_value, dtype=np.uint8)
-    for i in range(count):
-        r, col = divmod(i, ncols)
-        top, left = pad + r * (h + pad), pad + col * (w + pad)
-        canvas[top : top + h, left : left + w] = tiles[i]
-    return canvas
+    return grids(tiles[None], ncols, pad, pad_value)[0]
 
 
 def timeline_columns(count: int, max_columns: int) -> list[int]:
@@ -208,6 +313,76 @@ def timeline(
         image = np.concatenate([side, image], axis=1)
     return image
 
+
+
+#: Per-probe timelines (:func:`probe_timelines`): at most 8 explanation steps as 4 x 2 tiles of 64 px under
+#: two-line captions, a picture of 266 x 184 px. TensorBoard draws an image about 345 px wide in the Images
+#: dashboard and fits it into about 340 x 211 px in Time Series (measured in Chromium at a 1400 px window), so
+#: this picture is shown at 1.3x and 1.15x there: tiles and captions stay readable without "Show actual image
+#: size". (The whole-run overview, :func:`timeline`, is for PNG files viewed at full size.)
+PROBE_TIMELINE_COLUMNS = 4
+PROBE_TIMELINE_FRAMES = 8
+PROBE_TIMELINE_TILE = 64
+
+
+def shrink(tiles: np.ndarray, size: int) -> np.ndarray:
+    """Downscale uint8 ``(N, h, w, 3)`` tiles (area averaging) so the shorter side is ``size``; never upscales."""
+    h, w = tiles.shape[1:3]
+    if min(h, w) <= size:
+        return tiles
+    scale = size / min(h, w)
+    shape = (max(1, round(h * scale)), max(1, round(w * scale)))
+    pixels = torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2).float()
+    out = F.interpolate(pixels, size=shape, mode="area").round().clamp(0, 255).to(torch.uint8)
+    return out.permute(0, 2, 3, 1).numpy()
+
+
+def probe_timelines(
+    frames: Sequence[np.ndarray],
+    labels: Sequence[str] | Sequence[Sequence[str]],
+    max_frames: int = PROBE_TIMELINE_FRAMES,
+    columns: int = PROBE_TIMELINE_COLUMNS,
+    tile_size: int | None = PROBE_TIMELINE_TILE,
+    lines: int = CAPTION_LINES,
+) -> np.ndarray:
+    """One picture per probe of its maps across explanation steps, in reading order, ``columns`` tiles a row.
+
+    Unlike :func:`timeline` (all probes in one picture, one column per step), each picture has a bounded size
+    whatever the number of probes and steps, so it stays readable at the size TensorBoard draws it.
+
+    Args:
+        frames: one uint8 ``(P, h, w, 3)`` array per explanation step (all the same shape), oldest first.
+        labels: per step, a caption shared by all probes (e.g. ``"ep 3\\nstep 192"``), or a sequence of ``P``
+            captions (one per probe).
+        max_frames: at most this many steps are shown: the first, the latest and evenly spaced ones between.
+        columns: tiles per row; the picture is always ``columns`` tiles wide (empty cells white), so its scale
+            in the viewer does not change from step to step.
+        tile_size: tiles larger than this are shrunk (area averaging) to this shorter side; ``None`` keeps them.
+        lines: caption lines per tile.
+
+    Returns:
+        uint8 ``(P, rows * (band_height(lines) + t + 2) + 2, columns * (s + 2) + 2, 3)``, ``(t, s)`` the tile
+        size, ``rows = ceil(min(len(frames), max_frames) / columns)``.
+    """
+    if len(frames) == 0:
+        raise ValueError("probe_timelines needs at least one frame")
+    if len(frames) != len(labels):
+        raise ValueError(f"probe_timelines needs one label per frame: {len(frames)} frames, {len(labels)} labels")
+    shape = frames[0].shape
+    if len(shape) != 4 or any(f.shape != shape for f in frames):
+        raise ValueError(f"all frames must be uint8 (P, h, w, 3) of one shape; got {[f.shape for f in frames]}")
+    probes = shape[0]
+    chosen = timeline_columns(len(frames), max_frames)
+    stack = np.stack([frames[i] for i in chosen], axis=1)  # (P, T, h, w, 3)
+    if tile_size:
+        small = shrink(stack.reshape(-1, *shape[1:]), tile_size)
+        stack = small.reshape(probes, len(chosen), *small.shape[1:])
+    per_probe = [[labels[i]] * probes if isinstance(labels[i], str) else list(labels[i]) for i in chosen]
+    if any(len(texts) != probes for texts in per_probe):
+        raise ValueError(f"each frame's labels must be one string or {probes} strings (one per probe)")
+    width = stack.shape[3]
+    bands = np.stack([np.stack([_text_band(text, width, lines) for text in texts]) for texts in per_probe], axis=1)
+    return grids(np.concatenate([bands, stack], axis=2), ncols=columns)
 
 #: zlib level of the PNGs we write: 1 encodes about twice as fast as PIL's default 6 for about 10 % more bytes,
 #: which matters because the callback encodes its grids and timelines inside the training loop.

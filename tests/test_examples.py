@@ -1,12 +1,23 @@
-"""The examples run end to end (tiny settings): TensorBoard logs, timelines, checkpoint overlays."""
+"""The examples run end to end (tiny settings): TensorBoard logs, timelines, a checkpoint that knows its class names,
+the commands they print, their ``--help``, and the comparison of two runs."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
+import re
+import shlex
+import time
 from pathlib import Path
 
 import pytest
+import torch
+from readme_commands import tensorboard_command, with_logdir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_xai import render
+from lightning_xai.demos import ViTClassifier, class_names
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -18,56 +29,123 @@ def load(name: str):
     return module
 
 
+def run_main(name: str, argv: list[str]) -> str:
+    """Run ``examples/<name>.py`` with ``argv``; returns what it printed."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        load(name).main(argv)
+    return printed.getvalue()
+
+
+def printed_path(text: str, label: str) -> Path:
+    match = re.search(rf"^{re.escape(label)}\s*(\S+)$", text, flags=re.M)
+    assert match, f"the example did not print {label!r}:\n{text}"
+    return Path(match.group(1))
+
+
 @pytest.fixture(scope="module")
 def example_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("example")
-    load("train_vit").main(["--epochs", "1", "--num-train", "128", "--num-val", "32", "--num-probes", "3",
-                            "--output-dir", str(out)])
-    return out
+    printed = run_main("train_vit", ["--epochs", "1", "--num-train", "128", "--num-val", "32", "--num-probes", "3",
+                                     "--output-dir", str(out)])
+    return out, printed
 
 
-def test_train_vit_logs_to_tensorboard_and_saves_timelines(example_run, capsys):
-    run_dir = next(example_run.rglob("events.out.tfevents.*")).parent
+def test_train_vit_logs_to_tensorboard_and_saves_timelines(example_run):
+    out, _ = example_run
+    run_dir = next(out.rglob("events.out.tfevents.*")).parent
     events = EventAccumulator(str(run_dir), size_guidance={"images": 0})
     events.Reload()
-    assert {"xai/gradtoken/overlay", "xai/c2f/overlay", "xai/gradtoken/timeline"} <= set(events.Tags()["images"])
+    assert {"xai/gradtoken/overlay", "xai/c2f/overlay"} <= set(events.Tags()["images"])
+    assert any(tag.startswith("xai/gradtoken/timeline") for tag in events.Tags()["images"])
     assert (run_dir / "xai" / "timeline_gradtoken.png").exists() and (run_dir / "xai" / "timeline_c2f.png").exists()
-    assert next(example_run.rglob("*.ckpt"))
 
 
-def test_explain_checkpoint_writes_overlays(example_run, tmp_path, capsys):
-    checkpoint = next(example_run.rglob("*.ckpt"))
-    load("explain_checkpoint").main(["--checkpoint", str(checkpoint), "--output", str(tmp_path),
-                                     "--methods", "gradtoken", "rollout"])
+def test_train_vit_prints_the_readme_tensorboard_command_and_its_checkpoint(example_run):
+    out, printed = example_run
+    commands = [shlex.split(line) for line in printed.splitlines() if line.strip().startswith("tensorboard ")]
+    assert commands == [with_logdir(tensorboard_command(), out.resolve())]
+    checkpoint = printed_path(printed, "Checkpoint (with the class names):")
+    assert checkpoint.is_file() and checkpoint.name == "last.ckpt" and out.resolve() in checkpoint.parents
+    assert f"--checkpoint {checkpoint}" in printed  # the explain_checkpoint command it prints
+    hyperparameters = torch.load(checkpoint, map_location="cpu", weights_only=False)["hyper_parameters"]
+    assert list(hyperparameters["class_names"]) == list(class_names("texture", 4))
+
+
+def test_explain_checkpoint_writes_overlays_and_names_the_classes(example_run, tmp_path):
+    _, printed = example_run
+    checkpoint = printed_path(printed, "Checkpoint (with the class names):")
+    text = run_main("explain_checkpoint", ["--checkpoint", str(checkpoint), "--output", str(tmp_path),
+                                           "--methods", "gradtoken", "rollout"])
     inputs = sorted((tmp_path / "inputs").glob("*.png"))
     assert len(inputs) == 8
     for method in ("gradtoken", "rollout"):
         assert len(list((tmp_path / method).glob("*.png"))) == 8
+    rows = [line.split() for line in text.splitlines() if line.startswith("sample")]
+    assert len(rows) == 8 and all(row[1] in class_names("texture", 4) for row in rows), text
     with pytest.raises(SystemExit):
         load("explain_checkpoint").main(["--checkpoint", str(tmp_path / "missing.ckpt")])
 
 
-def test_pretrained_without_network_falls_back_to_scratch(tmp_path):
-    """``--pretrained`` offline: a warning that says so, and a model built from scratch instead of a crash.
-    The hub is forced offline with an empty cache (set before import), so nothing is downloaded."""
-    import os
-    import subprocess
-    import sys
+def test_class_names_must_match_the_number_of_classes():
+    with pytest.raises(ValueError, match="3 names"):
+        ViTClassifier(num_classes=3, image_size=32, class_names=["a", "b"], patch_size=8, depth=1, embed_dim=16,
+                      num_heads=2)
 
-    code = (
-        "import warnings\n"
-        "from lightning_xai.demos import create_vit\n"
-        "with warnings.catch_warnings(record=True) as caught:\n"
-        "    warnings.simplefilter('always')\n"
-        "    model = create_vit('vit_tiny_patch16_224', num_classes=3, image_size=32, pretrained=True,"
-        " patch_size=8, depth=1)\n"
-        "print(type(model).__name__, model.head.out_features)\n"
-        "print([str(w.message) for w in caught if 'pretrained' in str(w.message)])\n"
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.strip().splitlines()
-    assert lines[0] == "VisionTransformer 3"
-    assert "could not load pretrained weights for 'vit_tiny_patch16_224'" in lines[1]
-    assert "Training from scratch instead" in lines[1]
+
+@pytest.mark.parametrize("name", ["train_vit", "compare_runs", "explain_checkpoint"])
+def test_help_describes_every_option_and_shows_each_default_once(name):
+    parser = load(name).build_parser()
+    text = " ".join(parser.format_help().split())
+    assert "(default: None)" not in text
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        assert action.help, f"{name} --{action.dest} has no help text"
+        if action.default is not None:
+            assert f"(default: {action.default})".replace("'", "") in text.replace("'", ""), action.dest
+        assert text.count("(default:") == len(re.findall(r"\(default:", text))
+    assert not re.search(r"\(default: [^)]*\) \(default:", text), "a default is shown twice"
+
+
+def test_compare_runs_writes_one_folder_per_run_and_a_readable_picture(tmp_path):
+    printed = run_main("compare_runs", ["--epochs", "1", "--num-train", "64", "--num-val", "16", "--num-probes", "2",
+                                        "--batch-size", "32", "--methods", "gradtoken", "--output-dir",
+                                        str(tmp_path)])
+    for run in ("augment-A", "augment-B"):
+        assert next((tmp_path / run).glob("events.out.tfevents.*"))
+    assert not (tmp_path / "compare").exists()
+    commands = [shlex.split(line) for line in printed.splitlines() if line.strip().startswith("tensorboard ")]
+    assert commands == [with_logdir(tensorboard_command(), tmp_path.resolve())]
+    picture = tmp_path / "compare_gradtoken.png"
+    assert picture.is_file()
+    compare = load("compare_runs")
+    width = render.timeline([render.overlay(torch.zeros(2, 3, 32, 32), torch.zeros(2, 32, 32))] * 2, ["init", 0],
+                            row_labels=["#0", "#1"]).shape[1]
+    for run, description in (("A", "augment off"), ("B", "augment on")):
+        title = compare.panel_title({"run": run, "name": f"augment-{run}", "description": description}, "gradtoken")
+        assert " ".join(render.fit_caption(title, width)) == title  # drawn in full over a two-epoch timeline
+        assert description in title and "gradtoken" in title
+
+
+def test_train_vit_offline_wandb_run_keeps_its_table_images_in_the_output_dir(tmp_path, monkeypatch):
+    """W&B stages the per-epoch table's image cells outside the run folder (``$WANDB_DATA_DIR/artifacts/staging``)
+    and the run's ``.wandb`` file refers to them by absolute path: ``wandb sync`` needs them. Offline, the example
+    points ``WANDB_DATA_DIR`` into its output folder and prints where they are."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_DATA_DIR", raising=False)  # restored (removed) after the test
+    printed = run_main("train_vit", ["--logger", "wandb", "--epochs", "1", "--num-train", "64", "--num-val", "16",
+                                     "--num-probes", "2", "--methods", "gradtoken", "--output-dir", str(tmp_path)])
+    run_dir = Path(re.search(r"wandb sync (\S+)", printed).group(1))
+    assert run_dir.is_dir() and tmp_path.resolve() in run_dir.parents
+    transaction_log = next(run_dir.glob("run-*.wandb"))
+    deadline = time.monotonic() + 60  # wandb's service process may still be writing the log after finish()
+    while True:  # tempfile names: "tmp" and 8 characters; the protobuf framing around them is not part of the path
+        staged = re.findall(rb"/(?:[\w.-]+/)+artifacts/staging/tmp[a-z0-9_]{8}", transaction_log.read_bytes())
+        if staged or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert staged, "no staged artifact files referenced by the run"
+    for path in {Path(p.decode()) for p in staged}:
+        assert tmp_path.resolve() / "wandb-data" in path.parents and path.is_file(), path
+    assert str(tmp_path.resolve() / "wandb-data" / "artifacts" / "staging") in printed

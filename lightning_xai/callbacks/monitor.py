@@ -269,6 +269,7 @@ class ExplanationMonitor(Callback):
         record.explanations = outcome.results
         pictures = self.board.draw(outcome.images, record.label, outcome.targets, outcome.probs, outcome.results)
         record.grids, record.timelines, record.rows = pictures.grids, pictures.timelines, pictures.rows
+        record.probe_timelines = pictures.probe_timelines
         if not self._probes_logged:
             record.probe_tiles = self.board.probe_tiles(outcome.images)
         self.last_scalars, self.last_results = dict(record.scalars), outcome.results

@@ -31,11 +31,14 @@ class Pictures:
         grids: per method, uint8 ``(H, W, 3)``: rows = probes; columns = the probe, then one captioned overlay
             per target (class name and probability).
         timelines: per method, uint8 ``(H, W, 3)``: rows = probes, columns = explanation events so far.
+        probe_timelines: per method, uint8 ``(P, H, W, 3)``: one small picture per probe of its maps over the
+            events so far (see :func:`lightning_xai.render.probe_timelines`), sized for TensorBoard's cards.
         rows: one table row per probe and target: ``(probe, target, target name, probability, {method: tile})``.
     """
 
     grids: dict[str, np.ndarray] = field(default_factory=dict)
     timelines: dict[str, np.ndarray] = field(default_factory=dict)
+    probe_timelines: dict[str, np.ndarray] = field(default_factory=dict)
     rows: list[tuple[int, int, str, float, dict[str, np.ndarray]]] = field(default_factory=list)
 
 
@@ -119,14 +122,25 @@ class Board:
     def timeline(self, method: str) -> np.ndarray:
         """uint8 ``(H, W, 3)``: rows = probes, columns = ``method``'s explanation events so far (at most
         ``timeline_columns``, evenly spaced, always the first and the newest)."""
+        labels, frames = self._frames(method, self.timeline_columns)
+        return render.timeline(list(frames), labels, max_columns=len(labels),
+                               row_labels=[f"#{i}" for i in range(frames.shape[1])])
+
+    def probe_timelines(self, method: str) -> np.ndarray:
+        """uint8 ``(P, H, W, 3)``: per probe, ``method``'s maps over at most ``render.PROBE_TIMELINE_FRAMES``
+        events (evenly spaced, always the first and the newest), in reading order, captioned with the event."""
+        labels, frames = self._frames(method, min(self.timeline_columns, render.PROBE_TIMELINE_FRAMES))
+        return render.probe_timelines(list(frames), [label.replace(" · ", "\n") for label in labels])
+
+    def _frames(self, method: str, most: int) -> tuple[list[str], np.ndarray]:
+        """Labels and overlays ``(C, P, h, w, 3)`` of at most ``most`` events of ``method``'s history."""
         history = self._history.get(method)
         if not history or self._images is None:
             raise KeyError(f"no explanations of {method!r} yet; explained so far: {sorted(self._history)}")
-        chosen = render.timeline_columns(len(history), self.timeline_columns)
+        chosen = render.timeline_columns(len(history), most)
         maps = torch.from_numpy(np.stack([history[i][1] for i in chosen])).float() / 255  # (C, P, h, w)
         frames = self.overlays(self._images, maps.transpose(0, 1)).transpose(1, 0, 2, 3, 4)  # (C, P, h, w, 3)
-        return render.timeline(list(frames), [history[i][0] for i in chosen], max_columns=len(chosen),
-                               row_labels=[f"#{i}" for i in range(frames.shape[1])])
+        return [history[i][0] for i in chosen], frames
 
     def rows(self, targets: Tensor, probs: Tensor, tiles: dict[str, np.ndarray]):
         """Table rows, one per probe and target: ``(probe, target, name, probability, {method: tile})``."""
@@ -148,6 +162,7 @@ class Board:
             pictures.grids[name] = self.grid(images, result, tiles[name], label)
             self.add_frame(name, label, result.maps[:, 0])
             pictures.timelines[name] = self.timeline(name)
+            pictures.probe_timelines[name] = self.probe_timelines(name)
         return pictures
 
     # -- state ------------------------------------------------------------------------------------------------

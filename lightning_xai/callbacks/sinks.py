@@ -3,7 +3,8 @@
 Every sink writes one :class:`Record` per explanation event at ``record.step``, the step Lightning logs its own
 metrics at (see :func:`lightning_xai.callbacks.keys.logging_step`), so the maps and ``val_loss`` share one axis.
 
-- TensorBoard: ``add_image``/``add_scalar`` at ``record.step``.
+- TensorBoard: ``add_image``/``add_scalar`` at ``record.step``; the timeline as one small picture per probe
+  (``xai/<method>/timeline/<probe>``), which its Images and Time Series cards show at full size.
 - Weights & Biases: ``wandb.Image`` (uint8), a per-event ``wandb.Table``, probe images uploaded once, all with
   ``trainer/global_step = record.step`` (the x axis ``WandbLogger`` defines), in the same W&B row as Lightning's
   metrics of that step (see :meth:`WandbSink.write`).
@@ -42,6 +43,7 @@ class Record:
         stem: its file name stem: ``"epoch_0003"`` or ``"epoch_0003_step_000120"``.
         grids: per method, a uint8 ``(H, W, 3)`` grid of probe overlays.
         timelines: per method, a uint8 timeline image (rows = probes, columns = events).
+        probe_timelines: per method, uint8 ``(P, H, W, 3)``: one small timeline per probe (TensorBoard's).
         scalars: flat ``{"xai/<method>/<name>": value}``.
         rows: per-probe table rows: ``(probe id, target, target name, probability, {method: tile})``.
         probe_tiles: uint8 ``(P, h, w, 3)`` probe images, set only on the first event (uploaded once).
@@ -54,6 +56,7 @@ class Record:
     stem: str
     grids: dict[str, np.ndarray] = field(default_factory=dict)
     timelines: dict[str, np.ndarray] = field(default_factory=dict)
+    probe_timelines: dict[str, np.ndarray] = field(default_factory=dict)
     scalars: dict[str, float] = field(default_factory=dict)
     rows: list[tuple[int, int, str, float, dict[str, np.ndarray]]] = field(default_factory=list)
     probe_tiles: np.ndarray | None = None
@@ -94,8 +97,9 @@ class TensorBoardSink(Sink):
     def write(self, record: Record) -> None:
         for method, grid in record.grids.items():
             self._image(keys.image_key(method, "overlay"), grid, record.step)
-        for method, image in record.timelines.items():
-            self._image(keys.image_key(method, "timeline"), image, record.step)
+        for method, images in record.probe_timelines.items():  # one per probe: the whole-run picture is
+            for index, image in enumerate(images):  # too wide for TensorBoard's cards
+                self._image(keys.probe_timeline_key(method, index), image, record.step)
         if record.probe_tiles is not None:
             for index, tile in enumerate(record.probe_tiles):
                 self._image(keys.probe_key(index), tile, record.step)

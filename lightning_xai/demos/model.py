@@ -7,6 +7,7 @@ it exists so that every place that trains "the example model" trains the same on
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -52,6 +53,8 @@ class ViTClassifier(pl.LightningModule):
         lr: AdamW learning rate; ``weight_decay``: AdamW weight decay; ``warmup_epochs``: linear warm-up
             before cosine decay over ``max_epochs`` (taken from the trainer).
         pretrained: load hub weights when online (falls back to scratch offline).
+        class_names: one name per class, saved with the hyperparameters so that a checkpoint knows them
+            (``ViTClassifier.load_from_checkpoint(path).hparams.class_names``); ``None``: unnamed classes.
         **model_kwargs: passed to ``timm.create_model`` (``patch_size``, ``embed_dim``, ``depth``, ...).
     """
 
@@ -64,9 +67,16 @@ class ViTClassifier(pl.LightningModule):
         weight_decay: float = 0.05,
         warmup_epochs: int = 1,
         pretrained: bool = False,
+        class_names: Sequence[str] | None = None,
         **model_kwargs: Any,
     ) -> None:
         super().__init__()
+        if class_names is not None:
+            if isinstance(class_names, str) or len(class_names) != num_classes:
+                raise ValueError(
+                    f"class_names must be a list of {num_classes} names (one per class), got {class_names!r}"
+                )
+            class_names = [str(name) for name in class_names]
         self.save_hyperparameters()
         self.model = create_vit(model_name, num_classes, image_size, pretrained, **model_kwargs)
 
