@@ -59,6 +59,11 @@ class Record:
     probe_tiles: np.ndarray | None = None
     explanations: dict[str, Explanation] = field(default_factory=dict)
 
+    @property
+    def event(self) -> tuple[int, int]:
+        """``(epoch, step)``."""
+        return self.epoch, self.step
+
 
 class Sink:
     """Base class: receives one :class:`Record` per explanation event."""
