@@ -241,9 +241,14 @@ class FeaturesAndLogits(ViTClassifier):
         return loss
 
 
-class DictInput(FeaturesAndLogits):
+class DictInput(ViTClassifier):
     def forward(self, batch):
         return self.model(batch["pixel_values"])
+
+    def _step(self, batch, stage):
+        loss = torch.nn.functional.cross_entropy(self({"pixel_values": batch[0]}), batch[1])
+        self.log(f"{stage}_loss", loss)
+        return loss
 
 
 def test_case9_forward_returning_features_and_logits_or_taking_a_dict(tmp_path):
@@ -312,18 +317,14 @@ def test_small_num_probes_above_the_dataset_size_warns(tmp_path):
     assert len(monitor.probe.images) == 64
 
 
-def test_small_meta_device_model_gets_a_clear_error(tmp_path):
-    class Meta(LateViT):
-        def configure_model(self):
-            with torch.device("meta"):
-                self._build()
+def test_small_meta_device_model_gets_a_clear_error():
+    from lightning_xai.callbacks.probes import from_tensors
+    from lightning_xai.callbacks.runner import ProbeRunner
 
-        def training_step(self, batch, batch_idx):
-            raise AssertionError("never reached")
-
+    with torch.device("meta"):
+        vit = create_vit(TINY["model_name"], 4, 32, patch_size=8, embed_dim=48, depth=2, num_heads=3)
     with pytest.raises(ValueError, match="meta device"):
-        trainer(tmp_path, [ExplanationMonitor(methods=["rollout"], stage="train")], epochs=1).fit(
-            Meta(**TINY), datamodule())
+        ProbeRunner(vit, {"rollout": {}}, from_tensors(torch.randn(2, 3, 32, 32)))
 
 
 # -- 11: one-hot and soft labels --------------------------------------------------------------------------------
@@ -466,9 +467,9 @@ def test_no_positive_mask_warning_once_per_run_on_its_own_line(tmp_path, capsys)
     monitor = ExplanationMonitor(methods=["test_no_positive_mask"], num_probes=2)
     fit(tmp_path, [monitor], epochs=2, enable_progress_bar=True)
     out = capsys.readouterr()
-    lines = [line for line in (out.out + out.err).replace("\r", "\n").splitlines() if "NoPositiveMaskWarning" in line]
+    lines = [line for line in (out.out + out.err).replace("\r", "\n").splitlines() if "'thresholds'" in line]
     assert len(lines) == 1, lines  # once per run, though both epochs warned
-    assert "'test_no_positive_mask' at epoch 0" in lines[0] and "'thresholds'" in lines[0]
+    assert "'test_no_positive_mask' at epoch 0 (step 3): no mask kept enough" in lines[0]
     assert lines[0].startswith("/") and "Epoch" not in lines[0]  # a line of its own, not glued to the bar
     with pytest.warns(NoPositiveMaskWarning, match="Shown once per run"):
         fit(tmp_path / "b", [ExplanationMonitor(methods=["test_no_positive_mask"], num_probes=2)], epochs=1)
