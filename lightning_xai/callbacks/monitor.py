@@ -8,7 +8,6 @@ It is glue that reads in one direction: the probes (:mod:`.probes`) go through t
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,9 +21,9 @@ from lightning_xai.callbacks.evolution import EvolutionTracker
 from lightning_xai.callbacks.notices import Notices
 from lightning_xai.callbacks.presentation import Board
 from lightning_xai.callbacks.probes import BatchTransform, Probe, check_targets, draw_probe, from_tensors, preserved_rng
-from lightning_xai.callbacks.runner import ProbeRunner
+from lightning_xai.callbacks.runner import Outcome, ProbeRunner
 from lightning_xai.callbacks.schedule import Schedule
-from lightning_xai.callbacks.sinks import Record, Sink, sinks_for
+from lightning_xai.callbacks.sinks import Record, Sink, sinks_for, write_all
 from lightning_xai.explainers import Explanation
 from lightning_xai.explainers.registry import resolve_methods
 from lightning_xai.handle import ForwardFn
@@ -34,12 +33,9 @@ class ExplanationMonitor(Callback):
     """Explain a fixed probe batch with GradToken, C2F-Explainer or any registered method while training,
     and log overlays, a per-method timeline and evolution scalars to every logger of the ``Trainer``.
 
-    Everything is logged at the step Lightning logs its own metrics at (see :func:`.keys.logging_step`), so
-    the maps and ``val_loss`` share one axis; the fit-start baseline is the first point, at step 0. TensorBoard gets
-    images and scalars; W&B gets ``wandb.Image``s, a per-event table and the probe images once; any other logger
-    (or none) gets PNG files under the run's log directory. Only rank 0 explains and logs. Explaining never
-    changes training: RNG states, train/eval modes, ``requires_grad`` flags and gradients are left as they
-    were, and a failure becomes a warning. See the README's "Callback options" for every argument.
+    Everything is logged at the step Lightning logs its own metrics at (:func:`.keys.logging_step`), so maps and
+    ``val_loss`` share one axis. Only rank 0 explains and logs; explaining never changes training, and a failure
+    becomes a warning. Arguments: see the README's "Callback options".
 
     Example:
         >>> import lightning.pytorch as pl
@@ -103,10 +99,8 @@ class ExplanationMonitor(Callback):
         self.probe: Probe | None = self.user_probe
         self.runner: ProbeRunner | None = None
         """The model side (the module, its ViT, the explainers), built when the run starts."""
-        self.last_scalars: dict[str, float] = {}
-        """The scalars of the latest explanation event, ``{"xai/<method>/<name>": value}``."""
-        self.last_results: dict[str, Explanation] = {}
-        """The explanations of the latest event, by method."""
+        self.last_scalars: dict[str, float] = {}  # the latest event's scalars, {"xai/<method>/<name>": value}
+        self.last_results: dict[str, Explanation] = {}  # the latest event's explanations, by method
         self._sinks: list[Sink] = []
         self._trainer: pl.Trainer | None = None
         self._probes_logged = False
@@ -129,10 +123,9 @@ class ExplanationMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if trainer is not self._trainer:  # a new run (a second fit with this instance): start afresh
             self._trainer, self.probe, self._probes_logged = trainer, self.user_probe, False
-            self.schedule.reset()
+            for part in (self.schedule, self.tracker, self.board):
+                part.reset()
             self._notices.start(trainer)
-            self.tracker.reset()
-            self.board.reset()
         self.runner = None
         model_checks.check_not_sharded(trainer)
         if stage == "fit" and self.stage == "validation":
@@ -156,15 +149,9 @@ class ExplanationMonitor(Callback):
 
     # -- state ------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "probe": None if self.probe is None else self.probe.state_dict(),
-            "targets": self.targets,
-            "schedule": self.schedule.state_dict(),
-            "stage": self.stage,
-            "methods": list(self.methods),
-            "tracker": self.tracker.state_dict(),
-            "board": self.board.state_dict(),
-        }
+        parts = {"schedule": self.schedule, "tracker": self.tracker, "board": self.board}
+        return {"probe": None if self.probe is None else self.probe.state_dict(), "targets": self.targets,
+                "stage": self.stage, "methods": list(self.methods), **{k: v.state_dict() for k, v in parts.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("probe") is not None:
@@ -213,38 +200,37 @@ class ExplanationMonitor(Callback):
             return
         epoch = trainer.current_epoch
         record = Record(epoch, step, *self.schedule.names(epoch, step, within_epoch))
+        try:  # an explanation failure must never lose the training run
+            with preserved_rng():
+                outcome = self._run(record)
+        except Exception as err:  # noqa: BLE001
+            return self._fail(err, "the model's forward on the probes", record)
         try:
             with preserved_rng():
-                self._fill(record)
-        except Exception as err:  # noqa: BLE001 - an explanation failure must never lose the training run
-            self._fail(err, "the model's forward on the probes", record)
-            return
-        for sink in self._sinks:
-            try:
-                sink.write(record)
-            except Exception as err:  # noqa: BLE001
-                self._fail(err, f"logging to {type(sink).__name__}", record)
+                self._fill(record, outcome)
+        except Exception as err:  # noqa: BLE001
+            return self._fail(err, "computing the event's scalars and pictures", record)
+        write_all(self._sinks, record, lambda sink, err: self._fail(err, f"logging to {type(sink).__name__}", record))
         self._probes_logged = True
 
     def _flush(self) -> None:
-        for sink in self._sinks:
-            try:
-                sink.flush()
-            except Exception as err:  # noqa: BLE001
-                warnings.warn(f"lightning-xai: flushing {type(sink).__name__} failed: {err}", RuntimeWarning,
-                              stacklevel=2)
+        write_all(self._sinks, None, lambda sink, err: self._notices.warn(
+            f"lightning-xai: flushing {type(sink).__name__} failed: {err}", RuntimeWarning))
 
     def _fail(self, err: Exception, what: str, record: Record) -> None:
         if self.on_error == "raise":
             raise err
         self._notices.warn(f"lightning-xai: {what} failed at epoch {record.epoch} (step {record.step}): "
-                     f"{type(err).__name__}: {err}. Training continues (set on_error='raise' to stop instead).",
-                     RuntimeWarning)
+                           f"{type(err).__name__}: {err}. Training continues (set on_error='raise' to stop).",
+                           RuntimeWarning)
 
-    def _fill(self, record: Record) -> None:
-        """Run the probes through the model and the explainers; put the numbers and pictures into ``record``."""
-        outcome = self.runner.run(lambda name, err: self._fail(err, f"explaining with {name!r}", record),
-                                  lambda name, caught: self._notices.method_warning(name, caught, *record.event))
+    def _run(self, record: Record) -> Outcome:
+        """The probes through the model and the explainers."""
+        return self.runner.run(lambda name, err: self._fail(err, f"explaining with {name!r}", record),
+                               lambda name, caught: self._notices.method_warning(name, caught, *record.event))
+
+    def _fill(self, record: Record, outcome: Outcome) -> None:
+        """The event's numbers (probes, evolution, faithfulness) and pictures, into ``record``."""
         record.scalars = self.runner.probe_scalars(outcome)
         for name, result in outcome.results.items():
             scalars = self.tracker.update(name, record.epoch, record.step, result.maps, self.probe.masks)
