@@ -6,13 +6,14 @@ returns ``(features, logits)``, or runs in another dtype is handled the same way
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_xai.adapters import OutputTransform, ViTLocator, find_vit
+from lightning_xai.adapters import OutputTransform, ViTLocator, find_vit, unwrap_compiled
 from lightning_xai.validation import to_logits
 
 #: ``forward(model, images) -> output``: how to call a module whose forward does not take an image tensor,
@@ -22,6 +23,11 @@ ForwardFn = Callable[[nn.Module, Tensor], Any] | None
 
 class ModelHandle:
     """A user's model as the library runs it.
+
+    A ``torch.compile``d model is run through its original module (``_orig_mod``), and compiled submodules
+    are swapped for their originals while :meth:`uncompiled` is active: the explainers' hooks must see every
+    forward, and compiled graphs do not run module hooks registered after compilation. Training keeps the
+    compiled modules.
 
     Args:
         model: the module whose output logits are explained (a ViT, or a LightningModule holding one).
@@ -44,10 +50,28 @@ class ModelHandle:
             raise TypeError(
                 f"output_transform must be a callable output -> logits, got {type(output_transform).__name__}"
             )
-        self.model = model
-        self.vit = find_vit(model, vit)
+        self.model = unwrap_compiled(model)
+        self.vit = find_vit(self.model, vit)
         self.output_transform = output_transform
         self.forward = forward
+
+    @contextlib.contextmanager
+    def uncompiled(self) -> Iterator[None]:
+        """Within the context, every ``torch.compile``d submodule of the model is replaced by its original
+        module; the compiled ones are put back on exit (also on errors)."""
+        swapped = [
+            (parent, name, child)
+            for parent in self.model.modules()
+            for name, child in parent.named_children()
+            if type(child).__name__ == "OptimizedModule"
+        ]
+        try:
+            for parent, name, child in swapped:
+                setattr(parent, name, unwrap_compiled(child))
+            yield
+        finally:
+            for parent, name, child in swapped:
+                setattr(parent, name, child)
 
     @property
     def parameter(self) -> Tensor:

@@ -20,14 +20,17 @@ from lightning_xai.explainers.base import explanation_mode
 
 
 def candidate_vits(module: nn.Module) -> dict[str, nn.Module]:
-    """Every supported ViT inside ``module``, by qualified name (``""`` for the module itself)."""
+    """Every supported ViT inside ``module`` that no other one contains (a ViT's own parts, or the backbone of a
+    Hugging Face classifier, are not candidates beside it), by qualified name (``""`` for the module itself);
+    ``torch.compile``d ones unwrapped."""
     found: dict[str, nn.Module] = {}
     for name, sub in module.named_modules():
         try:
-            find_vit(sub, sub)
+            vit = find_vit(sub, sub)
         except TypeError:
             continue
-        found[name] = sub
+        if not any(vit is seen or any(vit is m for m in seen.modules()) for seen in found.values()):
+            found[name.removesuffix("._orig_mod")] = vit
     return found
 
 

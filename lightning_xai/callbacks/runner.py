@@ -82,7 +82,8 @@ class ProbeRunner:
         except Exception as err:
             raise model_checks.describe_forward_error(err, module, forward) from err
         if len(candidates) > 1:
-            vit = model_checks.choose_vit(module, candidates, lambda: handle.logits(one.clone().requires_grad_(True)))
+            vit = model_checks.choose_vit(module, candidates,
+                                          lambda: self._logits(handle, one.clone().requires_grad_()))
             handle = ModelHandle(module, vit=vit, output_transform=output_transform, forward=forward)
         self.handle = handle
         with preserved_rng(), explanation_mode(module):
@@ -93,7 +94,13 @@ class ProbeRunner:
                                    **options)
             for name, options in methods.items()
         }
-        model_checks.check_gradients(module, handle.vit, self.explainers, one, handle.logits)
+        model_checks.check_gradients(module, handle.vit, self.explainers, one, lambda x: self._logits(handle, x))
+
+    @staticmethod
+    def _logits(handle: ModelHandle, images: Tensor) -> Tensor:
+        """Logits through the original (not ``torch.compile``d) modules, so that hooks on the ViT fire."""
+        with handle.uncompiled():
+            return handle.logits(images)
 
     def run(self, on_failure: Callable[[str, Exception], None],
             on_warning: Callable[[str, warnings.WarningMessage], bool] = lambda name, caught: False) -> Outcome:

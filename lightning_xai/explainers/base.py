@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_xai.adapters import Capture, Geometry, OutputTransform, ViTLocator, capture, geometry
+from lightning_xai.adapters import Capture, Geometry, OutputTransform, ViTLocator, capture, family_of, geometry, readout
+from lightning_xai.explainers.registry import methods_without_readout
 from lightning_xai.handle import ForwardFn, ModelHandle
 from lightning_xai.validation import check_images, resolve_targets
 
@@ -117,8 +118,9 @@ class Explainer:
     """One base class for all methods; subclasses set ``name`` and implement :meth:`compute`.
 
     Args:
-        model: the module whose output logits are explained: a timm ViT or any module (a LightningModule)
-            that contains one.
+        model: the module whose output logits are explained: a ViT of a supported family (timm, torchvision,
+            Hugging Face) or any module (a LightningModule) that contains one; a ``torch.compile``d module is
+            explained through its original module.
         vit: where the ViT is inside ``model`` when automatic search is not enough: the module, an
             attribute path (``"model.backbone"``) or a callable ``model -> vit``.
         output_transform: turns ``model(images)`` into logits ``(B, num_classes)`` when the forward returns a
@@ -129,7 +131,9 @@ class Explainer:
     """
 
     name: ClassVar[str] = ""
-    requires_class_token: ClassVar[bool] = False
+    #: whether the method reads the attention rows of the tokens the head reads (METHODS.md, "The readout
+    #: rows"); such a method cannot explain a pooling that no attention row expresses (attention pooling)
+    needs_readout: ClassVar[bool] = False
     #: keyword arguments every explainer takes besides its method-specific options
     COMMON_OPTIONS: ClassVar[tuple[str, ...]] = ("vit", "output_transform", "forward")
 
@@ -142,9 +146,18 @@ class Explainer:
         forward: ForwardFn = None,
     ):
         self.handle = ModelHandle(model, vit=vit, output_transform=output_transform, forward=forward)
-        self.model = model
+        self.model = self.handle.model
         self.vit = self.handle.vit
         self.output_transform = output_transform
+        self.readout = readout(self.vit)
+        if self.needs_readout and not self.readout.expressible:
+            family = family_of(self.vit).name
+            raise ValueError(
+                f"{self.name} reads the attention rows of the tokens the head reads, but this {family} "
+                f"({type(self.vit).__name__}) pools with {self.readout.pooling}, which no attention row expresses. "
+                f"Methods that work for it: {methods_without_readout()}; or build the model with a class-token or "
+                "average pooling head (timm: global_pool='token' or 'avg')."
+            )
 
     # -- options --------------------------------------------------------------------------------------
     @classmethod
@@ -198,14 +211,7 @@ class Explainer:
         """
         check_images(images, self.vit)
         geom = geometry(self.vit, (images.shape[-2], images.shape[-1]))
-        if self.requires_class_token and not geom.has_class_token:
-            from lightning_xai.explainers.registry import methods_without_class_token
-
-            raise ValueError(
-                f"{self.name} needs a class token, but this ViT has none (global_pool='avg', "
-                f"class_token=False). Methods that work without one: {methods_without_class_token()}."
-            )
-        with explanation_mode(self.model):
+        with explanation_mode(self.model), self.handle.uncompiled():
             x = self.handle.prepare(images)
             if isinstance(targets, Tensor):  # may be an inference tensor (trainer.validate); autograd saves it
                 targets = targets.detach().clone()

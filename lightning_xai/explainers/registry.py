@@ -29,9 +29,16 @@ def available_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def methods_without_class_token() -> list[str]:
-    """Methods that work on average-pooled ViTs without a class token."""
-    return [name for name, cls in sorted(_REGISTRY.items()) if not cls.requires_class_token]
+def unregister(name: str) -> None:
+    """Remove the explainer registered under ``name`` (e.g. a method registered by a test or a plug-in)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"no explainer registered under {name!r}; registered: {available_methods()}")
+    del _REGISTRY[name]
+
+
+def methods_without_readout() -> list[str]:
+    """Methods that do not read the readout rows, so work whatever the head's pooling (attention pooling too)."""
+    return [name for name, cls in sorted(_REGISTRY.items()) if not cls.needs_readout]
 
 
 def get_explainer(name: str) -> type[Explainer]:
