@@ -77,18 +77,46 @@ def resolve_targets(targets: Any, logits: Tensor) -> Tensor:
     return resolved.to(device=logits.device, dtype=torch.long)
 
 
+def _describe(output: Any) -> str:
+    if isinstance(output, Tensor):
+        return f"a tensor of shape {tuple(output.shape)}"
+    if isinstance(output, tuple | list):
+        parts = [tuple(o.shape) if isinstance(o, Tensor) else type(o).__name__ for o in output]
+        return f"a {type(output).__name__} of {len(output)}: {parts}"
+    if isinstance(output, dict):
+        return f"a dict with keys {sorted(map(str, output))}"
+    return f"a {type(output).__name__}"
+
+
 def to_logits(output: Any, transform: OutputTransform = None) -> Tensor:
-    """The ``(B, num_classes)`` logits in a model's output (``transform`` applied first when given)."""
+    """The ``(B, num_classes)`` logits in a model's output (``transform`` applied first when given).
+
+    Without ``transform``: a tensor is taken as it is; a tuple or list whose only 2-D tensor is the logits gives
+    that tensor; a dict gives its ``"logits"`` entry, an object its ``.logits`` attribute (Hugging Face outputs).
+
+    Raises:
+        TypeError: the logits cannot be told apart (a tuple ``(features, logits)`` holds two 2-D tensors) or are
+            not ``(B, num_classes)``; the message shows the output and asks for ``output_transform``.
+    """
+    original = output
     if transform is not None:
         output = transform(output)
-    if isinstance(output, tuple | list) and output and isinstance(output[0], Tensor):
-        output = output[0]
+    elif isinstance(output, tuple | list):
+        matrices = [o for o in output if isinstance(o, Tensor) and o.dim() == 2]
+        if len(matrices) > 1:
+            raise TypeError(
+                f"the model's output is {_describe(original)}: more than one could be the logits. Pass "
+                "output_transform=lambda out: out[i] that returns the logits (B, num_classes)"
+            )
+        output = matrices[0] if matrices else output
     elif isinstance(output, dict) and isinstance(output.get("logits"), Tensor):
         output = output["logits"]
+    elif not isinstance(output, Tensor) and isinstance(getattr(output, "logits", None), Tensor):
+        output = output.logits
     if not isinstance(output, Tensor) or output.dim() != 2:
-        shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+        shown = _describe(original) if transform is None else f"{_describe(output)} after output_transform"
         raise TypeError(
-            f"the model's output is {shape}, not logits of shape (B, num_classes): pass "
+            f"the model's output is {shown}, not logits of shape (B, num_classes): pass "
             "output_transform=lambda out: ... that returns the logits"
         )
     return output

@@ -277,7 +277,7 @@ def test_misconfiguration_raises_before_the_first_epoch(tmp_path):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     with pytest.raises(TypeError, match="no supported Vision Transformer"):
-        trainer(tmp_path, [ExplanationMonitor()]).fit(CNN(), datamodule())
+        trainer(tmp_path, [ExplanationMonitor(stage="train")]).fit(CNN(), datamodule())
     class NoImageWriter(TensorBoardLogger):  # a TensorBoard logger whose writer cannot take images
         @property
         def experiment(self):

@@ -19,9 +19,9 @@ ON_ERROR = ("warn", "raise")
 
 
 def check_arguments(
-    *, stage: Any, probe_split: Any, similarity: Any, on_error: Any, num_probes: Any, every_n_epochs: Any, top_k: Any,
-    timeline_columns: Any, seed: Any, cmap: Any, alpha: Any, mean: Any, std: Any, class_names: Any,
-    output_transform: Any, forward: Any, batch_transform: Any,
+    *, stage: Any, probe_split: Any, similarity: Any, on_error: Any, num_probes: Any, every_n_epochs: Any,
+    every_n_validations: Any, top_k: Any, timeline_columns: Any, seed: Any, cmap: Any, alpha: Any, mean: Any,
+    std: Any, class_names: Any, output_transform: Any, forward: Any, batch_transform: Any,
 ) -> None:
     """Check :class:`~lightning_xai.callbacks.ExplanationMonitor`'s arguments (all but ``methods``, ``targets``
     and the probe tensors, which have their own parsers); raise ``ValueError``/``TypeError`` naming the argument."""
@@ -30,7 +30,7 @@ def check_arguments(
     check_choice("similarity", similarity, SIMILARITIES)
     check_choice("on_error", on_error, ON_ERROR)
     for name, value in (("num_probes", num_probes), ("every_n_epochs", every_n_epochs), ("top_k", top_k),
-                        ("timeline_columns", timeline_columns)):
+                        ("every_n_validations", every_n_validations), ("timeline_columns", timeline_columns)):
         check_count(name, value)
     check_count("seed", seed, minimum=0)
     check_look(cmap, alpha, mean, std, class_names)

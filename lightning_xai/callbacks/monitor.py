@@ -7,7 +7,7 @@ It is glue that reads in one direction: the probes (:mod:`.probes`) go through t
 
 from __future__ import annotations
 
-import warnings
+import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,20 +16,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_xai.adapters import OutputTransform, ViTLocator
-from lightning_xai.callbacks import checks, keys
+from lightning_xai.callbacks import checks, keys, model_checks
 from lightning_xai.callbacks.evolution import EvolutionTracker
+from lightning_xai.callbacks.notices import Notices
 from lightning_xai.callbacks.presentation import Board
-from lightning_xai.callbacks.probes import (
-    BatchTransform,
-    Probe,
-    check_targets,
-    find_loader,
-    from_loader,
-    from_tensors,
-    preserved_rng,
-)
-from lightning_xai.callbacks.runner import ProbeRunner
-from lightning_xai.callbacks.sinks import Record, Sink, sinks_for
+from lightning_xai.callbacks.probes import BatchTransform, Probe, check_targets, draw_probe, from_tensors, preserved_rng
+from lightning_xai.callbacks.runner import Outcome, ProbeRunner
+from lightning_xai.callbacks.schedule import Schedule
+from lightning_xai.callbacks.sinks import Record, Sink, sinks_for, write_all
 from lightning_xai.explainers import Explanation
 from lightning_xai.explainers.registry import resolve_methods
 from lightning_xai.handle import ForwardFn
@@ -39,12 +33,9 @@ class ExplanationMonitor(Callback):
     """Explain a fixed probe batch with GradToken, C2F-Explainer or any registered method while training,
     and log overlays, a per-method timeline and evolution scalars to every logger of the ``Trainer``.
 
-    Everything is logged at the step Lightning logs its own metrics at (see :func:`.keys.logging_step`), so
-    the maps and ``val_loss`` share one axis; the fit-start baseline is the first point, at step 0. TensorBoard gets
-    images and scalars; W&B gets ``wandb.Image``s, a per-event table and the probe images once; any other logger
-    (or none) gets PNG files under the run's log directory. Only rank 0 explains and logs. Explaining never
-    changes training: RNG states, train/eval modes, ``requires_grad`` flags and gradients are left as they
-    were, and a failure becomes a warning. See the README's "Callback options" for every argument.
+    Everything is logged at the step Lightning logs its own metrics at (:func:`.keys.logging_step`), so maps and
+    ``val_loss`` share one axis. Only rank 0 explains and logs; explaining never changes training, and a failure
+    becomes a warning. Arguments: see the README's "Callback options".
 
     Example:
         >>> import lightning.pytorch as pl
@@ -67,6 +58,7 @@ class ExplanationMonitor(Callback):
         top_k: int = 2,
         stage: str = "validation",
         every_n_epochs: int = 1,
+        every_n_validations: int = 1,
         explain_at_fit_start: bool = False,
         similarity: str = "pearson",
         deletion_insertion: bool = False,
@@ -87,16 +79,17 @@ class ExplanationMonitor(Callback):
         self.methods = resolve_methods(methods)
         checks.check_arguments(
             stage=stage, probe_split=probe_split, similarity=similarity, on_error=on_error, num_probes=num_probes,
-            every_n_epochs=every_n_epochs, top_k=top_k, timeline_columns=timeline_columns, seed=seed, cmap=cmap,
-            alpha=alpha, mean=mean, std=std, class_names=class_names, output_transform=output_transform,
-            forward=forward, batch_transform=batch_transform,
+            every_n_epochs=every_n_epochs, every_n_validations=every_n_validations, top_k=top_k, seed=seed,
+            timeline_columns=timeline_columns, cmap=cmap, alpha=alpha, mean=mean, std=std, class_names=class_names,
+            output_transform=output_transform, forward=forward, batch_transform=batch_transform,
         )
         self.targets = check_targets(targets)
         if self.targets == "label" and probe_images is not None and probe_labels is None:
             raise ValueError("targets='label' needs probe_labels when probe_images are given")
         self.user_probe = None if probe_images is None else from_tensors(probe_images, probe_labels, probe_masks)
         self.num_probes, self.probe_split, self.seed, self.top_k = num_probes, probe_split, seed, top_k
-        self.stage, self.every_n_epochs, self.explain_at_fit_start = stage, every_n_epochs, explain_at_fit_start
+        self.stage, self.explain_at_fit_start = stage, explain_at_fit_start
+        self.schedule = Schedule(every_n_epochs, every_n_validations)
         self.deletion_insertion, self.save_raw, self.on_error = deletion_insertion, save_raw, on_error
         self.vit, self.output_transform, self.forward = vit, output_transform, forward
         self.batch_transform = batch_transform
@@ -106,16 +99,17 @@ class ExplanationMonitor(Callback):
         self.probe: Probe | None = self.user_probe
         self.runner: ProbeRunner | None = None
         """The model side (the module, its ViT, the explainers), built when the run starts."""
-        self.explained: list[tuple[int, int]] = []
-        """``(epoch, step)`` of every explanation event of the current run (resumed runs included)."""
-        self.last_scalars: dict[str, float] = {}
-        """The scalars of the latest explanation event, ``{"xai/<method>/<name>": value}``."""
-        self.last_results: dict[str, Explanation] = {}
-        """The explanations of the latest event, by method."""
+        self.last_scalars: dict[str, float] = {}  # the latest event's scalars, {"xai/<method>/<name>": value}
+        self.last_results: dict[str, Explanation] = {}  # the latest event's explanations, by method
         self._sinks: list[Sink] = []
         self._trainer: pl.Trainer | None = None
         self._probes_logged = False
-        self._scheduled: list[list[int]] = []  # [epoch, step] of the events explained on schedule (no baseline)
+        self._notices = Notices()
+
+    @property
+    def explained(self) -> list[tuple[int, int]]:
+        """``(epoch, step)`` of every explanation event of the current run (resumed runs included)."""
+        return self.schedule.explained
 
     def timeline(self, method: str):
         """The current timeline of ``method``: uint8 ``(H, W, 3)``, rows = probes, columns = explanation events."""
@@ -123,16 +117,19 @@ class ExplanationMonitor(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(stage=self.stage)
+        return self._generate_state_key(stage=self.stage, methods=tuple(self.methods))
 
     # -- set-up: every misconfiguration raises here or in _prepare, before the first epoch --------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if trainer is not self._trainer:  # a new run (a second fit with this instance): start afresh
             self._trainer, self.probe, self._probes_logged = trainer, self.user_probe, False
-            self.explained, self._scheduled = [], []
-            self.tracker.reset()
-            self.board.reset()
+            for part in (self.schedule, self.tracker, self.board):
+                part.reset()
+            self._notices.start(trainer)
         self.runner = None
+        model_checks.check_not_sharded(trainer)
+        if stage == "fit" and self.stage == "validation":
+            model_checks.check_validation_runs(trainer, pl_module)
         if trainer.is_global_zero:
             self._sinks = sinks_for(trainer, trainer.loggers, self.save_raw)
 
@@ -146,120 +143,94 @@ class ExplanationMonitor(Callback):
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Draw the probes, then find the ViT (the module is built by now), build the explainers, check."""
         if self.probe is None:
-            loader = find_loader(trainer, self.probe_split)
-            if loader is None:
-                other = "train" if self.probe_split == "val" else "val"
-                raise ValueError(f"no {self.probe_split} dataloader to draw probes from: pass probe_images=... to "
-                                 f"the callback, or probe_split={other!r}")
-            self.probe = from_loader(loader, self.num_probes, self.seed, self.batch_transform)
+            self.probe = draw_probe(trainer, self.probe_split, self.num_probes, self.seed, self.batch_transform)
         self.runner = ProbeRunner(pl_module, self.methods, self.probe, targets=self.targets, top_k=self.top_k,
                                   vit=self.vit, output_transform=self.output_transform, forward=self.forward)
 
     # -- state ------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "probe": None if self.probe is None else self.probe.state_dict(),
-            "targets": self.targets,
-            "explained": list(self.explained),
-            "scheduled": list(self._scheduled),
-            "tracker": self.tracker.state_dict(),
-            "board": self.board.state_dict(),
-        }
+        parts = {"schedule": self.schedule, "tracker": self.tracker, "board": self.board}
+        return {"probe": None if self.probe is None else self.probe.state_dict(), "targets": self.targets,
+                "stage": self.stage, "methods": list(self.methods), **{k: v.state_dict() for k, v in parts.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("probe") is not None:
             self.probe = Probe.from_state_dict(state_dict["probe"])
-        self.explained = [tuple(event) for event in state_dict.get("explained", [])]
-        self._scheduled = [list(event) for event in state_dict.get("scheduled", [])]
+        self.schedule.load_state_dict(state_dict.get("schedule", {}))
         self.tracker.load_state_dict(state_dict.get("tracker", {}), methods=self.methods)
         self.board.load_state_dict(state_dict.get("board", {}), methods=list(self.methods))
         self._probes_logged = bool(self.explained)
 
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        """Resuming with other ``methods`` (another state key): take the probes, and the history of the methods
+        still explained, from the checkpoint's one monitor state of the same stage."""
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return  # load_state_dict gets it
+        same = [s for s in states.values() if isinstance(s, dict) and s.get("stage") == self.stage and "probe" in s]
+        if len(same) == 1:
+            self.load_state_dict(copy.deepcopy(same[0]))
+
     # -- hooks ------------------------------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.explain_at_fit_start and keys.logging_step(trainer) == 0 and not self.explained:
-            self._explain(trainer, pl_module, 0, within_epoch=True)
+            self._explain(trainer, pl_module, 0, within_epoch=True, scheduled=False)
             self._flush()  # no metrics of Lightning's follow at step 0 for sure
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._flush()
+        self._flush()  # after Lightning logged the previous epoch's metrics (stage="train")
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._flush()
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._flush()
+    on_train_end = on_validation_end = on_train_epoch_start  # after Lightning logged this validation's metrics
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = keys.logging_step(trainer, train_epoch_end=True)
-        if self.stage == "train" and self._due(trainer, step):
-            self._explain(trainer, pl_module, step, scheduled=True)
+        if self.stage == "train" and self.schedule.due(trainer, step, validation=False):
+            self._explain(trainer, pl_module, step)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = keys.logging_step(trainer)
-        if self.stage == "validation" and not trainer.sanity_checking and self._due(trainer, step):
-            self._explain(trainer, pl_module, step, self._validates_within_epochs(trainer), scheduled=True)
-
-    def _due(self, trainer: pl.Trainer, step: int) -> bool:
-        if trainer.state.fn != "fit":  # trainer.validate(): explain whenever asked
-            return True
-        epoch = trainer.current_epoch
-        return (epoch + 1) % self.every_n_epochs == 0 and [epoch, step] not in self._scheduled
-
-    @staticmethod
-    def _validates_within_epochs(trainer: pl.Trainer) -> bool:
-        """Validation runs on a step schedule (``val_check_interval``): events are then named by their step."""
-        if trainer.state.fn != "fit":
-            return False
-        batch = trainer.val_check_batch
-        return trainer.check_val_every_n_epoch is None or batch is None or batch < trainer.num_training_batches
+        if self.stage == "validation" and not trainer.sanity_checking and self.schedule.due(trainer, step, True):
+            self._explain(trainer, pl_module, step, self.schedule.within_epochs(trainer))
 
     # -- one explanation event --------------------------------------------------------------------------------
     def _explain(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, within_epoch: bool = False,
-                 scheduled: bool = False) -> None:
-        epoch = trainer.current_epoch
-        if trainer.state.fn == "fit":
-            self.explained.append((epoch, step))
-            if scheduled:
-                self._scheduled.append([epoch, step])
+                 scheduled: bool = True) -> None:
+        self.schedule.add(trainer, step, scheduled)
         if not trainer.is_global_zero:
             return
-        record = Record(epoch, step, keys.event_label(epoch, step, within_epoch),
-                        keys.file_stem(epoch, step, within_epoch))
+        epoch = trainer.current_epoch
+        record = Record(epoch, step, *self.schedule.names(epoch, step, within_epoch))
+        try:  # an explanation failure must never lose the training run
+            with preserved_rng():
+                outcome = self._run(record)
+        except Exception as err:  # noqa: BLE001
+            return self._fail(err, "the model's forward on the probes", record)
         try:
             with preserved_rng():
-                self._fill(record)
-        except Exception as err:  # noqa: BLE001 - an explanation failure must never lose the training run
-            self._fail(err, "the model's forward on the probes", record)
-            return
-        for sink in self._sinks:
-            try:
-                sink.write(record)
-            except Exception as err:  # noqa: BLE001
-                self._fail(err, f"logging to {type(sink).__name__}", record)
+                self._fill(record, outcome)
+        except Exception as err:  # noqa: BLE001
+            return self._fail(err, "computing the event's scalars and pictures", record)
+        write_all(self._sinks, record, lambda sink, err: self._fail(err, f"logging to {type(sink).__name__}", record))
         self._probes_logged = True
 
     def _flush(self) -> None:
-        for sink in self._sinks:
-            try:
-                sink.flush()
-            except Exception as err:  # noqa: BLE001
-                warnings.warn(f"lightning-xai: flushing {type(sink).__name__} failed: {err}", RuntimeWarning,
-                              stacklevel=2)
+        write_all(self._sinks, None, lambda sink, err: self._notices.warn(
+            f"lightning-xai: flushing {type(sink).__name__} failed: {err}", RuntimeWarning))
 
     def _fail(self, err: Exception, what: str, record: Record) -> None:
         if self.on_error == "raise":
             raise err
-        warnings.warn(
-            f"lightning-xai: {what} failed at epoch {record.epoch} (step {record.step}): {type(err).__name__}: "
-            f"{err}. Training continues (set on_error='raise' to stop instead).",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        self._notices.warn(f"lightning-xai: {what} failed at epoch {record.epoch} (step {record.step}): "
+                           f"{type(err).__name__}: {err}. Training continues (set on_error='raise' to stop).",
+                           RuntimeWarning)
 
-    def _fill(self, record: Record) -> None:
-        """Run the probes through the model and the explainers; put the numbers and pictures into ``record``."""
-        outcome = self.runner.run(lambda name, err: self._fail(err, f"explaining with {name!r}", record))
+    def _run(self, record: Record) -> Outcome:
+        """The probes through the model and the explainers."""
+        return self.runner.run(lambda name, err: self._fail(err, f"explaining with {name!r}", record),
+                               lambda name, caught: self._notices.method_warning(name, caught, *record.event))
+
+    def _fill(self, record: Record, outcome: Outcome) -> None:
+        """The event's numbers (probes, evolution, faithfulness) and pictures, into ``record``."""
         record.scalars = self.runner.probe_scalars(outcome)
         for name, result in outcome.results.items():
             scalars = self.tracker.update(name, record.epoch, record.step, result.maps, self.probe.masks)

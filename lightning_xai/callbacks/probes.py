@@ -159,6 +159,19 @@ def find_loader(trainer: pl.Trainer, split: str) -> DataLoader | None:
     loaded = _first_loader(trainer.val_dataloaders if split == "val" else trainer.train_dataloader)
     if loaded is not None:
         return loaded
+    # what fit()/validate() was given: a datamodule, the module's *_dataloader() or loaders passed directly
+    loop = trainer.fit_loop.epoch_loop.val_loop if split == "val" else trainer.fit_loop
+    if split == "val" and trainer.state.fn == "validate":
+        loop = trainer.validate_loop
+    source = getattr(loop, "_data_source", None)
+    if source is not None and source.is_defined():
+        try:
+            with preserved_rng():
+                loaded = _first_loader(source.dataloader())
+        except Exception:  # noqa: BLE001 - fall back to the owners below
+            loaded = None
+        if loaded is not None:
+            return loaded
     for owner in (trainer.datamodule, trainer.lightning_module):
         method = getattr(owner, f"{split}_dataloader", None)
         if method is None:
@@ -200,6 +213,17 @@ def from_loader(loader: DataLoader, num_probes: int, seed: int, batch_transform:
     probe = from_tensors(images, labels, masks, source=source)
     probe.indices = indices
     return probe
+
+
+def draw_probe(trainer: pl.Trainer, split: str, num_probes: int, seed: int,
+               batch_transform: BatchTransform = None) -> Probe:
+    """The probe set drawn from the trainer's ``split`` dataloader (see :func:`from_loader`)."""
+    loader = find_loader(trainer, split)
+    if loader is None:
+        other = "train" if split == "val" else "val"
+        raise ValueError(f"no {split} dataloader to draw probes from: pass probe_images=... to the callback, or "
+                         f"probe_split={other!r}")
+    return from_loader(loader, num_probes, seed, batch_transform)
 
 
 def check_targets(targets: Any) -> str | int | list[int]:

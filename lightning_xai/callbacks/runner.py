@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,8 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_xai.adapters import OutputTransform, ViTLocator
-from lightning_xai.callbacks import checks, keys
+from lightning_xai.adapters import OutputTransform, ViTLocator, find_vit
+from lightning_xai.callbacks import checks, keys, model_checks
 from lightning_xai.callbacks.evolution import faithfulness_scalars
 from lightning_xai.callbacks.probes import Probe, class_indices, preserved_rng, select_targets
 from lightning_xai.explainers import Explainer, Explanation, create_explainer
@@ -40,8 +41,9 @@ class Outcome:
 class ProbeRunner:
     """Runs the probe set through a module and the explainers of ``methods``.
 
-    Built once the module is complete (after ``configure_model``); checks on the way, with one one-image forward,
-    that the probes fit the ViT and the model and that the ``targets`` are classes the model has.
+    Built once the module is complete (after ``configure_model``). Checks on the way, with one-image forwards:
+    the probes fit the ViT and the forward; which ViT the forward runs when there are several (an EMA copy);
+    that the ``targets`` are classes the model has; that the ViT runs with gradients where methods need them.
 
     Args:
         module: the LightningModule (never its DDP wrapper).
@@ -64,28 +66,66 @@ class ProbeRunner:
         forward: ForwardFn = None,
     ) -> None:
         self.module, self.probe, self.targets, self.top_k = module, probe, targets, top_k
-        self.handle = ModelHandle(module, vit=vit, output_transform=output_transform, forward=forward)
+        candidates = {"": find_vit(module, vit)} if vit is not None else model_checks.candidate_vits(module)
+        if not candidates:
+            find_vit(module)  # raises the error that says how to point at the ViT
+        handle = ModelHandle(module, vit=next(iter(candidates.values())), output_transform=output_transform,
+                             forward=forward)
+        if any(p.is_meta for p in handle.vit.parameters()):
+            raise ValueError("the ViT's parameters are on the meta device (never materialised): load or initialise "
+                             "its weights (e.g. in configure_model) before fit")
+        checks.check_probe(handle, probe)
+        one = handle.prepare(probe.images[:1])
+        try:
+            with preserved_rng(), explanation_mode(module), torch.no_grad():
+                handle.output(one)
+        except Exception as err:
+            raise model_checks.describe_forward_error(err, module, forward) from err
+        if len(candidates) > 1:
+            vit = model_checks.choose_vit(module, candidates,
+                                          lambda: self._logits(handle, one.clone().requires_grad_()))
+            handle = ModelHandle(module, vit=vit, output_transform=output_transform, forward=forward)
+        self.handle = handle
+        with preserved_rng(), explanation_mode(module):
+            logits = handle.predict(probe.images[:1])
+        select_targets(targets, top_k, logits.expand(len(probe.images), -1), probe.labels)  # raises if out of range
         self.explainers: dict[str, Explainer] = {
-            name: create_explainer(name, module, vit=self.handle.vit, output_transform=output_transform,
-                                   forward=forward, **options)
+            name: create_explainer(name, module, vit=handle.vit, output_transform=output_transform, forward=forward,
+                                   **options)
             for name, options in methods.items()
         }
-        checks.check_probe(self.handle, probe)
-        with preserved_rng(), explanation_mode(module):
-            logits = self.handle.predict(probe.images[:1])
-        select_targets(targets, top_k, logits.expand(len(probe.images), -1), probe.labels)  # raises if out of range
+        model_checks.check_gradients(module, handle.vit, self.explainers, one, lambda x: self._logits(handle, x))
 
-    def run(self, on_failure: Callable[[str, Exception], None]) -> Outcome:
+    @staticmethod
+    def _logits(handle: ModelHandle, images: Tensor) -> Tensor:
+        """Logits through the original (not ``torch.compile``d) modules, so that hooks on the ViT fire."""
+        with handle.uncompiled():
+            return handle.logits(images)
+
+    def run(self, on_failure: Callable[[str, Exception], None],
+            on_warning: Callable[[str, warnings.WarningMessage], bool] = lambda name, caught: False) -> Outcome:
         """One forward of the probes, then every explainer; a failing method is reported to ``on_failure(name,
-        error)`` and left out. Raises when the forward itself fails."""
+        error)`` and left out; each warning a method issues goes to ``on_warning(name, caught)``, and is
+        re-issued unless that returns ``True``. Raises when the forward itself fails."""
         images = self.handle.prepare(self.probe.images)
         with explanation_mode(self.module), torch.no_grad():
             logits = self.handle.logits(images)
+        if not bool(torch.isfinite(logits).all()):
+            raise FloatingPointError("the model's outputs on the probes are NaN or infinite (weights diverged?): "
+                                     "no maps logged for this event")
         targets = select_targets(self.targets, self.top_k, logits, self.probe.labels)
         outcome = Outcome(images, logits, targets, logits.softmax(-1).gather(1, targets))
         for name, explainer in self.explainers.items():
             try:
-                outcome.results[name] = explainer(images, targets)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    result = explainer(images, targets)
+                for message in caught:
+                    if not on_warning(name, message):
+                        warnings.warn_explicit(message.message, message.category, message.filename, message.lineno)
+                if not bool(torch.isfinite(result.raw).all()):
+                    raise FloatingPointError("its maps are NaN or infinite: not logged")
+                outcome.results[name] = result
             except Exception as err:  # noqa: BLE001 - one failing method must not stop the others
                 on_failure(name, err)
         return outcome

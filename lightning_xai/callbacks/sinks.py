@@ -16,7 +16,7 @@ metrics at (see :func:`lightning_xai.callbacks.keys.logging_step`), so the maps 
 from __future__ import annotations
 
 import csv
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,11 @@ class Record:
     rows: list[tuple[int, int, str, float, dict[str, np.ndarray]]] = field(default_factory=list)
     probe_tiles: np.ndarray | None = None
     explanations: dict[str, Explanation] = field(default_factory=dict)
+
+    @property
+    def event(self) -> tuple[int, int]:
+        """``(epoch, step)``."""
+        return self.epoch, self.step
 
 
 class Sink:
@@ -203,6 +208,15 @@ class RawMapSink(Sink):
             path.parent.mkdir(parents=True, exist_ok=True)
             tensors = {key: getattr(result, key).cpu() for key in ("raw", "targets", "probs")}
             torch.save({**tensors, "epoch": record.epoch, "step": record.step}, path)
+
+
+def write_all(sinks: Sequence[Sink], record: Record | None, on_failure: Callable[[Sink, Exception], None]) -> None:
+    """``record`` to every sink (``None``: flush them); a failing sink goes to ``on_failure`` and the others go on."""
+    for sink in sinks:
+        try:
+            sink.write(record) if record is not None else sink.flush()
+        except Exception as err:  # noqa: BLE001 - one logger failing must not stop the others
+            on_failure(sink, err)
 
 
 def _kind(logger: Any) -> str:

@@ -1,0 +1,145 @@
+"""Checks of the user's module and Trainer that need the built model: which ViT the forward runs, whether it runs
+with gradients, whether the strategy shards the model, whether a validation loop runs at all. Each raises
+before the first epoch with a message naming the cause and the fix."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import Tensor, nn
+
+from lightning_xai.adapters import capture, find_vit
+from lightning_xai.callbacks.probes import preserved_rng
+from lightning_xai.explainers import Explainer
+from lightning_xai.explainers.base import explanation_mode
+
+
+def candidate_vits(module: nn.Module) -> dict[str, nn.Module]:
+    """Every supported ViT inside ``module`` that no other one contains (a ViT's own parts, or the backbone of a
+    Hugging Face classifier, are not candidates beside it), by qualified name (``""`` for the module itself);
+    ``torch.compile``d ones unwrapped."""
+    found: dict[str, nn.Module] = {}
+    for name, sub in module.named_modules():
+        try:
+            vit = find_vit(sub, sub)
+        except TypeError:
+            continue
+        if not any(vit is seen or any(vit is m for m in seen.modules()) for seen in found.values()):
+            found[name.removesuffix("._orig_mod")] = vit
+    return found
+
+
+def choose_vit(module: nn.Module, candidates: Mapping[str, nn.Module], logits_of: Callable[[], Tensor]) -> nn.Module:
+    """The one of several ViTs (an EMA or teacher copy beside the trained one) whose output the forward uses.
+
+    Runs ``logits_of()`` (one forward, inputs requiring grad) with a forward hook on every candidate and keeps
+    those that ran *and* whose output is in the graph of the logits. Says which one was chosen (rank-zero info).
+
+    Raises:
+        ValueError: none or several qualify; the message lists the candidates and asks for ``vit=``.
+    """
+    outputs: dict[str, Tensor] = {}
+    hooks = [
+        vit.register_forward_hook(lambda _m, _a, out, name=name: outputs.setdefault(name, out))
+        for name, vit in candidates.items()
+    ]
+    try:
+        with preserved_rng(), explanation_mode(module):
+            logits = logits_of()
+            ran = [name for name, out in outputs.items() if isinstance(out, Tensor) and out.requires_grad]
+            grads = torch.autograd.grad(logits.sum(), [outputs[n] for n in ran], allow_unused=True) if ran else []
+    finally:
+        for hook in hooks:
+            hook.remove()
+    used = [name for name, grad in zip(ran, grads, strict=True) if grad is not None]
+    listed = ", ".join(repr(name) for name in candidates)
+    if len(used) != 1:
+        why = "none of them feeds" if not used else f"{len(used)} of them ({', '.join(map(repr, used))}) feed"
+        raise ValueError(
+            f"found {len(candidates)} Vision Transformers in {type(module).__name__} ({listed}) and {why} the "
+            f"forward's output: pass vit='<name>' to say which one to explain"
+        )
+    others = ", ".join(repr(n) for n in candidates if n != used[0])
+    rank_zero_info(f"lightning-xai: explaining {used[0]!r}, the ViT your forward runs (also found {others}; "
+                   "pass vit=... to choose another)")
+    return candidates[used[0]]
+
+
+def check_gradients(module: nn.Module, vit: nn.Module, explainers: Mapping[str, Explainer], images: Tensor,
+                    logits_of: Callable[[Tensor], Tensor]) -> None:
+    """Raise when the forward runs the ViT without gradients (``torch.no_grad()`` around a frozen backbone) and
+    some of ``explainers`` need them; ``images`` are one prepared probe ``(1, C, H, W)``."""
+    with preserved_rng(), explanation_mode(module), capture(vit, ("attn",), [-1]) as record:
+        logits_of(images.detach().clone().requires_grad_(True))
+    if not record.attn or record.attn[0].requires_grad:
+        return
+    failing = []
+    for name, explainer in explainers.items():
+        try:
+            with preserved_rng():
+                explainer(images)
+        except Exception:  # noqa: BLE001 - a method that cannot work without gradients
+            failing.append(name)
+    if failing:
+        working = [name for name in explainers if name not in failing]
+        raise ValueError(
+            f"your forward runs the ViT without gradients (its attention has no grad_fn: a backbone under "
+            f"torch.no_grad() for linear probing?), so {failing} cannot explain it. Remove them from methods "
+            f"(working here: {working or 'none of the chosen'}; raw_attention and rollout never need gradients), or "
+            "run the backbone with gradients enabled (freeze it with requires_grad_(False) instead of no_grad), or "
+            "pass forward=lambda module, images: ... that does"
+        )
+
+
+def check_not_sharded(trainer: pl.Trainer) -> None:
+    """Refuse strategies that shard the parameters across ranks (FSDP, DeepSpeed ZeRO stage 3, model parallel):
+    rank 0 alone does not hold the model, and explaining on every rank is not supported."""
+    strategy = trainer.strategy
+    names = {cls.__name__ for cls in type(strategy).__mro__}
+    sharded = names & {"FSDPStrategy", "ModelParallelStrategy"} or (
+        "DeepSpeedStrategy" in names and bool(getattr(strategy, "zero_stage_3", False))
+    )
+    if sharded:
+        raise ValueError(
+            f"ExplanationMonitor cannot explain under {type(strategy).__name__}: the strategy shards the "
+            "parameters across ranks, so no rank holds the model an explanation needs. Train with strategy='ddp' "
+            "(or DeepSpeed stage 1/2) while explaining, or explain a saved checkpoint after training with "
+            "lightning_xai.explain(model, images)"
+        )
+
+
+def check_validation_runs(trainer: pl.Trainer, module: pl.LightningModule) -> None:
+    """Raise when ``fit`` will run no validation loop, so that ``stage="validation"`` would explain nothing."""
+    source = getattr(getattr(trainer.fit_loop.epoch_loop, "val_loop", None), "_data_source", None)
+    has_loader = source.is_defined() if source is not None else True
+    missing = [
+        reason
+        for reason, absent in (
+            ("no val dataloader", not has_loader),
+            ("no validation_step", not is_overridden("validation_step", module)),
+            ("limit_val_batches=0", trainer.limit_val_batches == 0),
+        )
+        if absent
+    ]
+    if missing:
+        raise ValueError(
+            f"stage='validation' but this fit runs no validation loop ({', '.join(missing)}), so nothing would be "
+            "explained: pass stage='train' to explain at the end of each training epoch, or add a validation loop"
+        )
+
+
+def describe_forward_error(err: Exception, module: nn.Module, forward: Any) -> Exception:
+    """The error of a failed first forward on the probes, with the hint that fits it."""
+    how = "forward(module, images)" if forward is not None else f"{type(module).__name__}.forward(images)"
+    hint = ("check forward=" if forward is not None else
+            "if the forward does not take an image tensor, pass forward=lambda module, images: module(...)")
+    message = f"calling {how} on the probe images failed ({type(err).__name__}: {err}): {hint}"
+    try:
+        return type(err)(message)
+    except Exception:  # noqa: BLE001 - an exception type with another constructor
+        return RuntimeError(message)

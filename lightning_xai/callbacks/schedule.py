@@ -1,0 +1,67 @@
+"""When the callbacks explain: which validations or epochs, named how, and which events a run has had."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+
+from lightning_xai.callbacks import keys
+
+
+class Schedule:
+    """The explanation events of one run.
+
+    Args:
+        every_n_epochs: explain in epochs where ``(epoch + 1) % every_n_epochs == 0``.
+        every_n_validations: of those, every n-th validation (with ``val_check_interval``, several an epoch).
+    """
+
+    def __init__(self, every_n_epochs: int = 1, every_n_validations: int = 1) -> None:
+        self.every_n_epochs, self.every_n_validations = every_n_epochs, every_n_validations
+        self.explained: list[tuple[int, int]] = []
+        """``(epoch, step)`` of every explanation event of the run, the fit-start baseline included."""
+        self._scheduled: list[list[int]] = []  # events explained on schedule (not the baseline), to skip repeats
+        self._validations = 0
+
+    def reset(self) -> None:
+        self.explained, self._scheduled, self._validations = [], [], 0
+
+    def due(self, trainer: pl.Trainer, step: int, validation: bool) -> bool:
+        """Whether the event now (at ``step``) is explained; counts validations as they come."""
+        if trainer.state.fn != "fit":  # trainer.validate(): explain whenever asked
+            return True
+        if validation:
+            self._validations += 1
+            if self._validations % self.every_n_validations:
+                return False
+        epoch = trainer.current_epoch
+        return (epoch + 1) % self.every_n_epochs == 0 and [epoch, step] not in self._scheduled
+
+    def add(self, trainer: pl.Trainer, step: int, scheduled: bool = True) -> None:
+        """Note an explanation event of ``fit`` at ``step`` (``scheduled=False``: the fit-start baseline)."""
+        if trainer.state.fn == "fit":
+            self.explained.append((trainer.current_epoch, step))
+            if scheduled:
+                self._scheduled.append([trainer.current_epoch, step])
+
+    @staticmethod
+    def within_epochs(trainer: pl.Trainer) -> bool:
+        """Validation runs on a step schedule (``val_check_interval``): events are then named by their step."""
+        if trainer.state.fn != "fit":
+            return False
+        batch = trainer.val_check_batch
+        return trainer.check_val_every_n_epoch is None or batch is None or batch < trainer.num_training_batches
+
+    @staticmethod
+    def names(epoch: int, step: int, within_epoch: bool) -> tuple[str, str]:
+        """The event's label (``"ep 3"`` / ``"ep 3 · step 120"``) and file stem."""
+        return keys.event_label(epoch, step, within_epoch), keys.file_stem(epoch, step, within_epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"explained": list(self.explained), "scheduled": list(self._scheduled), "validations": self._validations}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.explained = [tuple(event) for event in state.get("explained", [])]
+        self._scheduled = [list(event) for event in state.get("scheduled", [])]
+        self._validations = int(state.get("validations", 0))
