@@ -105,7 +105,7 @@ def test_tensorboard_images_decode_to_the_rendered_pixels(tensorboard_run):
 def test_save_raw_writes_tensors_per_epoch(tensorboard_run):
     monitor, run, _ = tensorboard_run
     files = sorted(Path(run.log_dir).rglob("raw/c2f/*.pt"))
-    assert [f.stem for f in files] == ["epoch_0000", "epoch_0000_step_000000", "epoch_0001", "epoch_0002"]
+    assert [f.stem for f in files] == ["epoch_0000", "epoch_0001", "epoch_0002", "start"]  # start: fit-start baseline
     saved = torch.load(files[0])
     assert saved["raw"].shape == (4, 1, 32, 32) and saved["targets"].shape == (4, 1)
     assert (saved["epoch"], saved["step"]) == (0, 3)

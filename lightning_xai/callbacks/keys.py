@@ -50,12 +50,17 @@ def logging_step(trainer: pl.Trainer, train_epoch_end: bool = False) -> int:
     return max(0, step - 1) if train_epoch_end else step
 
 
-def event_label(epoch: int, step: int, with_step: bool) -> str:
+def event_label(epoch: int, step: int, with_step: bool, baseline: bool = False) -> str:
     """How an explanation event is named in captions and timeline columns: ``"ep 3"``, or ``"ep 3 · step 120"``
-    when validation runs within epochs (and for the fit-start baseline)."""
+    when validation runs within epochs; the fit-start baseline is ``"start"`` (before any training step)."""
+    if baseline:
+        return "start"
     return f"ep {epoch} · step {step}" if with_step else f"ep {epoch}"
 
 
-def file_stem(epoch: int, step: int, with_step: bool) -> str:
-    """File name (without suffix) of an event's PNG or raw-map file: ``epoch_0003`` or ``epoch_0003_step_000120``."""
+def file_stem(epoch: int, step: int, with_step: bool, baseline: bool = False) -> str:
+    """File name (without suffix) of an event's PNG or raw-map file: ``epoch_0003``, ``epoch_0003_step_000120``,
+    or ``start`` for the fit-start baseline."""
+    if baseline:
+        return "start"
     return f"epoch_{epoch:04d}_step_{step:06d}" if with_step else f"epoch_{epoch:04d}"

@@ -199,7 +199,7 @@ class ExplanationMonitor(Callback):
         if not trainer.is_global_zero:
             return
         epoch = trainer.current_epoch
-        record = Record(epoch, step, *self.schedule.names(epoch, step, within_epoch))
+        record = Record(epoch, step, *self.schedule.names(epoch, step, within_epoch, baseline=not scheduled))
         try:  # an explanation failure must never lose the training run
             with preserved_rng():
                 outcome = self._run(record)

@@ -54,9 +54,10 @@ class Schedule:
         return trainer.check_val_every_n_epoch is None or batch is None or batch < trainer.num_training_batches
 
     @staticmethod
-    def names(epoch: int, step: int, within_epoch: bool) -> tuple[str, str]:
-        """The event's label (``"ep 3"`` / ``"ep 3 · step 120"``) and file stem."""
-        return keys.event_label(epoch, step, within_epoch), keys.file_stem(epoch, step, within_epoch)
+    def names(epoch: int, step: int, within_epoch: bool, baseline: bool = False) -> tuple[str, str]:
+        """The event's label (``"ep 3"`` / ``"ep 3 · step 120"`` / ``"start"``) and file stem."""
+        return (keys.event_label(epoch, step, within_epoch, baseline),
+                keys.file_stem(epoch, step, within_epoch, baseline))
 
     def state_dict(self) -> dict[str, Any]:
         return {"explained": list(self.explained), "scheduled": list(self._scheduled), "validations": self._validations}
