@@ -1,0 +1,166 @@
+"""Shortcut statistic and alarm: known answers on constructed maps, the alarm's state machine, and on trained
+tiny models the statistic telling a model that learned a spurious cue from one that learned the objects."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_xai.callbacks.shortcut import (
+    DEFAULT_FRACTION,
+    DEFAULT_PATIENCE,
+    DEFAULT_THRESHOLD,
+    ShortcutAlarm,
+    energy_distribution,
+    object_share,
+    shortcut_score,
+)
+
+
+def blobs(centres, size=32, sigma=1.5) -> torch.Tensor:
+    """Gaussian blobs ``(P, size, size)`` at ``centres`` ``[(y, x), ...]`` in pixels."""
+    grid = torch.arange(size) + 0.5
+    y, x = grid.view(1, -1, 1), grid.view(1, 1, -1)
+    c = torch.tensor(centres, dtype=torch.float32)
+    return torch.exp(-((y - c[:, 0, None, None]) ** 2 + (x - c[:, 1, None, None]) ** 2) / (2 * sigma**2))
+
+
+def squares(corners, side=2, size=32) -> torch.Tensor:
+    """Indicator maps ``(P, size, size)`` of ``side x side`` squares with top-left ``corners``."""
+    maps = torch.zeros(len(corners), size, size)
+    for p, (y, x) in enumerate(corners):
+        maps[p, y:y + side, x:x + side] = 1.0
+    return maps
+
+
+def test_energy_distribution_sums_to_one_and_treats_empty_maps_as_uniform():
+    maps = torch.stack([torch.rand(8, 8), torch.zeros(8, 8), -torch.ones(8, 8)])
+    dist = energy_distribution(maps)
+    assert dist.shape == (3, 64) and torch.allclose(dist.sum(-1), torch.ones(3, dtype=dist.dtype))
+    assert torch.allclose(dist[1:], torch.full((2, 64), 1 / 64, dtype=dist.dtype))
+
+
+def test_maps_of_all_classes_on_one_small_spot_score_one():
+    maps = squares([(2, 2)] * 8)  # 4 pixels, inside the 52-pixel region: all energy in it
+    score = shortcut_score(maps, torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]))
+    assert score.score == pytest.approx(1.0) and torch.allclose(score.shares, torch.ones(8))
+    assert score.region[2:4, 2:4].all() and score.region.sum() == math.ceil(DEFAULT_FRACTION * 1024)
+    assert score.probes_above(0.5) == list(range(8))
+
+
+def test_uniform_maps_score_the_chance_level():
+    score = shortcut_score(torch.ones(6, 1, 32, 32), torch.tensor([[0], [1], [2], [0], [1], [2]]), fraction=0.1)
+    assert score.score == pytest.approx(math.ceil(0.1 * 1024) / 1024)
+
+
+def test_classes_whose_maps_sit_apart_score_zero():
+    """Class 0 always at the top left, class 1 always at the bottom right: each agrees only with itself."""
+    maps = squares([(2, 2), (2, 2), (28, 28), (28, 28)])
+    assert shortcut_score(maps, torch.tensor([0, 0, 1, 1])).score == pytest.approx(0.0)
+
+
+def test_objects_that_move_score_near_chance_and_far_below_a_fixed_spot():
+    generator = torch.Generator().manual_seed(0)
+    centres = (torch.rand(16, 2, generator=generator) * 24 + 4).tolist()
+    classes = torch.arange(16) % 4
+    moving = shortcut_score(blobs(centres), classes).score
+    fixed = shortcut_score(blobs([(3.0, 3.0)] * 16), classes).score
+    assert moving < 0.2 and fixed > 0.9, (moving, fixed)
+
+
+def test_larger_objects_at_one_place_score_below_a_small_spot_at_one_place():
+    """Centred objects wider than the region put only part of their energy in it; a cue smaller than the
+    region puts nearly all of it there. This is what tells a centred dataset from a cue."""
+    generator = torch.Generator().manual_seed(1)
+    jitter = (torch.rand(16, 2, generator=generator) - 0.5) * 4
+    classes = torch.arange(16) % 4
+    centred = shortcut_score(blobs((16 + jitter).tolist(), sigma=4.0), classes).score
+    cue = shortcut_score(blobs((2.5 + 0 * jitter).tolist(), sigma=1.5), classes).score
+    assert centred < 0.5 < cue, (centred, cue)
+
+
+def test_score_is_class_balanced_and_permutation_invariant():
+    generator = torch.Generator().manual_seed(2)
+    maps = torch.rand(6, 16, 16, generator=generator) ** 4
+    classes = torch.tensor([0, 1, 2, 0, 1, 2])
+    base = shortcut_score(maps, classes)
+    order = torch.randperm(6, generator=generator)
+    permuted = shortcut_score(maps[order], classes[order])
+    assert permuted.score == pytest.approx(base.score) and torch.allclose(permuted.shares, base.shares[order])
+    # copies of one class's probes change neither that class's mean map nor the class-balanced score
+    doubled = shortcut_score(torch.cat([maps, maps[classes == 0]]), torch.cat([classes, classes[classes == 0]]))
+    assert doubled.score == pytest.approx(base.score)
+    # class ids are only labels
+    assert shortcut_score(maps, classes * 7 + 3).score == pytest.approx(base.score)
+
+
+def test_a_probe_is_scored_against_the_other_classes_only():
+    """Probe 0 (class 0) alone at the top left; class 1's two probes at the bottom right. Probe 0's own map
+    defines no part of its region, so its share is zero, and class 1's share in class 0's region is zero."""
+    maps = squares([(2, 2), (28, 28), (28, 28)])
+    score = shortcut_score(maps, torch.tensor([0, 1, 1]))
+    assert torch.allclose(score.shares, torch.zeros(3))
+
+
+def test_one_class_only_is_undefined_and_bad_input_is_refused():
+    score = shortcut_score(squares([(2, 2)] * 4), torch.zeros(4, dtype=torch.long))
+    assert math.isnan(score.score) and torch.isnan(score.shares).all()
+    with pytest.raises(ValueError, match="fraction"):
+        shortcut_score(torch.rand(4, 8, 8), torch.arange(4), fraction=0.0)
+    with pytest.raises(ValueError, match=r"\(P, H, W\)"):
+        shortcut_score(torch.rand(4, 8, 8), torch.arange(3))
+
+
+def test_targets_beyond_the_first_are_ignored():
+    maps = torch.stack([squares([(2, 2)] * 4), torch.rand(4, 32, 32)], 1)  # (P, 2, H, W)
+    classes = torch.stack([torch.arange(4), torch.arange(4).flip(0)], 1)
+    assert shortcut_score(maps, classes).score == pytest.approx(1.0)
+
+
+def test_object_share():
+    maps = squares([(0, 0), (0, 0)], side=4, size=8)
+    masks = torch.zeros(2, 8, 8, dtype=torch.bool)
+    masks[0, :2, :4] = True  # half of the square
+    masks[1, 4:, 4:] = True  # none of it
+    assert torch.allclose(object_share(maps, masks), torch.tensor([0.5, 0.0]))
+    with pytest.raises(ValueError, match="masks"):
+        object_share(maps, masks[:, :4])
+
+
+def test_alarm_fires_after_patience_consecutive_epochs_once_per_run():
+    alarm = ShortcutAlarm("gradtoken", threshold=0.4, patience=3)
+    fired = [alarm.update(e, s) for e, s in enumerate([0.5, 0.6, 0.1, 0.5, 0.45, 0.7, 0.9, 0.9, 0.1, 0.9, 0.9, 0.9])]
+    events = [(e, f) for e, f in enumerate(fired) if f is not None]
+    assert [e for e, _ in events] == [5] and alarm.fired_at == 5
+    event = events[0][1]
+    assert event.method == "gradtoken" and event.scores == [0.5, 0.45, 0.7] and event.epoch == 5
+    assert "gradtoken" in event.message() and "epoch 5" in event.message()
+
+
+def test_undefined_epochs_break_the_streak_and_the_threshold_is_inclusive():
+    alarm = ShortcutAlarm("c2f", threshold=0.3, patience=2)
+    assert alarm.update(0, 0.3) is None and alarm.update(1, math.nan) is None and alarm.update(2, 0.31) is None
+    event = alarm.update(3, 0.3, probes=[1, 4])
+    assert event is not None and event.probes == [1, 4]
+
+
+def test_alarm_state_round_trip_resumes_mid_streak():
+    alarm = ShortcutAlarm("gradtoken", threshold=0.3, patience=3)
+    alarm.update(0, 0.5)
+    alarm.update(1, 0.6)
+    resumed = ShortcutAlarm("gradtoken", threshold=0.3, patience=3)
+    resumed.load_state_dict(alarm.state_dict())
+    assert resumed.update(2, 0.7) is not None  # the third epoch of the streak, counted across the resume
+    after = ShortcutAlarm("gradtoken", threshold=0.3, patience=3)
+    after.load_state_dict(resumed.state_dict())
+    assert after.fired and after.update(3, 0.9) is None and after.update(4, 0.9) is None
+
+
+def test_alarm_arguments_are_checked():
+    with pytest.raises(ValueError, match="threshold"):
+        ShortcutAlarm("gradtoken", threshold=1.5)
+    with pytest.raises(ValueError, match="patience"):
+        ShortcutAlarm("gradtoken", patience=0)
+    assert 0 < DEFAULT_THRESHOLD < 1 and DEFAULT_PATIENCE >= 1
