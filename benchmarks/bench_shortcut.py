@@ -17,6 +17,8 @@ fired on every cue run and on no other, and prints the margins between the kinds
     python benchmarks/bench_shortcut.py                       # 3 seeds x 3 kinds, gradtoken
     python benchmarks/bench_shortcut.py --methods gradtoken c2f
     python benchmarks/bench_shortcut.py --quick               # one seed, few images, a smoke run
+    python benchmarks/bench_shortcut.py --seeds 1 --save s1.pt    # runs can be split over processes ...
+    python benchmarks/bench_shortcut.py --load s0.pt s1.pt s2.pt  # ... and summarised together
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class ProbeRecorder(pl.Callback):
         cells = F.max_pool2d(cue[None, None].float(), patch)  # (1, 1, h, w)
         self.cue_cells = F.interpolate(cells, scale_factor=patch)[0, 0].bool()
         self.rows: dict[str, list[dict]] = {m: [] for m in methods}
+        self.saved: dict[str, list[dict]] = {}  # per method and epoch: maps (P, H, W) float16, classes (P,)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -77,6 +80,7 @@ class ProbeRecorder(pl.Callback):
                        probe_acc=float((predicted == self.labels).float().mean()),
                        region_on_cue=float((full.region & self.cue_cells).sum() / full.region.sum()))
             self.rows[method].append(row)
+            self.saved.setdefault(method, []).append(dict(maps=result.maps[:, 0].half(), classes=predicted))
             print(f"  {method:9s} epoch {epoch:2d}  statistic {row['score']:.3f} (8 probes) "
                   f"{row['score_all']:.3f} ({len(self.images)} probes)  energy on cue patch "
                   f"{row['cue_share']:.3f}  in object {row['object_share']:.3f}  agreed region on cue "
@@ -107,7 +111,8 @@ def run(kind: str, seed: int, epochs: int, num_train: int, num_probes: int, meth
                callbacks=[recorder]).fit(module, datamodule=data)
     module.eval()
     out = dict(kind=kind, seed=seed, rows=recorder.rows, val_acc=accuracy(module, data.val_set, 512),
-               test_acc=accuracy(module, data.test_set, 512), minutes=(time.perf_counter() - start) / 60)
+               test_acc=accuracy(module, data.test_set, 512), minutes=(time.perf_counter() - start) / 60,
+               maps=recorder.saved, labels=labels, masks=masks)
     out["alarm"] = {}
     for method, rows in recorder.rows.items():
         alarm = ShortcutAlarm(method, DEFAULT_THRESHOLD, DEFAULT_PATIENCE)
@@ -122,17 +127,19 @@ def run(kind: str, seed: int, epochs: int, num_train: int, num_probes: int, meth
 def summary(results: list[dict], methods: list[str]) -> None:
     print(f"\n## Shortcut statistic per run (threshold {DEFAULT_THRESHOLD}, patience {DEFAULT_PATIENCE}, region "
           f"{DEFAULT_FRACTION:.0%} of the pixels = chance level)\n")
-    print("| data | seed | method | statistic per epoch (8 probes) | max | alarm at epoch | val acc | "
-          "cue-free test acc |")
-    print("|---|---:|---|---|---:|---:|---:|---:|")
+    print("| data | seed | method | statistic per epoch (8 probes) | max | max (all probes) | alarm at epoch | "
+          "energy in object per epoch | val acc | cue-free test acc |")
+    print("|---|---:|---|---|---:|---:|---:|---|---:|---:|")
     for r in results:
         for method in methods:
             scores = [row["score"] for row in r["rows"][method]]
             finite = [s for s in scores if not math.isnan(s)]
             fired = r["alarm"][method]
+            everything = [row["score_all"] for row in r["rows"][method] if not math.isnan(row["score_all"])]
+            inside = " ".join(f"{row['object_share']:.2f}" for row in r["rows"][method])
             print(f"| {r['kind']} | {r['seed']} | {method} | {' '.join(f'{s:.2f}' for s in scores)} | "
-                  f"{max(finite) if finite else math.nan:.3f} | {'-' if fired is None else fired} | "
-                  f"{r['val_acc']:.3f} | {r['test_acc']:.3f} |")
+                  f"{max(finite) if finite else math.nan:.3f} | {max(everything) if everything else math.nan:.3f} | "
+                  f"{'-' if fired is None else fired} | {inside} | {r['val_acc']:.3f} | {r['test_acc']:.3f} |")
     print()
     for method in methods:
         cue = [r for r in results if r["kind"] == "cue"]
@@ -159,12 +166,23 @@ def main() -> None:
     parser.add_argument("--num-train", type=int, default=None)
     parser.add_argument("--probes", type=int, default=32, help="validation probes explained (statistic on 8 too)")
     parser.add_argument("--quick", action="store_true", help="one seed, 1024 images, 3 epochs")
+    parser.add_argument("--save", default=None, help="also save every run's per-epoch probe maps here (torch.save)")
+    parser.add_argument("--load", nargs="+", default=None, help="summarise runs saved with --save; train nothing")
     args = parser.parse_args()
+    if args.load:
+        results = [r for path in args.load for r in torch.load(path, weights_only=False)]
+        summary(results, [m for m in args.methods if all(m in r["rows"] for r in results)])
+        return
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     seeds = args.seeds[:1] if args.quick else args.seeds
     epochs = args.epochs or (3 if args.quick else 8)
     num_train = args.num_train or (1024 if args.quick else 3072)
-    results = [run(kind, seed, epochs, num_train, args.probes, args.methods) for seed in seeds for kind in args.kinds]
+    results = []
+    for seed in seeds:
+        for kind in args.kinds:
+            results.append(run(kind, seed, epochs, num_train, args.probes, args.methods))
+            if args.save:
+                torch.save(results, args.save)
     summary(results, args.methods)
 
 

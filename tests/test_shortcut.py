@@ -164,3 +164,79 @@ def test_alarm_arguments_are_checked():
     with pytest.raises(ValueError, match="patience"):
         ShortcutAlarm("gradtoken", patience=0)
     assert 0 < DEFAULT_THRESHOLD < 1 and DEFAULT_PATIENCE >= 1
+
+
+# ------------------------------------------------------------------------------------------ trained tiny models
+
+
+@pytest.fixture(scope="session")
+def cue_model(trained_root):
+    """The test ViT trained in this session on texture data whose train and validation images carry the
+    class-coloured cue with probability 0.9; its data module (``test_set`` is cue-free)."""
+    import lightning.pytorch as pl
+    from conftest import trained_architecture
+
+    from lightning_xai.demos import SyntheticDataModule, ViTClassifier
+
+    pl.seed_everything(0, workers=True)
+    data = SyntheticDataModule(family="texture", num_classes=4, image_size=32, num_train=2048, num_val=256,
+                               num_test=256, batch_size=64, seed=0, val_return_mask=True, cue_probability=0.9)
+    module = ViTClassifier(num_classes=4, lr=2e-3, warmup_epochs=1, **trained_architecture())
+    cached = trained_root / "texture_cue.pt"
+    if cached.exists():
+        module.load_state_dict(torch.load(cached))
+    else:
+        pl.Trainer(max_epochs=4, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                   default_root_dir=str(trained_root)).fit(module, datamodule=data)
+        torch.save(module.state_dict(), cached)
+    data.setup("fit")
+    return module.eval(), data
+
+
+def _accuracy(module, dataset, count=256) -> float:
+    images, labels, _ = dataset.batch(range(count))
+    with torch.no_grad():
+        return float((module(images).argmax(-1) == labels).float().mean())
+
+
+def _probe_statistic(module, data, method="gradtoken", count=32):
+    import lightning_xai as lx
+
+    images, labels, masks = data.val_set.batch(range(count))
+    result = lx.explain(module, images, method=method)  # targets: the prediction, as the callback's default
+    return shortcut_score(result.maps, result.targets), object_share(result.maps, masks), labels, result
+
+
+def test_the_cue_model_leans_on_the_cue(cue_model):
+    """Validation (biased like training) looks fine; the cue-free test split shows the damage."""
+    module, data = cue_model
+    val, test = _accuracy(module, data.val_set), _accuracy(module, data.test_set)
+    assert val > 0.8 and test < val - 0.25, (val, test)
+
+
+def test_statistic_fires_on_the_cue_model_and_not_on_the_clean_model(cue_model, texture_model):
+    from lightning_xai.demos import cue_region
+
+    cue, cue_object, _, _ = _probe_statistic(*cue_model)
+    clean, clean_object, _, _ = _probe_statistic(*texture_model)
+    assert cue.score >= DEFAULT_THRESHOLD > clean.score, (cue.score, clean.score)
+    # the agreed region of the cue model is where the mark is (the patch holding it), and the maps leave the object
+    mark_cell = torch.zeros(32, 32, dtype=torch.bool)
+    mark_cell[:4, :4] = True
+    assert cue_region(32).logical_and(mark_cell).sum() == 9 and (cue.region & mark_cell).any()
+    assert not (clean.region & mark_cell).any()
+    assert cue_object.mean() < clean_object.mean()
+    # eight probes (the callback's default) are enough to tell them apart
+    few_cue, *_ = _probe_statistic(*cue_model, count=8)
+    few_clean, *_ = _probe_statistic(*texture_model, count=8)
+    assert few_cue.score >= DEFAULT_THRESHOLD > few_clean.score, (few_cue.score, few_clean.score)
+
+
+def test_alarm_on_the_cue_model_names_the_probes_on_the_mark(cue_model):
+    score, _, _, result = _probe_statistic(*cue_model, count=16)
+    alarm = ShortcutAlarm("gradtoken", patience=2)
+    events = [alarm.update(epoch, score.score, score.probes_above(DEFAULT_THRESHOLD)) for epoch in (3, 4)]
+    assert events[0] is None and events[1] is not None
+    carriers = [i for i in range(16) if cue_model[1].val_set.has_cue(i)]
+    assert set(events[1].probes) <= set(range(16)) and len(set(events[1].probes) & set(carriers)) >= 8
