@@ -37,6 +37,7 @@ from lightning_xai.callbacks.shortcut import (
     DEFAULT_PATIENCE,
     DEFAULT_THRESHOLD,
     ShortcutAlarm,
+    object_drift,
     object_share,
     shortcut_score,
 )
@@ -128,8 +129,8 @@ def summary(results: list[dict], methods: list[str]) -> None:
     print(f"\n## Shortcut statistic per run (threshold {DEFAULT_THRESHOLD}, patience {DEFAULT_PATIENCE}, region "
           f"{DEFAULT_FRACTION:.0%} of the pixels = chance level)\n")
     print("| data | seed | method | statistic per epoch (8 probes) | max | max (all probes) | alarm at epoch | "
-          "energy in object per epoch | val acc | cue-free test acc |")
-    print("|---|---:|---|---|---:|---:|---:|---|---:|---:|")
+          "energy in object per epoch | object drift max | val acc | cue-free test acc |")
+    print("|---|---:|---|---|---:|---:|---:|---|---:|---:|---:|")
     for r in results:
         for method in methods:
             scores = [row["score"] for row in r["rows"][method]]
@@ -137,9 +138,12 @@ def summary(results: list[dict], methods: list[str]) -> None:
             fired = r["alarm"][method]
             everything = [row["score_all"] for row in r["rows"][method] if not math.isnan(row["score_all"])]
             inside = " ".join(f"{row['object_share']:.2f}" for row in r["rows"][method])
+            drift = object_drift(torch.tensor([row["object_share"] for row in r["rows"][method]]),
+                                 torch.tensor([row["probe_acc"] for row in r["rows"][method]]))
             print(f"| {r['kind']} | {r['seed']} | {method} | {' '.join(f'{s:.2f}' for s in scores)} | "
                   f"{max(finite) if finite else math.nan:.3f} | {max(everything) if everything else math.nan:.3f} | "
-                  f"{'-' if fired is None else fired} | {inside} | {r['val_acc']:.3f} | {r['test_acc']:.3f} |")
+                  f"{'-' if fired is None else fired} | {inside} | {float(drift.max()):.2f} | {r['val_acc']:.3f} | "
+                  f"{r['test_acc']:.3f} |")
     print()
     for method in methods:
         cue = [r for r in results if r["kind"] == "cue"]
@@ -167,13 +171,15 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=32, help="validation probes explained (statistic on 8 too)")
     parser.add_argument("--quick", action="store_true", help="one seed, 1024 images, 3 epochs")
     parser.add_argument("--save", default=None, help="also save every run's per-epoch probe maps here (torch.save)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: on a shared, oversubscribed CPU two threads ran 8x slower)")
     parser.add_argument("--load", nargs="+", default=None, help="summarise runs saved with --save; train nothing")
     args = parser.parse_args()
     if args.load:
         results = [r for path in args.load for r in torch.load(path, weights_only=False)]
         summary(results, [m for m in args.methods if all(m in r["rows"] for r in results)])
         return
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    torch.set_num_threads(args.threads)
     seeds = args.seeds[:1] if args.quick else args.seeds
     epochs = args.epochs or (3 if args.quick else 8)
     num_train = args.num_train or (1024 if args.quick else 3072)

@@ -14,6 +14,7 @@ from lightning_xai.callbacks.shortcut import (
     DEFAULT_THRESHOLD,
     ShortcutAlarm,
     energy_distribution,
+    object_drift,
     object_share,
     shortcut_score,
 )
@@ -127,6 +128,16 @@ def test_object_share():
     assert torch.allclose(object_share(maps, masks), torch.tensor([0.5, 0.0]))
     with pytest.raises(ValueError, match="masks"):
         object_share(maps, masks[:, :4])
+
+
+def test_object_drift_counts_a_falling_object_share_only_while_accuracy_rises():
+    shares = torch.tensor([0.30, 0.40, 0.20, 0.10, 0.50, 0.25])
+    accuracy = torch.tensor([0.30, 0.40, 0.80, 0.30, 0.90, 0.95])
+    drift = object_drift(shares, accuracy)
+    # best so far: 0.30, 0.40, 0.40, 0.40, 0.50, 0.50 (at accuracy 0.30, 0.40, 0.40, 0.40, 0.90, 0.90)
+    assert torch.allclose(drift, torch.tensor([0.0, 0.0, 0.5, 0.0, 0.0, 0.5]))
+    with pytest.raises(ValueError, match=r"\(T,\)"):
+        object_drift(shares, accuracy[:3])
 
 
 def test_alarm_fires_after_patience_consecutive_epochs_once_per_run():

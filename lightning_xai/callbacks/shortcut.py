@@ -29,6 +29,7 @@ __all__ = [
     "ShortcutEvent",
     "ShortcutScore",
     "energy_distribution",
+    "object_drift",
     "object_share",
     "shortcut_score",
 ]
@@ -156,6 +157,28 @@ def object_share(maps: Tensor, masks: Tensor) -> Tensor:
         raise ValueError(f"masks {tuple(masks.shape)} do not match maps {tuple(maps.shape)} (P, H, W)")
     dist = energy_distribution(maps)
     return (dist * masks.flatten(-2).to(dist.device, dist.dtype)).sum(-1).float().cpu()
+
+
+def object_drift(object_shares: Tensor, accuracies: Tensor) -> Tensor:
+    """The with-masks signal over explained epochs: how far the share of map energy inside the objects has
+    fallen from its best epoch so far, counted only while the probe accuracy is above its value at that epoch.
+
+    Args:
+        object_shares: ``(T,)`` mean :func:`object_share` of the probes at each explained epoch.
+        accuracies: ``(T,)`` probe accuracy at the same epochs.
+
+    Returns:
+        ``(T,)`` in ``[0, 1]``: ``1 - share_t / share_best`` where ``best`` is the epoch ``<= t`` with the highest
+        share, when ``accuracy_t > accuracy_best``; ``0`` otherwise (the model did not get better, or the
+        share did not fall).
+    """
+    shares, accuracy = object_shares.double(), accuracies.double()
+    if shares.dim() != 1 or shares.shape != accuracy.shape:
+        raise ValueError(f"object_shares and accuracies must both be (T,); got {tuple(shares.shape)} and "
+                         f"{tuple(accuracy.shape)}")
+    best, where = shares.cummax(0)
+    fall = (1 - shares / best.clamp_min(1e-12)).clamp_min(0)
+    return torch.where(accuracy > accuracy[where], fall, torch.zeros_like(fall)).float()
 
 
 @dataclass
