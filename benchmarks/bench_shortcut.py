@@ -114,15 +114,25 @@ def run(kind: str, seed: int, epochs: int, num_train: int, num_probes: int, meth
     out = dict(kind=kind, seed=seed, rows=recorder.rows, val_acc=accuracy(module, data.val_set, 512),
                test_acc=accuracy(module, data.test_set, 512), minutes=(time.perf_counter() - start) / 60,
                maps=recorder.saved, labels=labels, masks=masks)
-    out["alarm"] = {}
-    for method, rows in recorder.rows.items():
-        alarm = ShortcutAlarm(method, DEFAULT_THRESHOLD, DEFAULT_PATIENCE)
-        fired = [row["epoch"] for row in rows if alarm.update(row["epoch"], row["score"]) is not None]
-        out["alarm"][method] = fired[0] if fired else None
+    out["alarm"] = {method: alarm_epoch(rows) for method, rows in recorder.rows.items()}
     alarms = ", ".join(f"{m}: {'epoch ' + str(e) if e is not None else 'silent'}" for m, e in out["alarm"].items())
     print(f"  -> val accuracy {out['val_acc']:.3f}, cue-free test accuracy {out['test_acc']:.3f}; alarm {alarms}; "
           f"{out['minutes']:.1f} min", flush=True)
     return out
+
+
+def alarm_epoch(rows: list[dict], threshold: float = DEFAULT_THRESHOLD, patience: int = DEFAULT_PATIENCE):
+    """The epoch at which the alarm fires on a run's per-epoch statistic (8 probes), or ``None``."""
+    alarm = ShortcutAlarm("method", threshold, patience)
+    fired = [row["epoch"] for row in rows if alarm.update(row["epoch"], row["score"]) is not None]
+    return fired[0] if fired else None
+
+
+def held_level(scores: list[float], patience: int = DEFAULT_PATIENCE) -> float:
+    """The highest level the statistic held for ``patience`` consecutive epochs (max over windows of the min)."""
+    windows = [scores[i:i + patience] for i in range(len(scores) - patience + 1)]
+    levels = [min(w) for w in windows if not any(math.isnan(v) for v in w)]
+    return max(levels, default=math.nan)
 
 
 def summary(results: list[dict], methods: list[str]) -> None:
@@ -135,7 +145,7 @@ def summary(results: list[dict], methods: list[str]) -> None:
         for method in methods:
             scores = [row["score"] for row in r["rows"][method]]
             finite = [s for s in scores if not math.isnan(s)]
-            fired = r["alarm"][method]
+            fired = alarm_epoch(r["rows"][method])  # recomputed: runs may have been saved with other defaults
             everything = [row["score_all"] for row in r["rows"][method] if not math.isnan(row["score_all"])]
             inside = " ".join(f"{row['object_share']:.2f}" for row in r["rows"][method])
             drift = object_drift(torch.tensor([row["object_share"] for row in r["rows"][method]]),
@@ -148,17 +158,18 @@ def summary(results: list[dict], methods: list[str]) -> None:
     for method in methods:
         cue = [r for r in results if r["kind"] == "cue"]
         other = [r for r in results if r["kind"] != "cue"]
-        hits = sum(r["alarm"][method] is not None for r in cue)
-        false = sum(r["alarm"][method] is not None for r in other)
-        # margins: the highest value a clean or centred run ever reached, and the value the cue runs held
-        # at their second-best epoch (what ``patience`` consecutive epochs need)
-        clean_max = max((row["score"] for r in other for row in r["rows"][method] if not math.isnan(row["score"])),
-                        default=math.nan)
-        held = [sorted((row["score"] for row in r["rows"][method] if not math.isnan(row["score"])),
-                       reverse=True)[DEFAULT_PATIENCE - 1] for r in cue]
+        hits = sum(alarm_epoch(r["rows"][method]) is not None for r in cue)
+        false = sum(alarm_epoch(r["rows"][method]) is not None for r in other)
+        # margins: the level each run held for ``patience`` consecutive epochs (what the alarm needs), the
+        # highest among clean/centred runs against the lowest among cue runs; and single epochs
+        held_other = max(held_level([row["score"] for row in r["rows"][method]]) for r in other)
+        held_cue = min(held_level([row["score"] for row in r["rows"][method]]) for r in cue)
+        single = max((row["score"] for r in other for row in r["rows"][method] if not math.isnan(row["score"])),
+                     default=math.nan)
         print(f"- {method}: alarm on {hits} of {len(cue)} cue runs and {false} of {len(other)} clean/centred runs "
-              f"({'holds' if hits == len(cue) and false == 0 else 'FAILS'}); highest clean/centred value "
-              f"{clean_max:.3f}, lowest cue run's {DEFAULT_PATIENCE}-epoch level {min(held):.3f}")
+              f"({'holds' if hits == len(cue) and false == 0 else 'FAILS'}); level held for {DEFAULT_PATIENCE} "
+              f"epochs: highest clean/centred {held_other:.3f}, lowest cue {held_cue:.3f}; highest single "
+              f"clean/centred epoch {single:.3f}")
 
 
 def main() -> None:

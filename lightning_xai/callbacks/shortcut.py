@@ -37,7 +37,7 @@ __all__ = [
 #: Size of the agreed region, as a fraction of the image's pixels ("the top few percent").
 DEFAULT_FRACTION = 0.05
 #: Alarm level of the statistic (chance level for maps spread evenly: ``DEFAULT_FRACTION``).
-DEFAULT_THRESHOLD = 0.3
+DEFAULT_THRESHOLD = 0.4
 #: Consecutive explained epochs at or above the threshold before the alarm fires.
 DEFAULT_PATIENCE = 2
 
