@@ -11,6 +11,7 @@ from lightning_xai.explainers import (
     create_explainer,
     get_explainer,
     register,
+    unregister,
 )
 from lightning_xai.functional import explain
 
@@ -24,4 +25,5 @@ __all__ = [
     "explain",
     "get_explainer",
     "register",
+    "unregister",
 ]

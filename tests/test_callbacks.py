@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from conftest import wandb_history
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from PIL import Image
@@ -66,21 +67,26 @@ def tensorboard_run(tmp_path_factory):
 def test_tensorboard_images_per_epoch_with_expected_sizes(tensorboard_run):
     monitor, run, events = tensorboard_run
     tags = events.Tags()
+    # one step axis: the steps Lightning logs val_loss at (4 batches an epoch, logged before the 4th batch is
+    # counted); the fit-start baseline is the first point of the same tags, at step 0
+    val_steps = [e.step for e in events.Scalars("val_loss")]
+    assert val_steps == [3, 7, 11]
     for method in ("gradtoken", "c2f"):
         overlays = events.Images(f"xai/{method}/overlay")
-        assert [e.step for e in overlays] == [0, 1, 2]  # global_step = epoch: the slider walks epochs
+        assert [e.step for e in overlays] == [0, *val_steps]
         # 4 probes as rows, probe image + 1 target as columns; tiles are upscaled 32 -> 96 px plus a caption
         assert overlays[0].width >= 2 * 96 and overlays[0].height >= 4 * 96
         timeline = events.Images(f"xai/{method}/timeline")
-        assert [e.step for e in timeline] == [0, 1, 2]
-        assert timeline[-1].width > timeline[0].width  # one more epoch column each time
-        assert len(events.Images(f"xai/{method}/overlay_init")) == 1  # the before-training baseline
-        for scalar in ("entropy", "similarity_prev", "iou", "energy_pointing_game"):
-            assert f"xai/{method}/{scalar}" in tags["scalars"], scalar
+        assert [e.step for e in timeline] == [0, *val_steps]
+        assert timeline[-1].width > timeline[0].width  # one more column each time
+        for scalar in ("entropy", "iou", "energy_pointing_game"):
+            assert [e.step for e in events.Scalars(f"xai/{method}/{scalar}")] == [0, *val_steps], scalar
+        assert [e.step for e in events.Scalars(f"xai/{method}/similarity_prev")] == val_steps
         values = [e.value for e in events.Scalars(f"xai/{method}/iou")]
-        assert len(values) == 3 and all(0 <= v <= 1 for v in values)
-    assert len(events.Images("xai/probes/0")) == 1  # probe images logged once, not every epoch
-    assert "xai/probe_accuracy" in tags["scalars"]
+        assert len(values) == 4 and all(0 <= v <= 1 for v in values)
+    assert not [tag for tag in tags["images"] + tags["scalars"] if "init" in tag]  # no separate baseline tags
+    assert [e.step for e in events.Images("xai/probes/0")] == [0]  # probe images logged once, not every epoch
+    assert [e.step for e in events.Scalars("xai/probe_accuracy")] == [0, *val_steps]
 
 
 def test_tensorboard_images_decode_to_the_rendered_pixels(tensorboard_run):
@@ -95,9 +101,10 @@ def test_tensorboard_images_decode_to_the_rendered_pixels(tensorboard_run):
 def test_save_raw_writes_tensors_per_epoch(tensorboard_run):
     monitor, run, _ = tensorboard_run
     files = sorted(Path(run.log_dir).rglob("raw/c2f/*.pt"))
-    assert [f.stem for f in files] == ["ep_0", "ep_1", "ep_2", "init"]
+    assert [f.stem for f in files] == ["epoch_0000", "epoch_0000_step_000000", "epoch_0001", "epoch_0002"]
     saved = torch.load(files[0])
     assert saved["raw"].shape == (4, 1, 32, 32) and saved["targets"].shape == (4, 1)
+    assert (saved["epoch"], saved["step"]) == (0, 3)
 
 
 def test_csv_logger_gets_png_files_and_scalars(tmp_path):
@@ -136,8 +143,14 @@ def test_wandb_offline_run_holds_images_and_tables(tmp_path, monkeypatch):
     tables = sorted(files.rglob("*.table.json"))
     assert len(tables) == 2
     table = json.loads(tables[-1].read_text())
-    assert table["columns"] == ["epoch", "probe", "target", "target_name", "probability", "gradtoken", "rollout"]
-    assert len(table["data"]) == 3 and table["data"][0][0] == 1
+    assert table["columns"] == ["epoch", "step", "probe", "target", "target_name", "probability", "gradtoken",
+                                "rollout"]
+    assert len(table["data"]) == 3 and table["data"][0][:2] == [1, 7]
+    # one step axis in W&B too: each explanation shares the W&B row (and so `_step`) of the validation's metrics,
+    # at the trainer/global_step Lightning logs val_loss at
+    rows = [row for row in wandb_history(runs[0]) if "xai/gradtoken/entropy" in row]
+    assert [row["trainer/global_step"] for row in rows] == [3, 7]
+    assert all("val_loss" in row and row["xai/gradtoken/overlay/_type"] == "image-file" for row in rows)
 
 
 class Recorder(Callback):
@@ -187,7 +200,7 @@ def test_training_is_bit_identical_with_and_without_the_callback(tmp_path, stage
     assert len(before.states) == len(after.states) >= 2
     for a, b in zip(before.states, after.states, strict=True):
         _same_snapshots(a, b)
-    assert monitor._explained_epochs == [0, 1]
+    assert monitor.explained == [(0, 0), (0, 3), (1, 7)]  # the fit-start baseline, then each epoch's last step
 
 
 def test_no_growth_over_many_epochs(tmp_path):
@@ -207,15 +220,15 @@ def test_no_growth_over_many_epochs(tmp_path):
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules()) == hooks
     assert len(counts) == 30
     assert max(counts[5:]) - min(counts[5:]) <= 2, counts  # stable after warm-up, no per-epoch leak
-    assert len(monitor._history["gradtoken"]) == 30
+    assert len(monitor.explained) == 30
 
 
 def test_bf16_mixed_precision(tmp_path):
     monitor = ExplanationMonitor(methods=["gradtoken", "gae"], num_probes=2)
     logger = CSVLogger(str(tmp_path), name="bf16")
     fit(tmp_path, [monitor], logger, epochs=1, precision="bf16-mixed")
-    assert monitor._previous["gradtoken"].dtype == torch.float32
-    assert torch.isfinite(monitor._previous["gae"]).all()
+    assert monitor.last_results["gradtoken"].maps.dtype == torch.float32
+    assert torch.isfinite(monitor.last_results["gae"].maps).all()
 
 
 def test_trainer_validate_runs_in_inference_mode(tmp_path):
@@ -223,8 +236,8 @@ def test_trainer_validate_runs_in_inference_mode(tmp_path):
     pl.seed_everything(0)
     module = ViTClassifier(**TINY)
     trainer(tmp_path, [monitor], logger=CSVLogger(str(tmp_path), name="val")).validate(module, datamodule())
-    assert set(monitor._previous) == {"gradtoken", "c2f"}
-    assert torch.isfinite(monitor._previous["gradtoken"]).all()
+    assert set(monitor.last_results) == {"gradtoken", "c2f"}
+    assert torch.isfinite(monitor.last_results["gradtoken"].maps).all()
 
 
 @register
@@ -239,7 +252,7 @@ def test_an_explanation_failure_warns_and_training_goes_on(tmp_path):
     monitor = ExplanationMonitor(methods=["test_failing", "gradtoken"], num_probes=2)
     with pytest.warns(RuntimeWarning, match=r"'test_failing' failed at epoch 0.*deliberate failure"):
         _, run = fit(tmp_path, [monitor], epochs=2)
-    assert run.current_epoch == 2 and "gradtoken" in monitor._previous
+    assert run.current_epoch == 2 and set(monitor.last_results) == {"gradtoken"}
     with pytest.raises(RuntimeError, match="deliberate failure"):
         fit(tmp_path, [ExplanationMonitor(methods=["test_failing"], num_probes=2, on_error="raise")], epochs=1)
 
@@ -299,7 +312,7 @@ def test_every_n_epochs_and_user_probes_with_labels(tmp_path):
     monitor = ExplanationMonitor(methods=["gradtoken"], probe_images=images, probe_labels=labels, probe_masks=masks,
                                  targets="label", every_n_epochs=2)
     fit(tmp_path, [monitor], epochs=4)
-    assert monitor._explained_epochs == [1, 3]
+    assert [epoch for epoch, _ in monitor.explained] == [1, 3]
     assert monitor.probe.indices is None and torch.equal(monitor.probe.labels, labels)
 
 
@@ -314,7 +327,7 @@ def test_resume_explains_the_same_probes(tmp_path):
     run.fit(ViTClassifier(**TINY), datamodule=datamodule(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert resumed.probe.indices == first.probe.indices
     assert torch.equal(resumed.probe.images, first.probe.images)
-    assert resumed._explained_epochs == [0, 1, 2, 3]
+    assert [epoch for epoch, _ in resumed.explained] == [0, 1, 2, 3]
 
 
 DDP_SCRIPT = """
@@ -324,18 +337,23 @@ from test_callbacks import TINY, datamodule
 from lightning_xai.callbacks import ExplanationMonitor
 from lightning_xai.demos import ViTClassifier
 
-class Where(ExplanationMonitor):
-    def _explain(self, trainer, module, epoch, baseline):
-        assert not isinstance(module, torch.nn.parallel.DistributedDataParallel)
-        with open(os.path.join({out!r}, f"rank{{trainer.global_rank}}_epoch{{epoch}}"), "w") as f:
+class Where(pl.Callback):
+    def __init__(self, monitor):
+        self.monitor = monitor
+
+    def on_validation_epoch_end(self, trainer, module):
+        if trainer.sanity_checking or not self.monitor.last_results:
+            return
+        assert not isinstance(self.monitor.runner.module, torch.nn.parallel.DistributedDataParallel)
+        with open(os.path.join({out!r}, f"rank{{trainer.global_rank}}_epoch{{trainer.current_epoch}}"), "w") as f:
             f.write("explained")
-        return super()._explain(trainer, module, epoch, baseline)
 
 if __name__ == "__main__":
     pl.seed_everything(0)
+    monitor = ExplanationMonitor(methods=["gradtoken", "c2f"], num_probes=2)
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp", logger=False,
                          enable_progress_bar=False, enable_checkpointing=False, default_root_dir={out!r},
-                         callbacks=[Where(methods=["gradtoken", "c2f"], num_probes=2)])
+                         callbacks=[monitor, Where(monitor)])
     trainer.fit(ViTClassifier(**TINY), datamodule=datamodule())
 """
 

@@ -224,3 +224,78 @@ def test_vitcx_noise_is_seeded(model, images):
     b = lx.explain(model, images, method="vitcx", seed=1).raw
     c = lx.explain(model, images, method="vitcx", seed=2).raw
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# -- readout rows (METHODS.md, "The readout rows"): what the head reads decides the rows -------------------------
+def _direct_readout_maps(model, image, target, rows, weights):
+    """Raw attention, rollout, GAE and GradToken computed directly on the readout rows ``rows`` (weights
+    ``weights``), one image, one target, by loops over blocks: ``{method: (N,)}``."""
+    x = image[None].clone().requires_grad_(True)
+    with capture(model, ("attn",)) as record:
+        logit = model(x)[0, target]
+    grads = torch.autograd.grad(logit, record.attn)
+    attn = [a[0].detach() for a in record.attn]
+    prefix = attn[0].shape[-1] - 16
+    w = torch.tensor(weights)[:, None]
+    tokens = attn[0].shape[-1]
+    rollout, gae = torch.eye(tokens), torch.eye(tokens)
+    gradtoken = torch.zeros(16)
+    for a, g in zip(attn, grads, strict=True):
+        step = a.mean(0) + torch.eye(tokens)
+        rollout = (step / step.sum(1, keepdim=True)) @ rollout
+        gae = gae + torch.relu(g[0] * a).mean(0) @ gae
+        gradtoken += torch.relu(((a[:, rows, prefix:] * g[0][:, rows, prefix:]) * w).sum((0, 1)))
+    return {
+        "raw_attention": (attn[-1].mean(0)[rows, prefix:] * w).sum(0),
+        "rollout": (rollout[rows, prefix:] * w).sum(0),
+        "gae": (gae[rows, prefix:] * w).sum(0),
+        "gradtoken": gradtoken,
+    }
+
+
+READOUT_CASES = {
+    # a class token the head never reads: timm global_pool="avg" keeps it (BEiT and EVA-02 are built so)
+    "avg_with_class_token": (dict(global_pool="avg"), list(range(1, 17)), [1 / 16] * 16),
+    "avg_registers_no_class_token": (dict(global_pool="avg", class_token=False, reg_tokens=2, fc_norm=False),
+                                     list(range(2, 18)), [1 / 16] * 16),
+    "avg_including_prefix": (dict(global_pool="avg", pool_include_prefix=True), list(range(17)), [1 / 17] * 17),
+    "token_with_registers": (dict(reg_tokens=2), [0], [1.0]),
+}
+
+
+@pytest.mark.parametrize("case", list(READOUT_CASES))
+def test_maps_read_the_rows_the_head_reads(images, case):
+    kwargs, rows, weights = READOUT_CASES[case]
+    model = make_vit(depth=2, **kwargs)
+    expected = [_direct_readout_maps(model, images[b], target, rows, weights) for b, target in enumerate((1, 3))]
+    for method in ("raw_attention", "rollout", "gae", "gradtoken"):
+        result = lx.explain(model, images[:2], method=method, targets=[1, 3])
+        for b in range(2):
+            torch.testing.assert_close(result.patch_maps[b, 0].flatten(), expected[b][method], rtol=1e-4, atol=1e-7)
+
+
+def test_average_pooled_model_with_class_token_has_a_live_last_block(images):
+    """The failure of reading row 0 on a model whose head averages the patches: no gradient reaches the class
+    token's row of the last block, so GradToken's last block was exactly zero and every map read dead rows."""
+    model = make_vit(global_pool="avg")
+    last = lx.explain(model, images, method="gradtoken", layers=[-1])
+    assert float(last.raw.amax()) > 0
+    with capture(model, ("attn",)) as record:
+        logit = model(images)[:, 0].sum()
+    grad = torch.autograd.grad(logit, record.attn[-1])[0]
+    assert float(grad[:, :, 0].abs().max()) == 0  # row 0 of the last block: dead for this head
+    assert float(grad[:, :, 1:].abs().max()) > 0
+
+
+def test_distilled_head_reads_class_and_distillation_rows(images):
+    """DeiT's distilled head averages its class and distillation heads: readout rows 0 and 1, averaged."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                              num_classes=5, depth=2, embed_dim=48, num_heads=3).eval()
+    assert geometry(model, (32, 32)).readout.groups == ("class", "distillation")
+    expected = _direct_readout_maps(model, images[0], 2, [0, 1], [0.5, 0.5])
+    for method in ("raw_attention", "rollout", "gae", "gradtoken"):
+        result = lx.explain(model, images[:1], method=method, targets=[2])
+        torch.testing.assert_close(result.patch_maps[0, 0].flatten(), expected[method], rtol=1e-4, atol=1e-7)

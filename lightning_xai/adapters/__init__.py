@@ -1,40 +1,115 @@
-"""Find the Vision Transformer inside a module, read its token geometry, and capture its internals.
+"""Find the Vision Transformer inside a module, read its token geometry and readout, capture its internals.
 
-The adapter is the only place that knows how a timm ``VisionTransformer`` is laid out. Explainers ask it
-for the grid geometry and, for the duration of one explanation pass, for the tensors they need:
+One interface (:class:`~lightning_xai.adapters.base.Family`) over a small registry of model families:
+
+- ``timm``: ``VisionTransformer`` and relatives (DeiT, BEiT, EVA, registers, dynamic size);
+- ``torchvision``: ``VisionTransformer`` (``vit_b_16`` and friends);
+- ``transformers`` (optional extra ``lightning-xai[hf]``): ViT, DeiT, DINOv2, BEiT.
+
+Explainers ask, for one explanation pass, for the tensors they need (see :func:`capture`):
 
 - ``tokens[l]``: the residual stream entering block ``l``, ``(B, T, D)``;
-- ``norm1[l]``: block ``l``'s ``norm1`` output, ``(B, T, D)``;
+- ``norm1[l]``: block ``l``'s pre-attention normalisation output, ``(B, T, D)``;
 - ``attn[l]``: block ``l``'s attention probabilities after softmax and before dropout, ``(B, H, T, T)``.
 
 All three stay in the autograd graph, so ``torch.autograd.grad`` of a logit with respect to them works.
+Models the methods cannot explain (CaiT, XCiT, Swin, PiT, LeViT, MViT) are recognised and rejected with a
+message naming the family. ``torch.compile``d modules are explained through their original module.
 """
 
 from __future__ import annotations
 
 import contextlib
 import operator
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterator, Sequence
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
-ViTLocator = Callable[[nn.Module], nn.Module] | str | nn.Module | None
-OutputTransform = Callable[[Any], Tensor] | None
+from lightning_xai.adapters.base import (
+    CAPTURABLE,
+    READOUT_GROUPS,
+    Capture,
+    Family,
+    Geometry,
+    OutputTransform,
+    Readout,
+    UnsupportedFamily,
+    ViTLocator,
+)
+from lightning_xai.adapters.timm import TimmFamily
+from lightning_xai.adapters.torchvision import TorchvisionFamily
+from lightning_xai.adapters.transformers import TransformersFamily
+from lightning_xai.adapters.unsupported import UNSUPPORTED
+
+__all__ = [
+    "CAPTURABLE",
+    "READOUT_GROUPS",
+    "Capture",
+    "Family",
+    "Geometry",
+    "OutputTransform",
+    "Readout",
+    "UnsupportedFamily",
+    "ViTLocator",
+    "capture",
+    "depth",
+    "families",
+    "family_of",
+    "find_vit",
+    "geometry",
+    "in_channels",
+    "readout",
+    "register_family",
+    "unwrap_compiled",
+]
+
+_FAMILIES: list[Family] = [TimmFamily(), TorchvisionFamily(), TransformersFamily()]
 
 
-def _is_vit(module: nn.Module) -> bool:
-    """True for a timm-style ViT: patch embedding, a ``blocks`` sequence of attention blocks, prefix tokens."""
-    blocks = getattr(module, "blocks", None)
-    return (
-        hasattr(module, "patch_embed")
-        and hasattr(module, "num_prefix_tokens")
-        and isinstance(blocks, nn.Sequential | nn.ModuleList)
-        and len(blocks) > 0
-        and all(hasattr(b, "attn") and hasattr(b, "norm1") for b in blocks)
-    )
+def register_family(family: Family) -> Family:
+    """Add a model family; it is tried before the built-in ones."""
+    if not isinstance(family, Family) or not family.name:
+        raise TypeError("register_family needs a Family instance with a name")
+    _FAMILIES.insert(0, family)
+    return family
+
+
+def families() -> list[str]:
+    """Names of the supported families, in the order they are tried."""
+    return [f.name for f in _FAMILIES]
+
+
+def unwrap_compiled(module: nn.Module) -> nn.Module:
+    """The original module of a ``torch.compile``d one (``OptimizedModule._orig_mod``), else ``module``."""
+    while isinstance(getattr(module, "_orig_mod", None), nn.Module) and type(module).__name__ == "OptimizedModule":
+        module = module._orig_mod
+    return module
+
+
+def _unsupported(module: nn.Module) -> UnsupportedFamily | None:
+    return next((f for f in UNSUPPORTED if f.matches(module)), None)
+
+
+def family_of(module: nn.Module) -> Family:
+    """The family of the ViT ``module``.
+
+    Raises:
+        TypeError: ``module`` is of an unsupported family (the message names it) or of none.
+    """
+    module = unwrap_compiled(module)
+    rejected = _unsupported(module)
+    if rejected is not None:
+        raise rejected.error(module)
+    for family in _FAMILIES:
+        if family.matches(module):
+            return family
+    raise TypeError(f"{_describe(module)} is not a supported Vision Transformer ({_SUPPORTED})")
+
+
+_SUPPORTED = (
+    "supported: timm VisionTransformer-style models, torchvision VisionTransformer, Hugging Face ViT/DeiT/DINOv2/"
+    "BEiT"
+)
 
 
 def _describe(module: nn.Module) -> str:
@@ -43,21 +118,50 @@ def _describe(module: nn.Module) -> str:
     return f"{type(module).__name__} (contains: {shown})"
 
 
+def _search(module: nn.Module) -> nn.Module:
+    """The first supported ViT in ``module`` (itself first, then submodules in registration order)."""
+    rejected: tuple[nn.Module, UnsupportedFamily] | None = None
+    for sub in module.modules():
+        if type(sub).__name__ == "OptimizedModule":
+            continue  # its _orig_mod comes next
+        family = _unsupported(sub)
+        if family is not None:
+            rejected = rejected or (sub, family)
+            continue
+        if any(f.matches(sub) for f in _FAMILIES):
+            if rejected is not None and _contains(rejected[0], sub):
+                continue  # a ViT-looking part of an unsupported model
+            return sub
+    if rejected is not None:
+        raise rejected[1].error(rejected[0])
+    raise TypeError(
+        f"no supported Vision Transformer found in {_describe(module)} ({_SUPPORTED}). If your ViT is there but "
+        "nested where the search does not look, point at it with vit='attribute.path' or "
+        "vit=lambda module: module.backbone."
+    )
+
+
+def _contains(outer: nn.Module, inner: nn.Module) -> bool:
+    return any(m is inner for m in outer.modules())
+
+
 def find_vit(module: nn.Module, vit: ViTLocator = None) -> nn.Module:
-    """Return the timm-style Vision Transformer inside ``module``.
+    """Return the Vision Transformer inside ``module`` (unwrapped from ``torch.compile`` if it was compiled).
 
     Args:
-        module: any ``nn.Module``: a timm ViT, a LightningModule holding one, a wrapper.
+        module: any ``nn.Module``: a ViT of a supported family, a LightningModule holding one, a wrapper.
         vit: override: the ViT module itself, an attribute path inside ``module`` (``"model.backbone"``),
             or a callable ``module -> vit``. ``None`` searches ``module`` (itself first, then its submodules
-            in registration order) for the first ViT.
+            in registration order) for the first supported ViT.
 
     Raises:
-        TypeError: nothing supported was found; the message names what was found and how to point the
-            library at the right submodule.
+        TypeError: nothing supported was found (the message names what was found and how to point the
+            library at the right submodule), or the model is of an unsupported family (the message names it
+            and says what to do).
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"expected a torch.nn.Module to explain, got {type(module).__name__}")
+    module = unwrap_compiled(module)
     if isinstance(vit, str):
         try:
             found = operator.attrgetter(vit)(module)
@@ -71,122 +175,46 @@ def find_vit(module: nn.Module, vit: ViTLocator = None) -> nn.Module:
     elif isinstance(vit, nn.Module):
         found = vit
     elif vit is None:
-        found = next((m for m in module.modules() if _is_vit(m)), None)
-        if found is None:
-            raise TypeError(
-                f"no supported Vision Transformer found in {_describe(module)}. lightning-xai explains timm "
-                "VisionTransformer-style models (patch_embed, blocks with .attn and .norm1, "
-                "num_prefix_tokens). If your ViT is there under another structure, point at it with "
-                "vit='attribute.path' or vit=lambda module: module.backbone."
-            )
+        return _search(module)
     else:
         raise TypeError(f"vit must be a module, an attribute path, a callable or None, got {type(vit).__name__}")
-    if not _is_vit(found):
+    if not isinstance(found, nn.Module):
+        raise TypeError(f"vit={vit!r} selected a {type(found).__name__}, not an nn.Module")
+    found = unwrap_compiled(found)
+    rejected = _unsupported(found)
+    if rejected is not None:
+        raise rejected.error(found)
+    if not any(f.matches(found) for f in _FAMILIES):
         raise TypeError(
             f"the module selected by vit={vit!r} is {_describe(found)}, not a supported Vision Transformer "
-            "(needs patch_embed, blocks with .attn and .norm1, and num_prefix_tokens)."
+            f"({_SUPPORTED})."
         )
     return found
 
 
-@dataclass(frozen=True)
-class Geometry:
-    """Token layout of one input size.
-
-    Attributes:
-        num_prefix: ``P``, class/distillation/register tokens before the patches.
-        has_class_token: whether token 0 is a class token.
-        grid: ``(h, w)`` patch grid, ``N = h * w``.
-        image_size: ``(H, W)`` input size in pixels.
-        patch_size: ``(ph, pw)``.
-    """
-
-    num_prefix: int
-    has_class_token: bool
-    grid: tuple[int, int]
-    image_size: tuple[int, int]
-    patch_size: tuple[int, int]
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-
-def _pair(value: Any) -> tuple[int, int]:
-    if isinstance(value, int):
-        return (value, value)
-    return (int(value[0]), int(value[1]))
+def depth(vit: nn.Module) -> int:
+    """Number of transformer blocks ``L``."""
+    return len(family_of(vit).blocks(vit))
 
 
 def in_channels(vit: nn.Module) -> int | None:
     """Number of input channels the ViT's patch embedding takes, or ``None`` when it cannot be read."""
-    proj = getattr(vit.patch_embed, "proj", None)
-    return getattr(proj, "in_channels", None)
+    return family_of(vit).in_channels(unwrap_compiled(vit))
+
+
+def readout(vit: nn.Module) -> Readout:
+    """Which tokens the ViT's head reads (METHODS.md, "The readout rows")."""
+    return family_of(vit).readout(unwrap_compiled(vit))
 
 
 def geometry(vit: nn.Module, image_size: tuple[int, int]) -> Geometry:
-    """Grid geometry of ``vit`` for inputs of ``image_size = (H, W)``, read from the model (never assumed).
+    """Grid geometry and readout of ``vit`` for inputs of ``image_size = (H, W)``, read from the model.
 
     Raises:
         ValueError: the size does not fit the model (not divisible by the patch size, or differs from the
-            training size of a model built without ``dynamic_img_size=True``).
+            training size of a model built for one size only).
     """
-    pe = vit.patch_embed
-    patch = _pair(getattr(pe, "patch_size", 16))
-    height, width = int(image_size[0]), int(image_size[1])
-    dynamic = bool(getattr(vit, "dynamic_img_size", False) or getattr(pe, "dynamic_img_size", False))
-    pad = bool(getattr(pe, "dynamic_img_pad", False))
-    if not dynamic:
-        expected = getattr(pe, "img_size", None)
-        strict = getattr(pe, "strict_img_size", True)
-        if expected is not None and strict and tuple(expected) != (height, width):
-            raise ValueError(
-                f"images are {height}x{width} but the ViT was built for {expected[0]}x{expected[1]}: resize "
-                "the images, or create the model with timm.create_model(..., dynamic_img_size=True)."
-            )
-    if not pad and (height % patch[0] or width % patch[1]):
-        raise ValueError(
-            f"image size {height}x{width} is not divisible by the patch size {patch[0]}x{patch[1]}: resize or "
-            "crop the images to a multiple of the patch size."
-        )
-    grid = (-(-height // patch[0]), -(-width // patch[1]))
-    has_cls = getattr(vit, "cls_token", None) is not None
-    return Geometry(int(vit.num_prefix_tokens), has_cls, grid, (height, width), patch)
-
-
-@dataclass
-class Capture:
-    """Tensors recorded during one forward pass, one list entry per recorded block (in block order).
-
-    Attributes:
-        blocks: indices of the recorded blocks.
-        tokens: residual stream entering each block, ``(B, T, D)``.
-        norm1: each block's ``norm1`` output, ``(B, T, D)``.
-        attn: each block's attention probabilities before dropout, ``(B, H, T, T)``.
-    """
-
-    blocks: list[int]
-    tokens: list[Tensor] = field(default_factory=list)
-    norm1: list[Tensor] = field(default_factory=list)
-    attn: list[Tensor] = field(default_factory=list)
-
-    def clear(self) -> None:
-        self.tokens.clear()
-        self.norm1.clear()
-        self.attn.clear()
-
-
-CAPTURABLE = ("tokens", "norm1", "attn")
-
-
-def _attention_module(block: nn.Module) -> nn.Module:
-    attn = block.attn
-    if not hasattr(attn, "attn_drop"):
-        raise TypeError(
-            f"{type(block).__name__}.attn is {type(attn).__name__}, which has no attn_drop: lightning-xai "
-            "reads attention probabilities at timm Attention's attn_drop (input of the dropout after softmax)."
-        )
-    return attn
+    return family_of(vit).geometry(unwrap_compiled(vit), image_size)
 
 
 @contextlib.contextmanager
@@ -195,37 +223,20 @@ def capture(
 ) -> Iterator[Capture]:
     """Record ``what`` for the given ``blocks`` (default all) during the forwards run inside the context.
 
-    timm's fused attention never materialises probabilities, so ``fused_attn`` is switched off on every
-    recorded block's attention for the duration of the context and restored afterwards, also when an
-    exception is raised. All hooks are removed on exit. Each forward appends to the lists, so callers run
-    one forward per context (or call ``Capture.clear`` between forwards).
+    Whatever the family needs to materialise attention probabilities (timm: ``fused_attn`` off;
+    torchvision: ``need_weights=True``; Hugging Face: eager attention) holds only inside the context and is
+    undone on exit, also when an exception is raised; all hooks are removed. Each forward appends to the
+    lists, so callers run one forward per context (or call ``Capture.clear`` between forwards). The forward
+    must run the original (not ``torch.compile``d) module for the hooks to fire.
     """
     unknown = set(what) - set(CAPTURABLE)
     if unknown:
         raise ValueError(f"cannot capture {sorted(unknown)}; choose from {CAPTURABLE}")
-    depth = len(vit.blocks)
-    indices = list(range(depth)) if blocks is None else sorted({b % depth for b in blocks})
+    vit = unwrap_compiled(vit)
+    family = family_of(vit)
+    count = len(family.blocks(vit))
+    indices = list(range(count)) if blocks is None else sorted({b % count for b in blocks})
     record = Capture(blocks=indices)
-    handles: list[torch.utils.hooks.RemovableHandle] = []
-    fused_before: list[tuple[nn.Module, bool]] = []
-    try:
-        for index in indices:
-            block = vit.blocks[index]
-            if "tokens" in what:
-                handles.append(block.register_forward_pre_hook(lambda _m, args: record.tokens.append(args[0])))
-            if "norm1" in what:
-                handles.append(block.norm1.register_forward_hook(lambda _m, _a, out: record.norm1.append(out)))
-            if "attn" in what:
-                attn = _attention_module(block)
-                if hasattr(attn, "fused_attn"):
-                    fused_before.append((attn, attn.fused_attn))
-                    attn.fused_attn = False
-                handles.append(
-                    attn.attn_drop.register_forward_pre_hook(lambda _m, args: record.attn.append(args[0]))
-                )
+    with contextlib.ExitStack() as stack:
+        family.attach(vit, record, what, stack)
         yield record
-    finally:
-        for handle in handles:
-            handle.remove()
-        for attn, fused in fused_before:
-            attn.fused_attn = fused

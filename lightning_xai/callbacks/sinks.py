@@ -1,9 +1,15 @@
-"""Where explanation images and numbers go: one small sink per kind of logger.
+"""Where explanation images and numbers go: one small sink per kind of logger, plus the raw-map files.
 
-- TensorBoard: ``add_image``/``add_scalar`` with ``global_step = epoch`` (the image slider walks epochs).
-- Weights & Biases: ``wandb.Image`` (uint8), a per-epoch ``wandb.Table``, probe images uploaded once.
+Every sink writes one :class:`Record` per explanation event at ``record.step``, the step Lightning logs its own
+metrics at (see :func:`lightning_xai.callbacks.keys.logging_step`), so the maps and ``val_loss`` share one axis.
+
+- TensorBoard: ``add_image``/``add_scalar`` at ``record.step``.
+- Weights & Biases: ``wandb.Image`` (uint8), a per-event ``wandb.Table``, probe images uploaded once, all with
+  ``trainer/global_step = record.step`` (the x axis ``WandbLogger`` defines), in the same W&B row as Lightning's
+  metrics of that step (see :meth:`WandbSink.write`).
 - Any other logger, or none: PNG files under the run's log directory (one folder per method) and a
-  ``metrics.csv``; scalars also go to the logger's own ``log_metrics``.
+  ``metrics.csv``; scalars also go to the logger's own ``log_metrics`` at ``record.step``.
+- ``save_raw``: the unnormalised maps of each event as ``.pt`` files.
 """
 
 from __future__ import annotations
@@ -16,46 +22,52 @@ from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
+import torch
 from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.utils.tensorboard import SummaryWriter
 
+from lightning_xai.callbacks import keys
+from lightning_xai.explainers import Explanation
 from lightning_xai.render import encode_png, save_png
 
 
 @dataclass
-class EpochRecord:
+class Record:
     """Everything one explanation event produced, handed to every sink.
 
     Attributes:
-        epoch: the epoch explained (``trainer.current_epoch``; the fit-start baseline is logged at epoch 0).
-        global_step: the trainer's global step.
+        epoch: ``trainer.current_epoch`` of the event.
+        step: the logging step (``trainer.global_step`` for one optimizer; 0 for the fit-start baseline).
+        label: the event's name in captions: ``"ep 3"`` or ``"ep 3 · step 120"``.
+        stem: its file name stem: ``"epoch_0003"`` or ``"epoch_0003_step_000120"``.
         grids: per method, a uint8 ``(H, W, 3)`` grid of probe overlays.
-        timelines: per method, a uint8 timeline image (rows = probes, columns = epochs).
+        timelines: per method, a uint8 timeline image (rows = probes, columns = events).
         scalars: flat ``{"xai/<method>/<name>": value}``.
         rows: per-probe table rows: ``(probe id, target, target name, probability, {method: tile})``.
         probe_tiles: uint8 ``(P, h, w, 3)`` probe images, set only on the first event (uploaded once).
-        baseline: the event is the before-training baseline (``explain_at_fit_start``).
+        explanations: per method, the event's :class:`~lightning_xai.explainers.Explanation`.
     """
 
     epoch: int
-    global_step: int
-    grids: dict[str, np.ndarray]
-    timelines: dict[str, np.ndarray]
-    scalars: dict[str, float]
+    step: int
+    label: str
+    stem: str
+    grids: dict[str, np.ndarray] = field(default_factory=dict)
+    timelines: dict[str, np.ndarray] = field(default_factory=dict)
+    scalars: dict[str, float] = field(default_factory=dict)
     rows: list[tuple[int, int, str, float, dict[str, np.ndarray]]] = field(default_factory=list)
     probe_tiles: np.ndarray | None = None
-    baseline: bool = False
-
-    def image_tag(self, method: str, kind: str) -> str:
-        """``xai/<method>/<kind>``; the before-training baseline goes to ``xai/<method>/<kind>_init``."""
-        return f"xai/{method}/{kind}_init" if self.baseline else f"xai/{method}/{kind}"
+    explanations: dict[str, Explanation] = field(default_factory=dict)
 
 
 class Sink:
-    """Base class: receives one :class:`EpochRecord` per explanation event."""
+    """Base class: receives one :class:`Record` per explanation event."""
 
-    def write(self, record: EpochRecord) -> None:
+    def write(self, record: Record) -> None:
         raise NotImplementedError
+
+    def flush(self) -> None:
+        """Make everything written so far final (called after Lightning has logged the same step's metrics)."""
 
 
 class TensorBoardSink(Sink):
@@ -79,16 +91,16 @@ class TensorBoardSink(Sink):
         png = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=encode_png(image))
         self.experiment._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=png)]), step)
 
-    def write(self, record: EpochRecord) -> None:
+    def write(self, record: Record) -> None:
         for method, grid in record.grids.items():
-            self._image(record.image_tag(method, "overlay"), grid, record.epoch)
+            self._image(keys.image_key(method, "overlay"), grid, record.step)
         for method, image in record.timelines.items():
-            self._image(f"xai/{method}/timeline", image, record.epoch)
+            self._image(keys.image_key(method, "timeline"), image, record.step)
         if record.probe_tiles is not None:
             for index, tile in enumerate(record.probe_tiles):
-                self._image(f"xai/probes/{index}", tile, record.epoch)
+                self._image(keys.probe_key(index), tile, record.step)
         for tag, value in record.scalars.items():
-            self.experiment.add_scalar(tag, value, record.epoch)
+            self.experiment.add_scalar(tag, value, record.step)
         self.experiment.flush()
 
 
@@ -104,24 +116,37 @@ class WandbSink(Sink):
 
         self.wandb = wandb
         self.experiment = logger.experiment
+        self._staged_at: int | None = None
 
-    def write(self, record: EpochRecord) -> None:
+    def write(self, record: Record) -> None:
         image = self.wandb.Image
-        payload: dict[str, Any] = {"epoch": record.epoch, "trainer/global_step": record.global_step}
+        payload: dict[str, Any] = {"epoch": record.epoch, "trainer/global_step": record.step}
         payload.update(record.scalars)
         for method, grid in record.grids.items():
-            payload[record.image_tag(method, "overlay")] = image(grid, caption=f"{method}, epoch {record.epoch}")
+            payload[keys.image_key(method, "overlay")] = image(grid, caption=f"{method}, {record.label}")
         for method, timeline in record.timelines.items():
-            payload[f"xai/{method}/timeline"] = image(timeline, caption=f"{method} across epochs")
+            payload[keys.image_key(method, "timeline")] = image(timeline, caption=f"{method} up to {record.label}")
         if record.probe_tiles is not None:
-            payload["xai/probes"] = [image(tile, caption=f"probe {i}") for i, tile in enumerate(record.probe_tiles)]
+            payload[keys.PROBES] = [image(tile, caption=f"probe {i}") for i, tile in enumerate(record.probe_tiles)]
         if record.rows:
             methods = list(record.rows[0][4])
-            table = self.wandb.Table(columns=["epoch", "probe", "target", "target_name", "probability", *methods])
+            columns = ["epoch", "step", "probe", "target", "target_name", "probability", *methods]
+            table = self.wandb.Table(columns=columns)
             for probe, target, name, prob, tiles in record.rows:
-                table.add_data(record.epoch, probe, target, name, prob, *(image(tiles[m]) for m in methods))
-            payload["xai/table"] = table
-        self.experiment.log(payload)
+                cells = (image(tiles[m]) for m in methods)
+                table.add_data(record.epoch, record.step, probe, target, name, prob, *cells)
+            payload[keys.TABLE] = table
+        # Staged, not committed: Lightning's own metrics of this validation (logged right after the callback hook,
+        # at the same trainer/global_step) complete the same W&B row, so both share one `_step` too.
+        step = getattr(self.experiment, "step", None)
+        self.experiment.log(payload, commit=step is None)
+        self._staged_at = step
+
+    def flush(self) -> None:
+        """Commit the staged row if Lightning logged nothing after it (W&B's step counter has not moved)."""
+        if self._staged_at is not None and getattr(self.experiment, "step", None) == self._staged_at:
+            self.experiment.log({}, commit=True)
+        self._staged_at = None
 
 
 class PngSink(Sink):
@@ -138,27 +163,42 @@ class PngSink(Sink):
                 "or the logger's save_dir to a writable folder"
             ) from None
 
-    def write(self, record: EpochRecord) -> None:
+    def write(self, record: Record) -> None:
         for method, grid in record.grids.items():
-            name = "init" if record.baseline else f"epoch_{record.epoch:04d}"
-            save_png(grid, self.root / method / f"{name}.png")
+            save_png(grid, self.root / method / f"{record.stem}.png")
         for method, image in record.timelines.items():
             save_png(image, self.root / method / "timeline.png")
         if record.probe_tiles is not None:
             for index, tile in enumerate(record.probe_tiles):
                 save_png(tile, self.root / "probes" / f"probe_{index:02d}.png")
-        self._append_csv(record.epoch, record.scalars)
+        self._append_csv(record, record.scalars)
         if self.logger is not None and record.scalars:
-            self.logger.log_metrics({**record.scalars, "epoch": record.epoch}, step=record.global_step)
+            self.logger.log_metrics({**record.scalars, "epoch": record.epoch}, step=record.step)
 
-    def _append_csv(self, epoch: int, scalars: Mapping[str, float]) -> None:
+    def _append_csv(self, record: Record, scalars: Mapping[str, float]) -> None:
         path = self.root / "metrics.csv"
         new = not path.exists()
         with path.open("a", newline="") as handle:
             writer = csv.writer(handle)
             if new:
-                writer.writerow(["epoch", "name", "value"])
-            writer.writerows([epoch, name, value] for name, value in scalars.items())
+                writer.writerow(["epoch", "step", "name", "value"])
+            writer.writerows([record.epoch, record.step, name, value] for name, value in scalars.items())
+
+
+class RawMapSink(Sink):
+    """``save_raw``: each event's unnormalised maps, targets and probabilities as
+    ``root/xai/raw/<method>/<stem>.pt`` (``torch.load`` gives ``{"raw": (P, K, H, W), "targets": (P, K),
+    "probs": (P, K), "epoch": int, "step": int}``)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root) / "xai" / "raw"
+
+    def write(self, record: Record) -> None:
+        for method, result in record.explanations.items():
+            path = self.root / method / f"{record.stem}.pt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tensors = {key: getattr(result, key).cpu() for key in ("raw", "targets", "probs")}
+            torch.save({**tensors, "epoch": record.epoch, "step": record.step}, path)
 
 
 def _kind(logger: Any) -> str:
@@ -178,8 +218,9 @@ def _log_root(logger: Any, trainer: pl.Trainer) -> Path:
     return Path(trainer.default_root_dir)
 
 
-def sinks_for(trainer: pl.Trainer, loggers: Sequence[Any]) -> list[Sink]:
-    """One sink per logger in ``loggers``; a PNG sink under the run directory when there are none."""
+def sinks_for(trainer: pl.Trainer, loggers: Sequence[Any], save_raw: bool = False) -> list[Sink]:
+    """One sink per logger in ``loggers``; a PNG sink under the run directory when there are none; with
+    ``save_raw`` a :class:`RawMapSink` beside the first PNG sink (or under the trainer's log directory)."""
     sinks: list[Sink] = []
     for logger in loggers:
         kind = _kind(logger)
@@ -191,4 +232,7 @@ def sinks_for(trainer: pl.Trainer, loggers: Sequence[Any]) -> list[Sink]:
             sinks.append(PngSink(_log_root(logger, trainer), logger))
     if not sinks:
         sinks.append(PngSink(_log_root(None, trainer)))
+    if save_raw:
+        png_roots = [sink.root.parent for sink in sinks if isinstance(sink, PngSink)]
+        sinks.append(RawMapSink(png_roots[0] if png_roots else Path(trainer.log_dir or trainer.default_root_dir)))
     return sinks

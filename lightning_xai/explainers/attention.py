@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_xai.adapters import Geometry
+from lightning_xai.adapters import Geometry, depth
 from lightning_xai.explainers.base import Explainer, RawMaps
 from lightning_xai.explainers.registry import register
 from lightning_xai.explainers.relevance import query_row, rollout_product
@@ -17,11 +18,12 @@ from lightning_xai.explainers.relevance import query_row, rollout_product
 class RawAttention(Explainer):
     """Raw attention: ``mean_h A^L[:, h, 0, P:]``, the last block's class-token attention (METHODS.md).
 
-    Class-agnostic by construction: every target gets the same map. Without a class token (average
-    pooling) the mean of the patch rows is used (an extension of METHODS.md).
+    Class-agnostic by construction: every target gets the same map. Row 0 is the readout rows: the mean of
+    the patch rows for a model whose head averages the patch tokens.
     """
 
     name = "raw_attention"
+    needs_readout = True
 
     def compute(self, x: Tensor, targets: Any, geom: Geometry) -> RawMaps:
         with torch.no_grad():
@@ -40,12 +42,23 @@ class AttentionRollout(Explainer):
     """
 
     name = "rollout"
+    needs_readout = True
 
     def __init__(self, model: nn.Module, *, start_layer: int = 0, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
-        if not 0 <= start_layer < len(self.vit.blocks):
-            raise ValueError(f"start_layer must be in [0, {len(self.vit.blocks) - 1}], got {start_layer}")
+        self.check_options({"start_layer": start_layer})
+        blocks = depth(self.vit)
+        if start_layer >= blocks:
+            raise ValueError(f"start_layer must be in [0, {blocks - 1}], got {start_layer}")
         self.start_layer = start_layer
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        checked = super().check_options(options)
+        start = checked.get("start_layer", 0)
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            raise ValueError(f"start_layer must be an int >= 0 (0-based first block), got {start!r}")
+        return checked
 
     def compute(self, x: Tensor, targets: Any, geom: Geometry) -> RawMaps:
         with torch.no_grad():

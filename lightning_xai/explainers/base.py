@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -18,8 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_xai.adapters import Capture, Geometry, OutputTransform, ViTLocator, capture, find_vit, geometry
-from lightning_xai.validation import check_images, resolve_targets, to_logits
+from lightning_xai.adapters import Capture, Geometry, OutputTransform, ViTLocator, capture, family_of, geometry, readout
+from lightning_xai.explainers.registry import methods_without_readout
+from lightning_xai.handle import ForwardFn, ModelHandle
+from lightning_xai.validation import check_images, resolve_targets
 
 
 @dataclass
@@ -116,28 +118,52 @@ class Explainer:
     """One base class for all methods; subclasses set ``name`` and implement :meth:`compute`.
 
     Args:
-        model: the module whose output logits are explained: a timm ViT or any module (a LightningModule)
-            that contains one.
+        model: the module whose output logits are explained: a ViT of a supported family (timm, torchvision,
+            Hugging Face) or any module (a LightningModule) that contains one; a ``torch.compile``d module is
+            explained through its original module.
         vit: where the ViT is inside ``model`` when automatic search is not enough: the module, an
             attribute path (``"model.backbone"``) or a callable ``model -> vit``.
         output_transform: turns ``model(images)`` into logits ``(B, num_classes)`` when the forward returns a
             tuple, a dict or an object; default takes tensors as they are, the first element of a
             tuple/list and the ``"logits"`` entry of a dict.
+        forward: ``forward(model, images) -> output`` for a module whose forward does not take an image
+            tensor (e.g. ``lambda m, x: m(pixel_values=x)``); default ``model(images)``.
     """
 
     name: ClassVar[str] = ""
-    requires_class_token: ClassVar[bool] = False
+    #: whether the method reads the attention rows of the tokens the head reads (METHODS.md, "The readout
+    #: rows"); such a method cannot explain a pooling that no attention row expresses (attention pooling)
+    needs_readout: ClassVar[bool] = False
+    #: keyword arguments every explainer takes besides its method-specific options
+    COMMON_OPTIONS: ClassVar[tuple[str, ...]] = ("vit", "output_transform", "forward")
 
-    def __init__(self, model: nn.Module, *, vit: ViTLocator = None, output_transform: OutputTransform = None):
-        self.model = model
-        self.vit = find_vit(model, vit)
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        vit: ViTLocator = None,
+        output_transform: OutputTransform = None,
+        forward: ForwardFn = None,
+    ):
+        self.handle = ModelHandle(model, vit=vit, output_transform=output_transform, forward=forward)
+        self.model = self.handle.model
+        self.vit = self.handle.vit
         self.output_transform = output_transform
+        self.readout = readout(self.vit)
+        if self.needs_readout and not self.readout.expressible:
+            family = family_of(self.vit).name
+            raise ValueError(
+                f"{self.name} reads the attention rows of the tokens the head reads, but this {family} "
+                f"({type(self.vit).__name__}) pools with {self.readout.pooling}, which no attention row expresses. "
+                f"Methods that work for it: {methods_without_readout()}; or build the model with a class-token or "
+                "average pooling head (timm: global_pool='token' or 'avg')."
+            )
 
     # -- options --------------------------------------------------------------------------------------
     @classmethod
     def option_names(cls) -> list[str]:
         """The method-specific keyword options its constructor accepts."""
-        base = {"self", "model", "vit", "output_transform"}
+        base = {"self", "model", *cls.COMMON_OPTIONS}
         names: list[str] = []
         for klass in cls.__mro__:  # subclasses first, then the options they pass on through **kwargs
             if klass is Explainer or "__init__" not in vars(klass):
@@ -146,6 +172,26 @@ class Explainer:
                 if p not in base and p not in names and v.kind is inspect.Parameter.KEYWORD_ONLY:
                     names.append(p)
         return names
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Check the method-specific ``options`` without a model and return them normalised.
+
+        Subclasses override this to check their own values (calling ``super().check_options`` first) and
+        call it from ``__init__``; only checks that need the model (a block index against the depth) stay in
+        ``__init__``. The callbacks call it when they are built, so a bad value fails before training starts.
+
+        Raises:
+            ValueError: an unknown option name, or a value the method does not accept; the message names the
+                option and what it accepts.
+        """
+        unknown = sorted(set(options) - set(cls.option_names()))
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {unknown} for method {cls.name!r}; its options are {cls.option_names()} "
+                f"plus {list(cls.COMMON_OPTIONS)}"
+            )
+        return dict(options)
 
     def options(self) -> dict[str, Any]:
         """The method's options as set on this instance (stored in every :class:`Explanation`)."""
@@ -165,16 +211,8 @@ class Explainer:
         """
         check_images(images, self.vit)
         geom = geometry(self.vit, (images.shape[-2], images.shape[-1]))
-        if self.requires_class_token and not geom.has_class_token:
-            from lightning_xai.explainers.registry import methods_without_class_token
-
-            raise ValueError(
-                f"{self.name} needs a class token, but this ViT has none (global_pool='avg', "
-                f"class_token=False). Methods that work without one: {methods_without_class_token()}."
-            )
-        param = next(self.vit.parameters())
-        with explanation_mode(self.model):
-            x = images.detach().clone().to(device=param.device, dtype=param.dtype)
+        with explanation_mode(self.model), self.handle.uncompiled():
+            x = self.handle.prepare(images)
             if isinstance(targets, Tensor):  # may be an inference tensor (trainer.validate); autograd saves it
                 targets = targets.detach().clone()
             out = self.compute(x, targets, geom)
@@ -203,7 +241,7 @@ class Explainer:
     # -- helpers for subclasses -----------------------------------------------------------------------
     def logits(self, x: Tensor) -> Tensor:
         """The whole model's output logits ``(B, num_classes)`` in float32."""
-        return to_logits(self.model(x), self.output_transform).float()
+        return self.handle.logits(x)
 
     def forward_captured(
         self, x: Tensor, what: tuple[str, ...], targets: Any, blocks: list[int] | None = None

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_xai.adapters import Geometry
+from lightning_xai.adapters import Geometry, depth
 from lightning_xai.explainers.base import Explainer, RawMaps
 from lightning_xai.explainers.registry import register
-from lightning_xai.explainers.relevance import query_row
+from lightning_xai.explainers.relevance import query_row, readout_contribution
 
 OBJECTIVES = ("logit", "log_softmax")
 
@@ -32,10 +32,18 @@ class GradientRollout(Explainer):
     """
 
     name = "gae"
+    needs_readout = True
 
     def __init__(self, model: nn.Module, *, objective: str = "logit", **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
-        self.objective = _check_objective(objective)
+        self.objective = self.check_options({"objective": objective})["objective"]
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        checked = super().check_options(options)
+        if "objective" in checked:
+            checked["objective"] = _check_objective(checked["objective"])
+        return checked
 
     def compute(self, x: Tensor, targets: Any, geom: Geometry) -> RawMaps:
         attn, grads, resolved, probs = self.attention_gradients(x, targets, self.objective)
@@ -48,20 +56,36 @@ class GradientRollout(Explainer):
         return RawMaps(query_row(relevance, geom), resolved, probs)
 
 
+def _check_layers(layers: Any) -> str | int | tuple[int, ...]:
+    """The form of ``layers`` without the model's depth: ``"all"``, an int ``>= 1`` or a non-empty sequence of
+    ints (booleans are not ints here)."""
+    if isinstance(layers, str) and layers == "all":
+        return layers
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        if layers < 1:
+            raise ValueError(f"layers={layers}: the last k blocks needs k >= 1")
+        return layers
+    if (
+        isinstance(layers, Sequence)
+        and not isinstance(layers, str)
+        and layers
+        and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
+    ):
+        return tuple(layers)
+    raise ValueError(f"layers must be 'all', an int (last k blocks) or a non-empty list of ints, got {layers!r}")
+
+
 def _layer_indices(layers: str | int | Sequence[int], depth: int) -> list[int]:
+    layers = _check_layers(layers)
     if layers == "all":
         return list(range(depth))
-    if isinstance(layers, bool):
-        raise TypeError("layers must be 'all', an int (last k blocks) or a sequence of block indices")
     if isinstance(layers, int):
-        if not 1 <= layers <= depth:
+        if layers > depth:
             raise ValueError(f"layers={layers}: the last k blocks needs 1 <= k <= {depth}")
         return list(range(depth - layers, depth))
-    if isinstance(layers, Sequence) and layers and all(isinstance(i, int) for i in layers):
-        if any(not -depth <= i < depth for i in layers):
-            raise ValueError(f"layers={list(layers)}: block indices must be in [-{depth}, {depth - 1}]")
-        return sorted({i % depth for i in layers})
-    raise ValueError(f"layers must be 'all', an int (last k blocks) or a non-empty list of ints, got {layers!r}")
+    if any(not -depth <= i < depth for i in layers):
+        raise ValueError(f"layers={list(layers)}: block indices must be in [-{depth}, {depth - 1}]")
+    return sorted({i % depth for i in layers})
 
 
 @register
@@ -70,8 +94,10 @@ class GradToken(Explainer):
     gradient decouples each spatial token's contribution to the class token,
     ``c^l_i = relu(sum_h A^l[h, 0, P+i] * dy_c/dA^l[h, 0, P+i])``, summed over the layer set.
 
-    Needs a class token. Only the class-token row of each attention matrix is used: one forward and one
-    backward (a batched vector-Jacobian product for several targets per image).
+    Row 0 is the readout rows: on a model whose head averages the patch tokens,
+    ``c^l_i = relu(sum_h mean_q A^l[h, q, P+i] * dy_c/dA^l[h, q, P+i])`` over the patch rows ``q`` (METHODS.md's
+    extension). Only the readout rows of each attention matrix are used: one forward and one backward (a
+    batched vector-Jacobian product for several targets per image).
 
     Args:
         layers: ``"all"`` (default), an int ``k`` (the last ``k`` blocks), or explicit block indices.
@@ -81,7 +107,7 @@ class GradToken(Explainer):
     """
 
     name = "gradtoken"
-    requires_class_token = True
+    needs_readout = True
 
     def __init__(
         self,
@@ -93,18 +119,29 @@ class GradToken(Explainer):
         **kwargs: Any,
     ) -> None:
         super().__init__(model, **kwargs)
+        checked = self.check_options({"layers": layers, "per_layer_norm": per_layer_norm, "objective": objective})
         self.layers = layers
-        self.block_indices = _layer_indices(layers, len(self.vit.blocks))
-        self.per_layer_norm = bool(per_layer_norm)
-        self.objective = _check_objective(objective)
+        self.block_indices = _layer_indices(layers, depth(self.vit))
+        self.per_layer_norm = checked["per_layer_norm"]
+        self.objective = checked["objective"]
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        checked = super().check_options(options)
+        if "layers" in checked:
+            _check_layers(checked["layers"])
+        if "per_layer_norm" in checked and not isinstance(checked["per_layer_norm"], bool):
+            raise ValueError(f"per_layer_norm must be True or False, got {checked['per_layer_norm']!r}")
+        if "objective" in checked:
+            checked["objective"] = _check_objective(checked["objective"])
+        return checked
 
     def compute(self, x: Tensor, targets: Any, geom: Geometry) -> RawMaps:
         attn, grads, resolved, probs = self.attention_gradients(x, targets, self.objective, self.block_indices)
-        prefix = geom.num_prefix
         total = None
         for layer, grad in zip(attn, grads, strict=True):
-            # class-token row only: A (B, 1, H, N) times dy/dA (B, K, H, N), heads summed, then rectified
-            contribution = (layer[:, None, :, 0, prefix:] * grad[:, :, :, 0, prefix:]).sum(2).clamp_min(0)
+            # readout rows only: A (B, 1, H, R, N) times dy/dA (B, K, H, R, N), heads and rows summed, rectified
+            contribution = readout_contribution(layer, grad, geom)
             if self.per_layer_norm:
                 contribution = contribution / contribution.amax(-1, keepdim=True).clamp_min(1e-12)
             total = contribution if total is None else total + contribution

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from torch import nn
@@ -28,9 +29,16 @@ def available_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def methods_without_class_token() -> list[str]:
-    """Methods that work on average-pooled ViTs without a class token."""
-    return [name for name, cls in sorted(_REGISTRY.items()) if not cls.requires_class_token]
+def unregister(name: str) -> None:
+    """Remove the explainer registered under ``name`` (e.g. a method registered by a test or a plug-in)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"no explainer registered under {name!r}; registered: {available_methods()}")
+    del _REGISTRY[name]
+
+
+def methods_without_readout() -> list[str]:
+    """Methods that do not read the readout rows, so work whatever the head's pooling (attention pooling too)."""
+    return [name for name, cls in sorted(_REGISTRY.items()) if not cls.needs_readout]
 
 
 def get_explainer(name: str) -> type[Explainer]:
@@ -44,14 +52,41 @@ def get_explainer(name: str) -> type[Explainer]:
     return _REGISTRY[key]
 
 
-def create_explainer(name: str, model: nn.Module, **options: Any) -> Explainer:
-    """Build the explainer ``name`` for ``model`` with its ``options`` (checked against the method's)."""
-    cls = get_explainer(name)
-    common = {"vit", "output_transform"}
-    unknown = sorted(set(options) - set(cls.option_names()) - common)
-    if unknown:
+def resolve_methods(methods: Any) -> dict[str, dict[str, Any]]:
+    """Parse a ``methods`` argument into ``{registry name: checked options}``, without a model.
+
+    Args:
+        methods: a registry name, a non-empty list of names, or ``{name: {option: value}}``.
+
+    Raises:
+        ValueError: an unknown method, an unknown option or a bad option value (see
+            :meth:`Explainer.check_options`), or a ``methods`` of the wrong form.
+    """
+    if isinstance(methods, str):
+        methods = [methods]
+    if isinstance(methods, Mapping) and methods:
+        items = [(name, options or {}) for name, options in methods.items()]
+    elif isinstance(methods, Sequence) and methods and all(isinstance(name, str) for name in methods):
+        items = [(name, {}) for name in methods]
+    else:
         raise ValueError(
-            f"unknown option(s) {unknown} for method {cls.name!r}; its options are {cls.option_names()} "
-            f"plus {sorted(common)}"
+            f"methods must be a method name, a non-empty list of names or a {{name: {{option: value}}}} dict, "
+            f"got {methods!r}; available methods: {available_methods()}"
         )
-    return cls(model, **options)
+    resolved: dict[str, dict[str, Any]] = {}
+    for name, options in items:
+        cls = get_explainer(name)
+        if not isinstance(options, Mapping):
+            raise ValueError(f"the options of method {name!r} must be a dict {{option: value}}, got {options!r}")
+        if cls.name in resolved:
+            raise ValueError(f"method {cls.name!r} is given twice in methods={methods!r}")
+        resolved[cls.name] = cls.check_options(options)
+    return resolved
+
+
+def create_explainer(name: str, model: nn.Module, **options: Any) -> Explainer:
+    """Build the explainer ``name`` for ``model`` with its ``options`` (checked by the method's
+    :meth:`~Explainer.check_options`) plus the common ``vit``, ``output_transform`` and ``forward``."""
+    cls = get_explainer(name)
+    common = {key: options.pop(key) for key in cls.COMMON_OPTIONS if key in options}
+    return cls(model, **cls.check_options(options), **common)

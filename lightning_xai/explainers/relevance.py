@@ -26,15 +26,33 @@ def rollout_product(attn: list[Tensor], start: int = 0) -> Tensor:
 
 
 def query_row(matrix: Tensor, geom: Geometry) -> Tensor:
-    """Relevance of each patch for the pooled output, read off a token-by-token matrix.
+    """Relevance of each patch for what the head reads, read off a token-by-token matrix (METHODS.md's "row 0").
 
-    ``(..., T, T) -> (..., h, w)``: the class token's row ``matrix[..., 0, P:]`` when the model has a class
-    token; for an average-pooled model (no class token) the output is the mean of the patch tokens, so the
-    mean of the patch rows ``matrix[..., P:, P:].mean(-2)``.
+    ``(..., T, T) -> (..., h, w)``: ``Σ_q w_q matrix[..., q, P:]`` over the readout rows ``q`` with weights
+    ``w`` (:meth:`Geometry.readout_weights`): the class token's row for token pooling, the mean of the patch
+    rows ``P..T-1`` for average pooling, rows 0 and 1 averaged for DeiT's distilled head.
     """
-    prefix = geom.num_prefix
-    if geom.has_class_token:
-        row = matrix[..., 0, prefix:]
-    else:
-        row = matrix[..., prefix:, prefix:].mean(-2)
+    rows, weights = geom.readout_rows()
+    weights = weights.to(device=matrix.device, dtype=matrix.dtype)
+    picked = matrix[..., rows, geom.num_prefix :]  # (..., R, N)
+    row = (weights[:, None] * picked).sum(-2)
     return row.unflatten(-1, geom.grid)
+
+
+def readout_contribution(attn: Tensor, grad: Tensor, geom: Geometry) -> Tensor:
+    """GradToken's per-block contribution on the readout rows (METHODS.md):
+    ``c_i = relu( Σ_h Σ_q w_q A[h, q, P+i] · G[h, q, P+i] )``.
+
+    Args:
+        attn: ``(B, H, T, T)`` attention probabilities.
+        grad: ``(B, K, H, T, T)`` gradients of ``K`` target scores with respect to them.
+
+    Returns:
+        ``(B, K, N)`` contributions, one per patch.
+    """
+    rows, weights = geom.readout_rows()
+    weights = weights.to(device=attn.device, dtype=attn.dtype)
+    prefix = geom.num_prefix
+    a = attn[:, None, :, rows, prefix:]  # (B, 1, H, R, N)
+    g = grad[:, :, :, rows, prefix:]  # (B, K, H, R, N)
+    return torch.einsum("bkhrn,r->bkn", a * g, weights).clamp_min(0)

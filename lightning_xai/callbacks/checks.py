@@ -1,0 +1,83 @@
+"""Checks the callbacks run at construction and before the first epoch, so that a misconfiguration fails early
+with a message naming the cause and the fix, never in the middle of a run."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib
+
+from lightning_xai.adapters import geometry
+from lightning_xai.callbacks.evolution import SIMILARITIES
+from lightning_xai.callbacks.probes import Probe
+from lightning_xai.handle import ModelHandle
+from lightning_xai.validation import check_images
+
+STAGES = ("validation", "train")
+ON_ERROR = ("warn", "raise")
+
+
+def check_arguments(
+    *, stage: Any, probe_split: Any, similarity: Any, on_error: Any, num_probes: Any, every_n_epochs: Any, top_k: Any,
+    timeline_columns: Any, seed: Any, cmap: Any, alpha: Any, mean: Any, std: Any, class_names: Any,
+    output_transform: Any, forward: Any, batch_transform: Any,
+) -> None:
+    """Check :class:`~lightning_xai.callbacks.ExplanationMonitor`'s arguments (all but ``methods``, ``targets``
+    and the probe tensors, which have their own parsers); raise ``ValueError``/``TypeError`` naming the argument."""
+    check_choice("stage", stage, STAGES)
+    check_choice("probe_split", probe_split, ("val", "train"))
+    check_choice("similarity", similarity, SIMILARITIES)
+    check_choice("on_error", on_error, ON_ERROR)
+    for name, value in (("num_probes", num_probes), ("every_n_epochs", every_n_epochs), ("top_k", top_k),
+                        ("timeline_columns", timeline_columns)):
+        check_count(name, value)
+    check_count("seed", seed, minimum=0)
+    check_look(cmap, alpha, mean, std, class_names)
+    check_callable("output_transform", output_transform, "output -> logits")
+    check_callable("forward", forward, "(module, images) -> output")
+    check_callable("batch_transform", batch_transform, "batch -> (images, labels, masks)")
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_count(name: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def check_look(cmap: Any, alpha: Any, mean: Any, std: Any, class_names: Any) -> None:
+    """The rendering options: a matplotlib colour map name, ``0 <= alpha <= 1``, ``mean``/``std`` given together
+    as sequences of numbers of one length, ``class_names`` a sequence of strings."""
+    if not isinstance(cmap, str) or cmap not in matplotlib.colormaps:
+        raise ValueError(f"cmap must be a matplotlib colour map name such as 'jet' or 'viridis', got {cmap!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    if (mean is None) != (std is None):
+        raise ValueError("mean and std go together: pass both (your input normalisation) or neither (min-max)")
+    for name, value in (("mean", mean), ("std", std)):
+        if value is not None and (
+            isinstance(value, str)
+            or not isinstance(value, Sequence)
+            or len(value) not in (1, 3)
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+        ):
+            raise ValueError(f"{name} must be 1 or 3 numbers (one per channel), got {value!r}")
+    if class_names is not None and (
+        isinstance(class_names, str) or not all(isinstance(n, str) for n in class_names)
+    ):
+        raise ValueError(f"class_names must be a sequence of strings, got {class_names!r}")
+
+
+def check_callable(name: str, value: Any, signature: str) -> None:
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be a callable {signature}, got {type(value).__name__}")
+
+
+def check_probe(handle: ModelHandle, probe: Probe) -> None:
+    """The probe images fit the ViT: float ``(P, C, H, W)``, its channel count, finite, a size it accepts."""
+    check_images(probe.images, handle.vit)
+    geometry(handle.vit, tuple(probe.images.shape[-2:]))

@@ -1,0 +1,55 @@
+"""Every name the callbacks log under, and the step they log at, built in one place.
+
+Images and scalars share one root, ``xai/``: ``xai/<method>/overlay``, ``xai/<method>/timeline``,
+``xai/<method>/<scalar>``, ``xai/<scalar>`` for numbers about the probes themselves, ``xai/probes/<i>`` for the
+probe images (logged once) and ``xai/table`` (W&B). They are logged at :func:`logging_step`, the step Lightning
+logs its own metrics at, so ``val_loss`` and ``xai/gradtoken/entropy`` share one x axis.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+
+ROOT = "xai"
+PROBES = f"{ROOT}/probes"
+TABLE = f"{ROOT}/table"
+
+
+def image_key(method: str, kind: str) -> str:
+    """``xai/<method>/<kind>``, ``kind`` being ``"overlay"`` or ``"timeline"``."""
+    return f"{ROOT}/{method}/{kind}"
+
+
+def scalar_key(name: str, method: str | None = None) -> str:
+    """``xai/<method>/<name>`` for a method's number, ``xai/<name>`` for one about the probes."""
+    return f"{ROOT}/{name}" if method is None else f"{ROOT}/{method}/{name}"
+
+
+def probe_key(index: int) -> str:
+    """``xai/probes/<index>``: one probe image."""
+    return f"{PROBES}/{index}"
+
+
+def logging_step(trainer: pl.Trainer, train_epoch_end: bool = False) -> int:
+    """The step Lightning logs its own metrics at, now: the count of batches that stepped the optimizer (what its
+    ``LearningRateMonitor`` uses; ``trainer.global_step`` for one optimizer, before the step's increment).
+
+    During validation inside ``fit`` it is one less than ``trainer.global_step``: Lightning logs ``val_loss`` there
+    before counting the batch that triggered the validation. At ``on_train_epoch_end`` (``train_epoch_end=True``)
+    it is the step of the epoch's last batch, where Lightning logs the ``*_epoch`` training metrics. 0 before
+    training starts and in ``trainer.validate()`` of a fresh model.
+    """
+    epoch_loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    step = int(getattr(epoch_loop, "_batches_that_stepped", trainer.global_step))
+    return max(0, step - 1) if train_epoch_end else step
+
+
+def event_label(epoch: int, step: int, with_step: bool) -> str:
+    """How an explanation event is named in captions and timeline columns: ``"ep 3"``, or ``"ep 3 · step 120"``
+    when validation runs within epochs (and for the fit-start baseline)."""
+    return f"ep {epoch} · step {step}" if with_step else f"ep {epoch}"
+
+
+def file_stem(epoch: int, step: int, with_step: bool) -> str:
+    """File name (without suffix) of an event's PNG or raw-map file: ``epoch_0003`` or ``epoch_0003_step_000120``."""
+    return f"epoch_{epoch:04d}_step_{step:06d}" if with_step else f"epoch_{epoch:04d}"
