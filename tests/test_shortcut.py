@@ -251,3 +251,96 @@ def test_alarm_on_the_cue_model_names_the_probes_on_the_mark(cue_model):
     assert events[0] is None and events[1] is not None
     carriers = [i for i in range(16) if cue_model[1].val_set.has_cue(i)]
     assert set(events[1].probes) <= set(range(16)) and len(set(events[1].probes) & set(carriers)) >= 8
+
+
+# ------------------------------------------------------------------------------- the alarm in a real fit
+
+
+def _fit_with_monitor(model_and_data, tmp_path, loggers, epochs=2, **monitor_options):
+    """Go on training ``model_and_data``'s model (a copy, at a tiny learning rate, on 256 images of its kind of
+    data) for ``epochs`` epochs with an ``ExplanationMonitor`` (GradToken, 8 probes); returns the monitor, the
+    trainer and the warnings raised."""
+    import warnings
+
+    import lightning.pytorch as pl
+    from conftest import trained_architecture
+
+    from lightning_xai.callbacks import ExplanationMonitor
+    from lightning_xai.demos import SyntheticDataModule, ViTClassifier
+
+    module, data = model_and_data
+    copy = ViTClassifier(num_classes=4, lr=1e-5, warmup_epochs=0, **trained_architecture())
+    copy.load_state_dict(module.state_dict())
+    small = SyntheticDataModule(family="texture", num_classes=4, image_size=32, num_train=256, num_val=64,
+                                batch_size=64, seed=0, cue_probability=data.cue_probability)
+    monitor = ExplanationMonitor(methods="gradtoken", num_probes=8, **monitor_options)
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=loggers, callbacks=[monitor],
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, default_root_dir=str(tmp_path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(copy, datamodule=small)
+    return monitor, trainer, [w for w in caught if "shortcut alarm" in str(w.message)]
+
+
+def test_alarm_scalar_and_picture_reach_tensorboard_wandb_and_png_files(cue_model, tmp_path, monkeypatch):
+    import glob
+    from pathlib import Path
+
+    import wandb
+    from conftest import wandb_history
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    loggers = [TensorBoardLogger(str(tmp_path), name="tb"), CSVLogger(str(tmp_path), name="csv"),
+               WandbLogger(project="lightning-xai-test", save_dir=str(tmp_path), offline=True)]
+    monitor, _, alarms = _fit_with_monitor(cue_model, tmp_path, loggers)
+    wandb.finish()
+    # the warning: once, naming the method, the epoch and the probes concerned
+    assert len(alarms) == 1 and alarms[0].category is RuntimeWarning
+    text = str(alarms[0].message)
+    assert "'gradtoken'" in text and "epoch 1" in text and "probes concerned: [" in text
+    assert monitor.state_dict()["tracker"]["shortcut_alarms"]["gradtoken"]["fired_at"] == 1
+
+    events = EventAccumulator(loggers[0].log_dir, size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    events.Reload()
+    values = [e.value for e in events.Scalars("xai/gradtoken/shortcut")]
+    assert len(values) == 2 and min(values) >= monitor.tracker.shortcut[0]
+    assert len(events.Images("xai/gradtoken/shortcut_region")) == 2
+    notes = events.Tensors("xai/gradtoken/shortcut_alarm/text_summary")
+    assert len(notes) == 1 and b"Shortcut alarm" in notes[0].tensor_proto.string_val[0]
+
+    root = Path(loggers[1].log_dir) / "xai"
+    assert (root / "gradtoken" / "shortcut_region_epoch_0000.png").exists()
+    assert (root / "gradtoken" / "shortcut_region_epoch_0001.png").exists()
+    assert "Shortcut alarm" in (root / "alerts.md").read_text()
+    assert "xai/gradtoken/shortcut" in (root / "metrics.csv").read_text()
+
+    runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
+    files = Path(runs[0]) / "files"
+    assert sum("xai/gradtoken/shortcut_region" in p.as_posix() for p in files.rglob("*.png")) == 2
+    rows = wandb_history(runs[0])
+    assert len([r for r in rows if "xai/gradtoken/shortcut" in r]) == 2
+    notes = [r["xai/gradtoken/shortcut_alarm"] for r in rows if "xai/gradtoken/shortcut_alarm" in r]
+    assert len(notes) == 1 and "Shortcut alarm" in notes[0]
+
+
+def test_stop_on_shortcut_ends_training_and_a_clean_model_stays_silent(cue_model, texture_model, tmp_path):
+    _, trainer, alarms = _fit_with_monitor(cue_model, tmp_path / "cue", False, epochs=5, stop_on_shortcut=True)
+    assert len(alarms) == 1 and trainer.current_epoch == 2, trainer.current_epoch  # stopped after epoch 1
+    monitor, _, alarms = _fit_with_monitor(texture_model, tmp_path / "clean", False)
+    assert alarms == [] and all(v < DEFAULT_THRESHOLD for k, v in monitor.last_scalars.items() if "shortcut" in k)
+
+
+def test_monitor_checks_the_shortcut_options():
+    from lightning_xai.callbacks import ExplanationMonitor
+
+    with pytest.raises(ValueError, match="threshold"):
+        ExplanationMonitor(shortcut_threshold=2.0)
+    with pytest.raises(ValueError, match="patience"):
+        ExplanationMonitor(shortcut_patience=0)
+    with pytest.raises(ValueError, match="stop_on_shortcut"):
+        ExplanationMonitor(shortcut_alarm=False, stop_on_shortcut=True)
+    assert ExplanationMonitor(shortcut_alarm=False).tracker.shortcut is None

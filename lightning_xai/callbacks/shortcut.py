@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -31,6 +32,7 @@ __all__ = [
     "energy_distribution",
     "object_drift",
     "object_share",
+    "region_picture",
     "shortcut_score",
 ]
 
@@ -142,6 +144,22 @@ def shortcut_score(maps: Tensor, classes: Tensor, fraction: float = DEFAULT_FRAC
     per_class = (onehot.T @ shares) / count  # (G,)
     return ShortcutScore(float(per_class.mean()), shares.float().cpu(), classes.cpu(),
                          balanced.view(height, width).float().cpu(), region.view(height, width).cpu(), fraction)
+
+
+def region_picture(score: ShortcutScore, cmap: str = "jet", size: int = 128) -> np.ndarray:
+    """Where the probes agree, as a picture: the class-balanced mean map (scaled to its maximum, coloured with
+    ``cmap``) with the agreed region's pixels outlined in white; uint8 ``(H', W', 3)``, the longer side about
+    ``size`` pixels (nearest-neighbour upscaling, so each map pixel stays a sharp square)."""
+    from lightning_xai.render import colorize
+
+    mean = score.mean_map / score.mean_map.max().clamp_min(1e-12)
+    picture = colorize(mean[None], cmap)[0]  # (H, W, 3)
+    region = score.region.numpy()
+    padded = np.pad(region, 1)
+    edge = region & ~(padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])
+    picture[edge] = 255
+    factor = max(1, size // max(region.shape))
+    return picture.repeat(factor, 0).repeat(factor, 1)
 
 
 def object_share(maps: Tensor, masks: Tensor) -> Tensor:
