@@ -195,9 +195,9 @@ class PngSink(Sink):
         if record.probe_tiles is not None:
             for index, tile in enumerate(record.probe_tiles):
                 save_png(tile, self.root / "probes" / f"probe_{index:02d}.png")
-        for tag, image in record.images.items():  # xai/<method>/<name> -> <method>/<name>_<stem>.png
+        for tag, image in record.images.items():  # xai/<method>/<name> -> <method>/<name>/<stem>.png
             method, name = tag.split("/")[-2:]
-            save_png(image, self.root / method / f"{name}_{record.stem}.png")
+            save_png(image, self.root / method / name / f"{record.stem}.png")
         if record.alerts:
             with (self.root / "alerts.md").open("a") as handle:
                 handle.writelines(f"## {tag} ({record.label}, step {record.step})\n\n{text}\n\n"
