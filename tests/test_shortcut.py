@@ -344,3 +344,25 @@ def test_monitor_checks_the_shortcut_options():
     with pytest.raises(ValueError, match="stop_on_shortcut"):
         ExplanationMonitor(shortcut_alarm=False, stop_on_shortcut=True)
     assert ExplanationMonitor(shortcut_alarm=False).tracker.shortcut is None
+
+
+def test_evolution_tracker_logs_the_statistic_and_keeps_the_alarm_across_a_checkpoint():
+    from lightning_xai.callbacks.evolution import EvolutionTracker
+
+    on_the_spot = squares([(2, 2)] * 8)[:, None]  # (P, 1, H, W): every class on one small spot
+    classes = (torch.arange(8) % 4)[:, None]
+    tracker = EvolutionTracker(shortcut=(0.4, 3))
+    first = tracker.update("gradtoken", 0, 10, on_the_spot, classes=classes)
+    assert first["shortcut"] == pytest.approx(1.0) and not tracker.alarms
+    tracker.update("gradtoken", 1, 20, on_the_spot, classes=classes)
+    resumed = EvolutionTracker(shortcut=(0.4, 3))
+    resumed.load_state_dict(tracker.state_dict())
+    resumed.update("gradtoken", 2, 30, on_the_spot, classes=classes)
+    assert resumed.alarms["gradtoken"].epoch == 2 and resumed.alarms["gradtoken"].probes == list(range(8))
+    resumed.update("gradtoken", 3, 40, on_the_spot, classes=classes)
+    assert not resumed.alarms  # once per run
+    # one class only: no scalar (undefined), and the streak breaks; no classes or no shortcut: nothing at all
+    assert "shortcut" not in resumed.update("gradtoken", 4, 50, on_the_spot, classes=torch.zeros(8, 1).long())
+    assert "shortcut" not in EvolutionTracker().update("c2f", 0, 0, on_the_spot, classes=classes)
+    with pytest.raises(ValueError, match="threshold"):
+        EvolutionTracker(shortcut=(0.0, 2))
