@@ -4,7 +4,7 @@ callback raise the alarm on the second only.
 The cue is a small mark in the top-left corner whose colour gives the class away, on 90 % of the training *and*
 validation images (one biased source), as a watermark or a hospital tag would. Validation accuracy looks
 excellent on both runs; only the cue-free test split, and the maps, show that the second model reads the mark.
-Offline, on CPU, a few minutes:
+Offline, on CPU, a few minutes (about 9 for both runs on a shared, busy 2-core machine):
 
     python examples/shortcut.py                      # TensorBoard logs under runs/shortcut/
     python examples/shortcut.py --epochs 4 --num-train 1024   # quicker, the cue run still fires
