@@ -157,9 +157,10 @@ class WandbSink(Sink):
         self._staged_at = step
 
     def _alert(self, tag: str, text: str) -> None:
-        """``wandb.alert`` (e-mail/Slack) where the run supports it; offline runs keep the logged text only."""
+        """``run.alert`` (W&B's e-mail/Slack alert; an offline run records it for ``wandb sync``) where the run has
+        one; the note is logged as text in any case (see :meth:`write`)."""
         alert = getattr(self.experiment, "alert", None)
-        if not callable(alert) or getattr(getattr(self.experiment, "settings", None), "_offline", False):
+        if not callable(alert):
             return
         try:
             alert(title=tag, text=text, level=self.wandb.AlertLevel.WARN)
