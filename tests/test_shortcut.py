@@ -394,3 +394,32 @@ def test_evolution_tracker_logs_the_statistic_and_keeps_the_alarm_across_a_check
     assert "shortcut" not in EvolutionTracker().update("c2f", 0, 0, on_the_spot, classes=classes)
     with pytest.raises(ValueError, match="threshold"):
         EvolutionTracker(shortcut=(0.0, 2))
+
+
+def test_benchmark_judges_alarms_and_held_levels_as_stated():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_shortcut.py"
+    spec = importlib.util.spec_from_file_location("bench_shortcut", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = [dict(epoch=e, score=s) for e, s in enumerate([math.nan, 0.5, 0.3, 0.45, 0.41, 0.9])]
+    assert bench.alarm_epoch(rows, threshold=0.4, patience=2) == 4
+    assert bench.alarm_epoch(rows, threshold=0.5, patience=2) is None
+    assert bench.held_level([math.nan, 0.5, 0.3, 0.45, 0.41, 0.9], patience=2) == pytest.approx(0.41)
+
+
+def test_shortcut_example_runs_end_to_end(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "shortcut.py"
+    spec = importlib.util.spec_from_file_location("shortcut_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    timeline = tmp_path / "timeline.png"
+    example.main(["--epochs", "1", "--num-train", "128", "--out", str(tmp_path / "runs"), "--timeline", str(timeline)])
+    out = capsys.readouterr().out
+    assert "clean run: validation accuracy" in out and "cue run: validation accuracy" in out
+    assert timeline.exists() and len(list((tmp_path / "runs").rglob("events.out.tfevents.*"))) == 2
