@@ -5,6 +5,10 @@ Run from the repository root or from ``benchmarks/``.
     python benchmarks/bench_explainers.py            # ViT-Tiny and ViT-Small sized, 224 px, batch 4
     python benchmarks/bench_explainers.py --quick    # smaller, for a smoke run
 
+The second table times ViT-CX and C2F with the masks' cosine distances in float32 on the masks' device (the
+library's) against the float64 CPU computation they replaced (``bench_quality.float64_cosine_distances``,
+swapped in for the "before" runs), alternating the two so that both see the same machine load.
+
 Every ratio is measured in one run on one machine; times are medians over ``--repeats`` runs. Peak memory
 is the growth of the resident set above its level before the call, sampled every millisecond.
 """
@@ -12,17 +16,21 @@ is the growth of the resident set above its level before the call, sampled every
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import resource
 import statistics
 import threading
 import time
+from collections.abc import Callable, Iterator
 from functools import partial
 
 import timm
 import torch
 
 import lightning_xai as lx
+from lightning_xai.explainers import masks as mask_module
+from lightning_xai.explainers import perturbation
 
 METHODS = ["raw_attention", "rollout", "gae", "gradtoken", "vitcx", "c2f"]
 SIZES = {
@@ -44,14 +52,15 @@ def forward_backward(model: torch.nn.Module, images: torch.Tensor, targets: torc
     model.zero_grad(set_to_none=True)
 
 
-def timed(fn, repeats: int) -> float:
+def timed(fn, repeats: int) -> tuple[float, object]:
+    """Median seconds of ``repeats`` calls of ``fn`` after one warm-up call, and the last call's result."""
     fn()  # warm-up
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
+        result = fn()
         samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    return statistics.median(samples), result
 
 
 def set_mmap_threshold(size: int) -> None:
@@ -122,14 +131,14 @@ def bench_model(size: str, image_size: int, batch: int, repeats: int, memory: bo
     images = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     targets = torch.zeros(batch, dtype=torch.long)
     reference_fn = partial(forward_backward, model, images, targets)
-    reference = timed(reference_fn, repeats)
+    reference, _ = timed(reference_fn, repeats)
     ref_mem = peak_memory_mib(reference_fn) if memory else float("nan")
     print(f"| {size} | forward+backward | {1000 * reference / batch:.1f} | 1.00 | {ref_mem:.0f} | 1 |")
     for method in METHODS:
         run = partial(lx.explain, model, images, method=method, targets=targets)
-        seconds = timed(run, 1 if method in ("vitcx", "c2f") else repeats)
+        seconds, result = timed(run, 1 if method in ("vitcx", "c2f") else repeats)
         mem = peak_memory_mib(run) if memory else float("nan")
-        evals = run().evaluations_per_image if method in ("vitcx", "c2f") else None
+        evals = result.evaluations_per_image
         print(f"| {size} | {method} | {1000 * seconds / batch:.1f} | {seconds / reference:.2f} | {mem:.0f} | "
               f"{'1' if evals is None else f'{evals:.0f}'} |")
 
@@ -142,14 +151,61 @@ def speed_table(sizes: list[str], image_size: int, batch: int, repeats: int, mem
         bench_model(size, image_size, batch, repeats, memory)
 
 
+@contextlib.contextmanager
+def mask_distances(fn: Callable) -> Iterator[None]:
+    """Use ``fn`` as the masks' pairwise cosine distances inside the context (the "before" of issue 9)."""
+    saved = mask_module.cosine_distances
+    mask_module.cosine_distances = perturbation.cosine_distances = fn
+    try:
+        yield
+    finally:
+        mask_module.cosine_distances = perturbation.cosine_distances = saved
+
+
+def cosine_table(size: str, image_size: int, batch: int, repeats: int) -> None:
+    """Seconds and evaluations per image of ViT-CX and C2F with float64 CPU mask distances (before) and
+    float32 ones on the masks' device (after), runs alternated; whether the maps are identical."""
+    from bench_quality import float64_cosine_distances
+
+    model = build(size, image_size)
+    images = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    targets = torch.zeros(batch, dtype=torch.long)
+    masks = torch.rand(192, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    after_fn = mask_module.cosine_distances
+    print(f"\n## Mask cosine distances, float64 on CPU (before) vs float32 on the masks' device (after): {size}, "
+          f"{image_size}px, batch {batch}, medians of {repeats} alternated runs\n")
+    print("| method | s / image before | s / image after | after / before | evaluations / image before | "
+          "evaluations / image after | same maps |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for label, fn in (("distances alone (192 masks)", None), ("vitcx", "vitcx"), ("c2f", "c2f")):
+        samples: dict[str, list[float]] = {"before": [], "after": []}
+        results = {}
+        for _ in range(repeats + 1):  # the first round warms up
+            for when, distances in (("before", float64_cosine_distances), ("after", after_fn)):
+                with mask_distances(distances):
+                    start = time.perf_counter()
+                    results[when] = distances(masks) if fn is None else lx.explain(
+                        model, images, method=fn, targets=targets)
+                    samples[when].append(time.perf_counter() - start)
+        per_image = {k: statistics.median(v[1:]) / (1 if fn is None else batch) for k, v in samples.items()}
+        if fn is None:
+            evals, same = ("-", "-"), "-"
+        else:
+            evals = tuple(f"{results[k].evaluations_per_image:.1f}" for k in ("before", "after"))
+            same = "yes" if torch.equal(results["before"].maps, results["after"].maps) else (
+                f"no (max diff {float((results['before'].maps - results['after'].maps).abs().max()):.2g})")
+        print(f"| {label} | {per_image['before']:.3f} | {per_image['after']:.3f} | "
+              f"{per_image['after'] / per_image['before']:.2f} | {evals[0]} | {evals[1]} | {same} |", flush=True)
+
+
 def c2f_table(epochs: int, count: int) -> None:
     """ViT-CX vs C2F on the example's ViT trained here on the texture family (classes that survive no masking):
     localisation, model evaluations and time per image (``bench_quality.py`` has every method)."""
     from bench_quality import claims, quality_table, train
 
     module, data = train("texture", epochs, 3072 if epochs > 4 else 1024)
-    rows = [("vitcx", {}), ("c2f", {}), ("c2f", {"granularity": "clusters"}), ("gradtoken", {}),
-            ("raw_attention", {}), ("rollout", {})]
+    rows = [("vitcx", {}), ("c2f", {}), ("c2f", {"fusion": "contrast"}), ("c2f", {"granularity": "clusters"}),
+            ("gradtoken", {}), ("gae", {}), ("raw_attention", {}), ("rollout", {})]
     print()
     for claim, holds in claims(quality_table(module, data, count, rows)).items():
         print(f"- {'holds' if holds else 'FAILS'}: {claim}")
@@ -161,12 +217,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--skip-cosine", action="store_true", help="skip the float64/float32 mask distance table")
     parser.add_argument("--skip-c2f", action="store_true")
     args = parser.parse_args()
     image_size, batch, epochs, count = (96, 2, 4, 16) if args.quick else (224, 4, 12, 64)
     sizes = ["vit-tiny"] if args.quick else ["vit-tiny", "vit-small"]
     if not args.skip_speed:
         speed_table(sizes, image_size, batch, args.repeats, not args.no_memory)
+    if not args.skip_cosine:
+        cosine_table("vit-tiny", image_size, batch, args.repeats)
     if not args.skip_c2f:
         c2f_table(epochs, count)
 

@@ -32,18 +32,39 @@ def test_names_imported_from_sibling_benchmarks_exist(script, bench_quality):
                 assert hasattr(module, alias.name), f"{script}: {node.module} has no {alias.name}"
 
 
-def row(method: str, iou: float, energy: float, evaluations: float = 1.0) -> dict:
-    return dict(method=method, iou=iou, energy=energy, evaluations=evaluations)
+def row(method: str, iou: float, energy: float, evaluations: float = 1.0, discrimination: float = 0.5) -> dict:
+    return dict(method=method, iou=iou, energy=energy, evaluations=evaluations, discrimination=discrimination)
 
 
 def test_claims_judge_each_target(bench_quality):
-    results = [row("raw_attention", 0.30, 0.40), row("rollout", 0.47, 0.50), row("gradtoken", 0.48, 0.55),
-               row("vitcx", 0.22, 0.20, 23.0), row("c2f", 0.29, 0.60, 50.0), row("c2f (clusters)", 0.2, 0.2, 4.0)]
+    results = [row("raw_attention", 0.30, 0.40), row("rollout", 0.47, 0.50), row("gae", 0.49, 0.55, 1.0, 0.74),
+               row("gradtoken", 0.48, 0.55, 1.0, 0.75), row("vitcx", 0.22, 0.20, 23.0),
+               row("c2f", 0.44, 0.60, 50.0), row("c2f (contrast)", 0.29, 0.39, 50.0),
+               row("c2f (clusters)", 0.2, 0.2, 4.0)]
     verdict = bench_quality.claims(results)
     assert verdict == {
-        "GradToken beats raw attention and rollout (IoU and energy)": True,
-        "C2F beats raw attention and rollout (IoU and energy)": False,  # IoU below rollout's
         "C2F beats ViT-CX (IoU and energy)": True,
+        "GradToken separates the two classes (class discrimination >= 0.75)": True,  # the bound is inclusive
+        "GAE separates the two classes (class discrimination >= 0.75)": False,  # 0.74
         "C2F (draws) at most 2x ViT-CX's evaluations": False,  # 50 > 46
         "C2F (clusters) fewer evaluations than ViT-CX": True,
     }
+    results[5] = row("c2f", 0.44, 0.19, 40.0)  # energy below ViT-CX's: IoU alone is not enough
+    assert not bench_quality.claims(results)["C2F beats ViT-CX (IoU and energy)"]
+
+
+def test_comparisons_are_reported_not_claimed(bench_quality):
+    results = [row("rollout", 0.47, 0.50), row("gradtoken", 0.46, 0.55), row("c2f", 0.48, 0.60),
+               row("c2f (contrast)", 0.29, 0.39)]
+    assert bench_quality.comparisons(results) == {
+        "gradtoken ahead of rollout on IoU": False,
+        "c2f ahead of rollout on IoU": True,
+        "c2f (contrast) ahead of rollout on IoU": False,
+        "c2f (relation) ahead of c2f (contrast) on IoU and energy": True,
+    }
+
+
+def test_row_labels_name_the_options(bench_quality):
+    labels = [bench_quality.row_label(method, options) for method, options in bench_quality.ROWS]
+    assert len(set(labels)) == len(labels)
+    assert {"c2f", "c2f (contrast)", "c2f (clusters)"} <= set(labels)

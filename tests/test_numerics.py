@@ -171,7 +171,7 @@ def test_c2f_with_everything_positive_reduces_to_vitcx(model, images):
 
 
 def test_c2f_attention_fusion_by_hand(model, images):
-    result = lx.explain(model, images[:1], method="c2f", targets=[1])
+    result = lx.explain(model, images[:1], method="c2f", targets=[1], fusion="contrast")
     attn = _attention(model, images[:1])
     relation = torch.eye(attn[0].shape[-1])
     for layer in attn:

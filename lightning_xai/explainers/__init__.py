@@ -37,7 +37,7 @@ from lightning_xai.adapters import Geometry, capture
 from lightning_xai.explainers.attention import AttentionRollout, RawAttention
 from lightning_xai.explainers.base import Explainer, Explanation, RawMaps, minmax, upsample
 from lightning_xai.explainers.gradient import GradientRollout, GradToken
-from lightning_xai.explainers.perturbation import C2FExplainer, ViTCX
+from lightning_xai.explainers.perturbation import C2FExplainer, NoPositiveMaskWarning, ViTCX
 from lightning_xai.explainers.registry import (
     available_methods,
     create_explainer,
@@ -54,6 +54,7 @@ __all__ = [
     "Geometry",
     "GradToken",
     "GradientRollout",
+    "NoPositiveMaskWarning",
     "RawAttention",
     "RawMaps",
     "ViTCX",

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
+import math
+import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -11,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_xai.adapters import Capture, Geometry
-from lightning_xai.explainers.base import Explainer, RawMaps, minmax
+from lightning_xai.explainers.base import Explainer, RawMaps, minmax, upsample
 from lightning_xai.explainers.masks import (
     MaskScorer,
     NoiseBank,
@@ -27,20 +31,58 @@ from lightning_xai.explainers.masks import (
 from lightning_xai.explainers.registry import register
 from lightning_xai.explainers.relevance import rollout_product
 
+_PACKAGE_DIR = str(Path(__file__).resolve().parents[1])  # .../lightning_xai
+
 GRANULARITIES = ("draws", "clusters")
+FUSIONS = ("relation", "contrast")
 
 
-def _positive_float(name: str, value: float, upper: float | None = None) -> float:
-    if not isinstance(value, int | float) or value <= 0 or (upper is not None and value > upper):
+class NoPositiveMaskWarning(UserWarning):
+    """C2F's three-way decisions called no mask positive for some image and target, so the coarse map fell
+    back to the top-scored mask. Issued once per explainer instance, at the user's call site."""
+
+
+def _user_stacklevel() -> int:
+    """``stacklevel`` for :func:`warnings.warn` called from this module's caller chain that points at the first
+    frame outside the ``lightning_xai`` package (Python 3.11 has no ``skip_file_prefixes``)."""
+    frame, level = sys._getframe(1), 1  # level 1: the function that calls warnings.warn
+    while frame is not None and Path(frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _positive_float(name: str, value: Any, upper: float | None = None) -> float:
+    """``value`` as a finite float in ``(0, upper]``; a clear error naming ``name`` otherwise."""
+    number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not number or value <= 0 or (upper is not None and value > upper):
         bound = f" and <= {upper}" if upper is not None else ""
-        raise ValueError(f"{name} must be a number > 0{bound}, got {value!r}")
+        raise ValueError(f"{name} must be a finite number > 0{bound}, got {value!r}")
     return float(value)
 
 
-def _positive_int(name: str, value: int) -> int:
+def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     return value
+
+
+def _per_stage(name: str, value: Any) -> tuple[Any, ...]:
+    """A non-empty sequence of per-stage values as a tuple (a string or a bare number is not one)."""
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence) or len(value) == 0:
+        raise ValueError(f"{name} must be a non-empty sequence with one entry per stage, got {value!r}")
+    return tuple(value)
+
+
+def _option_defaults(cls: type) -> dict[str, Any]:
+    """Default values of the keyword-only options of ``cls``'s constructors (the subclass's win)."""
+    defaults: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is Explainer or "__init__" not in vars(klass) or not issubclass(klass, Explainer):
+            continue
+        for name, parameter in inspect.signature(klass.__init__).parameters.items():
+            if parameter.kind is inspect.Parameter.KEYWORD_ONLY and parameter.default is not inspect.Parameter.empty:
+                defaults[name] = parameter.default
+    return {name: defaults[name] for name in cls.option_names() if name in defaults}
 
 
 class _MaskExplainer(Explainer):
@@ -57,12 +99,25 @@ class _MaskExplainer(Explainer):
         **kwargs: Any,
     ) -> None:
         super().__init__(model, **kwargs)
-        self.cluster_threshold = _positive_float("cluster_threshold", cluster_threshold, 2.0)
-        self.noise_sigma = _positive_float("noise_sigma", noise_sigma)
-        self.batch_size = _positive_int("batch_size", batch_size)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")
-        self.seed = seed
+        options = self.check_options(
+            dict(cluster_threshold=cluster_threshold, noise_sigma=noise_sigma, batch_size=batch_size, seed=seed)
+        )
+        self.cluster_threshold = options["cluster_threshold"]
+        self.noise_sigma = options["noise_sigma"]
+        self.batch_size = options["batch_size"]
+        self.seed = options["seed"]
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Checked options with the defaults filled in: ``cluster_threshold`` in ``(0, 2]`` (a cosine
+        distance), ``noise_sigma`` > 0, ``batch_size`` an int >= 1, ``seed`` an int."""
+        options = {**_option_defaults(cls), **super().check_options(options)}
+        options["cluster_threshold"] = _positive_float("cluster_threshold", options["cluster_threshold"], 2.0)
+        options["noise_sigma"] = _positive_float("noise_sigma", options["noise_sigma"])
+        options["batch_size"] = _positive_int("batch_size", options["batch_size"])
+        if isinstance(options["seed"], bool) or not isinstance(options["seed"], int):
+            raise ValueError(f"seed must be an int, got {options['seed']!r}")
+        return options
 
     def _probs(self, x: Tensor) -> Tensor:
         with torch.no_grad():
@@ -104,23 +159,34 @@ class ViTCX(_MaskExplainer):
         return RawMaps(maps, resolved, probs, {"evaluations": scorer.evaluations})
 
 
-def _check_thresholds(thresholds: Sequence[Sequence[float]]) -> tuple[tuple[float, float], ...]:
-    pairs = tuple((float(a), float(b)) for a, b in thresholds)
-    if not pairs or any(not 0 <= beta <= alpha <= 1 for alpha, beta in pairs):
-        raise ValueError(
-            f"thresholds must be a non-empty sequence of (alpha, beta) with 0 <= beta <= alpha <= 1, got {thresholds!r}"
-        )
+def _check_thresholds(thresholds: Any) -> tuple[tuple[float, float], ...]:
+    """``(alpha_k, beta_k)`` pairs with ``0 <= beta_k <= alpha_k <= 1`` as a tuple of float pairs."""
+    problem = ValueError(
+        f"thresholds must be a non-empty sequence of (alpha, beta) pairs with 0 <= beta <= alpha <= 1, one per "
+        f"stage, e.g. ((0.8, 0.2), (0.7, 0.3), (0.5, 0.5)); got {thresholds!r}"
+    )
+    try:
+        pairs = tuple((float(a), float(b)) for a, b in _per_stage("thresholds", thresholds))
+    except (TypeError, ValueError):
+        raise problem from None
+    if any(not 0 <= beta <= alpha <= 1 for alpha, beta in pairs):
+        raise problem
     return pairs
 
 
 @register
 class C2FExplainer(_MaskExplainer):
-    """C2F-Explainer (Ding et al., IEEE TKDE 36(12), 2024), our reading in METHODS.md: a coarse map from
-    the masks that sequential three-way decisions (S3WM) call positive, refined by attention fusion (AF)
-    over the cross-layer relation matrix ``Π_l rownorm(mean_h A^l + I)``.
+    """C2F-Explainer (Ding et al., IEEE TKDE 36(12), 2024): implements METHODS.md's reading (the paper has no
+    reachable code or equations); ``fusion="contrast"`` keeps the specification's first AF reading.
+
+    A coarse map from the masks that sequential three-way decisions (S3WM) call positive, refined by attention
+    fusion (AF) over the cross-layer relation matrix ``Π_l rownorm(mean_h A^l + I)``: the fine map is
+    ``minmax(S_coarse ⊙ upsample(I))`` with patch importance ``I = minmax(f) ⊙ minmax(relu(cos(Q_i, f) −
+    cos(Q_i, b)))`` (``f``, ``b``: the coarse map's foreground and background relation profiles).
 
     ``maps`` is the fine map; ``coarse`` and ``fine`` are both returned, with ``evaluations`` per image.
-    ``raw`` is ``S_coarse ⊙ I`` (before the final min-max) times the peak of the unnormalised coarse map.
+    ``raw`` is ``S_coarse ⊙ upsample(I)`` (the fine map before its final min-max) times the peak of the
+    unnormalised coarse map ``Σ_{POS} s̄_i M_i / Σ_j M_j``, so its strength follows the masks' scores.
 
     Args:
         granularity: ``"draws"`` (default: deferred masks get more noise draws) or ``"clusters"`` (granules
@@ -130,6 +196,8 @@ class C2FExplainer(_MaskExplainer):
         draws: noise draws per stage for ``granularity="draws"`` (one entry per stage).
         levels: coarse-to-fine cosine distances of the dendrogram cuts for ``granularity="clusters"``
             (one entry per stage).
+        fusion: ``"relation"`` (default: ``I`` is the foreground relation ``minmax(f)`` times the cosine
+            contrast) or ``"contrast"`` (the cosine contrast alone, the earlier reading).
         cluster_threshold, noise_sigma, batch_size, seed: as for ViT-CX.
     """
 
@@ -143,23 +211,46 @@ class C2FExplainer(_MaskExplainer):
         thresholds: Sequence[Sequence[float]] = ((0.8, 0.2), (0.7, 0.3), (0.5, 0.5)),
         draws: Sequence[int] = (1, 1, 2),
         levels: Sequence[float] = (0.5, 0.25, 0.1),
+        fusion: str = "relation",
         **kwargs: Any,
     ) -> None:
         super().__init__(model, **kwargs)
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-        self.granularity = granularity
-        self.thresholds = _check_thresholds(thresholds)
-        self.draws = tuple(_positive_int("draws[k]", d) for d in draws)
-        self.levels = tuple(_positive_float("levels[k]", v, 2.0) for v in levels)
-        stages = len(self.thresholds)
-        per_stage = self.draws if granularity == "draws" else self.levels
-        if len(per_stage) != stages:
-            name = "draws" if granularity == "draws" else "levels"
-            raise ValueError(f"{name} needs one entry per stage: {len(per_stage)} given, {stages} stages")
-        if granularity == "clusters" and list(self.levels) != sorted(self.levels, reverse=True):
-            raise ValueError(f"levels must go from coarse to fine (decreasing distances), got {self.levels}")
+        options = self.check_options(
+            dict(granularity=granularity, thresholds=thresholds, draws=draws, levels=levels, fusion=fusion)
+        )
+        self.granularity = options["granularity"]
+        self.thresholds = options["thresholds"]
+        self.draws = options["draws"]
+        self.levels = options["levels"]
+        self.fusion = options["fusion"]
         self._warned = False
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Checked options with the defaults filled in (ViT-CX's as well): ``granularity`` and ``fusion`` among
+        their choices; ``thresholds`` pairs ``0 <= beta <= alpha <= 1``; ``draws`` (ints >= 1) or ``levels``
+        (decreasing distances in ``(0, 2]``), whichever ``granularity`` uses, with one entry per stage."""
+        options = super().check_options(options)
+        if options["granularity"] not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {options['granularity']!r}")
+        if options["fusion"] not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {options['fusion']!r}")
+        options["thresholds"] = _check_thresholds(options["thresholds"])
+        options["draws"] = tuple(_positive_int("draws[k]", d) for d in _per_stage("draws", options["draws"]))
+        options["levels"] = tuple(
+            _positive_float("levels[k]", v, 2.0) for v in _per_stage("levels", options["levels"])
+        )
+        stages = len(options["thresholds"])
+        name = "draws" if options["granularity"] == "draws" else "levels"
+        if len(options[name]) != stages:
+            raise ValueError(
+                f"{name} needs one entry per stage (granularity={options['granularity']!r}): "
+                f"{len(options[name])} given for {stages} stages of thresholds"
+            )
+        levels = options["levels"]
+        if name == "levels" and list(levels) != sorted(levels, reverse=True):
+            raise ValueError(f"levels must go from coarse to fine (decreasing distances), got {levels}")
+        return options
 
     def compute(self, x: Tensor, targets: Any, geom: Geometry) -> RawMaps:
         record, resolved, probs = self._clean_pass(x, targets, ("attn", "norm1"))
@@ -175,8 +266,8 @@ class C2FExplainer(_MaskExplainer):
         coarse_raw = self._coarse(mean, masks, decision)
         coarse = minmax(coarse_raw)
         importance = self._attention_fusion(record.attn, coarse, geom)
-        # S_fine = minmax(S_coarse ⊙ I) on the normalised coarse map; the raw map keeps the coarse peak so
-        # its strength stays comparable across epochs
+        # S_fine = minmax(S_coarse ⊙ upsample(I)) on the normalised coarse map; the raw map keeps the coarse
+        # peak so its strength stays comparable across epochs
         fine_raw = coarse * importance * coarse_raw.flatten(2).amax(-1)[..., None, None]
         extras = {"coarse": coarse, "fine": minmax(fine_raw), "evaluations": scorer.evaluations}
         return RawMaps(fine_raw, resolved, probs, extras)
@@ -271,9 +362,12 @@ class C2FExplainer(_MaskExplainer):
         if empty.any():
             if not self._warned:
                 warnings.warn(
-                    "C2F: no mask was decided positive for some image/target; using the top-scored mask "
-                    "instead (consider lower thresholds)",
-                    stacklevel=3,
+                    "C2F: for some image and target no mask was decided positive, so the coarse map uses the "
+                    "top-scored mask alone. If this happens often, lower the positive thresholds alpha_k of "
+                    "the option `thresholds` (default ((0.8, 0.2), (0.7, 0.3), (0.5, 0.5))). Warned once per "
+                    "explainer.",
+                    NoPositiveMaskWarning,
+                    stacklevel=_user_stacklevel(),
                 )
                 self._warned = True
             top = mean.masked_fill(~counted, float("-inf")).argmax(1)  # (B, K)
@@ -282,18 +376,23 @@ class C2FExplainer(_MaskExplainer):
         return coverage_corrected(mean * positive, masks, counted)
 
     # -- AF -----------------------------------------------------------------------------------------------
-    @staticmethod
-    def _attention_fusion(attn: list[Tensor], coarse: Tensor, geom: Geometry) -> Tensor:
-        """Patch importance ``relu(cos(Q_i, f) − cos(Q_i, b))`` upsampled: ``(B, K, H, W)`` in ``[0, 1]``."""
+    def _attention_fusion(self, attn: list[Tensor], coarse: Tensor, geom: Geometry) -> Tensor:
+        """Patch importance ``I`` on the patch grid, upsampled: ``(B, K, H, W)`` in ``[0, 1]``.
+
+        ``fusion="relation"``: ``I = minmax(f) ⊙ minmax(relu(cos(Q_i, f) − cos(Q_i, b)))``;
+        ``fusion="contrast"``: ``I = minmax(relu(cos(Q_i, f) − cos(Q_i, b)))``. ``Q`` ``(B, N, N)`` is the patch
+        block of the cross-layer relation matrix, ``f`` and ``b`` ``(B, K, N)`` the coarse map's foreground and
+        background profiles.
+        """
         relation = rollout_product([a.float() for a in attn])
-        patches = relation[:, geom.num_prefix :, geom.num_prefix :]  # (B, N, N)
-        pooled = torch.nn.functional.adaptive_avg_pool2d(coarse, geom.grid).flatten(2)  # (B, K, N)
+        patches = relation[:, geom.num_prefix :, geom.num_prefix :]  # (B, N, N): row i is patch i's profile
+        pooled = torch.nn.functional.adaptive_avg_pool2d(coarse.float(), geom.grid).flatten(2)  # (B, K, N)
         fg = (pooled @ patches) / pooled.sum(-1, keepdim=True).clamp_min(1e-12)
         bg = ((1 - pooled) @ patches) / (1 - pooled).sum(-1, keepdim=True).clamp_min(1e-12)
-        unit = torch.nn.functional.normalize(patches, dim=-1).unsqueeze(1)  # (B, 1, N, N)
-        cos_fg = (unit * torch.nn.functional.normalize(fg, dim=-1).unsqueeze(2)).sum(-1)
-        cos_bg = (unit * torch.nn.functional.normalize(bg, dim=-1).unsqueeze(2)).sum(-1)
-        importance = minmax((cos_fg - cos_bg).clamp_min(0).unflatten(-1, geom.grid))
-        return torch.nn.functional.interpolate(
-            importance, size=geom.image_size, mode="bilinear", align_corners=False
-        )
+        unit = torch.nn.functional.normalize(patches, dim=-1)
+        cos_fg = torch.einsum("bin,bkn->bki", unit, torch.nn.functional.normalize(fg, dim=-1))
+        cos_bg = torch.einsum("bin,bkn->bki", unit, torch.nn.functional.normalize(bg, dim=-1))
+        importance = minmax((cos_fg - cos_bg).clamp_min(0).unflatten(-1, geom.grid))  # (B, K, h, w)
+        if self.fusion == "relation":
+            importance = minmax(fg.unflatten(-1, geom.grid)) * importance
+        return upsample(importance, geom.image_size)
