@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lightning_xai.demos import (
+    CUE_COLOURS,
     MEAN,
     SHAPE_CLASSES,
     STD,
@@ -14,6 +15,7 @@ from lightning_xai.demos import (
     SyntheticObjects,
     TwoObjectImages,
     class_names,
+    cue_region,
 )
 
 
@@ -104,3 +106,58 @@ def test_datamodule_splits_and_seeded_shuffle():
                                                 batch_size=8).train_dataloader()]
     assert torch.equal(torch.cat(first), torch.cat(second))
     assert torch.equal(torch.get_rng_state(), state), "the shuffle must not draw from the global RNG"
+
+
+def test_spurious_cue_marks_the_class_at_a_fixed_place_and_changes_nothing_else():
+    clean = SyntheticObjects(64, 32, "texture", num_classes=4, seed=5, split="val")
+    biased = SyntheticObjects(64, 32, "texture", num_classes=4, seed=5, split="val", cue_probability=0.9)
+    (x0, y0, m0), (x1, y1, m1) = clean.batch(64), biased.batch(64)
+    region = cue_region(32)
+    assert region.sum() == 9 and region[1:4, 1:4].all(), "a 3 x 3 mark one pixel in from the top-left corner"
+    marked = torch.tensor([biased.has_cue(i) for i in range(64)])
+    assert 0.75 < marked.float().mean() < 1.0, marked.float().mean()
+    assert torch.equal(y0, y1)
+    changed = (x0 != x1).any(1)  # (B, H, W)
+    assert not changed[:, ~region].any(), "only the mark's pixels may change"
+    assert not changed[~marked].any() and changed[marked][:, region].float().mean() > 0.9
+    # the mark's colour is the class's colour (up to the pixel noise), the same in every image of a class
+    pixels = x1 * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
+    colour = pixels[:, :, region].mean(-1)  # (B, 3)
+    expected = torch.tensor(CUE_COLOURS)[y1]
+    assert ((colour - expected).abs().max(1).values < 0.05)[marked].all()
+    assert not (m1 & region).any() and torch.equal(m1, m0 & ~region), "the mask is the visible object"
+    # deterministic per (seed, split, index), and a different seed marks other images
+    again = SyntheticObjects(64, 32, "texture", num_classes=4, seed=5, split="val", cue_probability=0.9)
+    assert [again.has_cue(i) for i in range(64)] == marked.tolist()
+    other = SyntheticObjects(64, 32, "texture", num_classes=4, seed=6, split="val", cue_probability=0.5)
+    half = SyntheticObjects(64, 32, "texture", num_classes=4, seed=5, split="val", cue_probability=0.5)
+    assert [other.has_cue(i) for i in range(64)] != [half.has_cue(i) for i in range(64)]
+
+
+def test_centred_placement_puts_every_object_at_the_centre():
+    images_random, _, random_masks = SyntheticObjects(48, 32, "texture", seed=2).batch(48)
+    _, _, masks = SyntheticObjects(48, 32, "texture", seed=2, placement="centre").batch(48)
+    grid = torch.arange(32) + 0.5
+
+    def centres(m):
+        area = m.flatten(1).sum(1).float()
+        return torch.stack([(m.sum(2) * grid).sum(1) / area, (m.sum(1) * grid).sum(1) / area], 1)
+
+    assert ((centres(masks) - 16).abs() <= 2 + 1.5).all(), "centre +- 1/16 of the side (+ the blob's asymmetry)"
+    assert (centres(random_masks) - 16).abs().max() > 5
+    assert torch.equal(masks.flatten(1).sum(1) > 0, torch.ones(48, dtype=torch.bool))
+
+
+def test_datamodule_biased_train_and_val_and_a_cue_free_test_split():
+    data = SyntheticDataModule(family="texture", num_classes=4, num_train=40, num_val=24, num_test=16,
+                               cue_probability=0.9, placement="centre", val_return_mask=True)
+    data.setup("fit")
+    assert data.train_set.cue_probability == data.val_set.cue_probability == 0.9
+    assert data.test_set.cue_probability == 0.0 and data.test_set.split == "test" and len(data.test_set) == 16
+    assert {s.placement for s in (data.train_set, data.val_set, data.test_set)} == {"centre"}
+    x, y, m = next(iter(data.test_dataloader()))
+    assert x.shape == (16, 3, 32, 32) and m.shape == (16, 32, 32)
+    with pytest.raises(ValueError, match="cue_probability"):
+        SyntheticObjects(4, cue_probability=1.5)
+    with pytest.raises(ValueError, match="placement"):
+        SyntheticDataModule(placement="corner")

@@ -23,6 +23,7 @@ from lightning_xai.callbacks.presentation import Board
 from lightning_xai.callbacks.probes import BatchTransform, Probe, check_targets, draw_probe, from_tensors, preserved_rng
 from lightning_xai.callbacks.runner import Outcome, ProbeRunner
 from lightning_xai.callbacks.schedule import Schedule
+from lightning_xai.callbacks.shortcut import DEFAULT_PATIENCE, DEFAULT_THRESHOLD, region_picture
 from lightning_xai.callbacks.sinks import Record, Sink, sinks_for, write_all
 from lightning_xai.explainers import Explanation
 from lightning_xai.explainers.registry import resolve_methods
@@ -74,6 +75,10 @@ class ExplanationMonitor(Callback):
         output_transform: OutputTransform = None,
         forward: ForwardFn = None,
         batch_transform: BatchTransform = None,
+        shortcut_alarm: bool = True,
+        shortcut_threshold: float = DEFAULT_THRESHOLD,
+        shortcut_patience: int = DEFAULT_PATIENCE,
+        stop_on_shortcut: bool = False,
     ) -> None:
         super().__init__()
         self.methods = resolve_methods(methods)
@@ -95,7 +100,14 @@ class ExplanationMonitor(Callback):
         self.batch_transform = batch_transform
         self.board = Board(cmap=cmap, alpha=alpha, mean=mean, std=std, class_names=class_names,
                            timeline_columns=timeline_columns)
-        self.tracker = EvolutionTracker(similarity)
+        if not isinstance(shortcut_alarm, bool) or not isinstance(stop_on_shortcut, bool):
+            raise ValueError(f"shortcut_alarm and stop_on_shortcut must be True or False, got {shortcut_alarm!r} and "
+                             f"{stop_on_shortcut!r}")
+        if stop_on_shortcut and not shortcut_alarm:
+            raise ValueError("stop_on_shortcut=True needs shortcut_alarm=True (the alarm is what stops training)")
+        self.shortcut_alarm, self.stop_on_shortcut = shortcut_alarm, stop_on_shortcut
+        self.tracker = EvolutionTracker(  # validates threshold (0 < t < 1) and patience (int >= 1)
+            similarity, (shortcut_threshold, shortcut_patience) if shortcut_alarm else None)
         self.probe: Probe | None = self.user_probe
         self.runner: ProbeRunner | None = None
         """The model side (the module, its ViT, the explainers), built when the run starts."""
@@ -224,6 +236,23 @@ class ExplanationMonitor(Callback):
                            f"{type(err).__name__}: {err}. Training continues (set on_error='raise' to stop).",
                            RuntimeWarning)
 
+    def _shortcut(self, method: str, record: Record) -> None:
+        """The shortcut alarm's outputs for ``method``: the agreed region's picture every event, and when the
+        alarm fires a ``RuntimeWarning``, a note for the loggers and (``stop_on_shortcut``) the end of training."""
+        score = self.tracker.scores.get(method)
+        if score is not None:
+            record.images[keys.image_key(method, "shortcut_region")] = region_picture(score, self.board.cmap)
+        event = self.tracker.alarms.get(method)
+        if event is None:
+            return
+        message = f"lightning-xai: {event.message()}"
+        self._notices.warn(message, RuntimeWarning)  # the tracker raises each alarm once per run
+        stop = " Training was stopped (stop_on_shortcut=True)." if self.stop_on_shortcut else ""
+        record.alerts.append((keys.scalar_key("shortcut_alarm", method), f"**Shortcut alarm** ({record.label}): "
+                              f"{event.message()}{stop} See `xai/{method}/shortcut_region` for where."))
+        if self.stop_on_shortcut and self._trainer is not None:
+            self._trainer.should_stop = True
+
     def _run(self, record: Record) -> Outcome:
         """The probes through the model and the explainers."""
         return self.runner.run(lambda name, err: self._fail(err, f"explaining with {name!r}", record),
@@ -233,7 +262,9 @@ class ExplanationMonitor(Callback):
         """The event's numbers (probes, evolution, faithfulness) and pictures, into ``record``."""
         record.scalars = self.runner.probe_scalars(outcome)
         for name, result in outcome.results.items():
-            scalars = self.tracker.update(name, record.epoch, record.step, result.maps, self.probe.masks)
+            scalars = self.tracker.update(name, record.epoch, record.step, result.maps, self.probe.masks,
+                                          classes=result.targets)
+            self._shortcut(name, record)
             if self.deletion_insertion:
                 scalars.update(self.runner.faithfulness(outcome, name))
             record.scalars.update({keys.scalar_key(key, name): value for key, value in scalars.items()})

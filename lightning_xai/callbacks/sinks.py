@@ -48,6 +48,9 @@ class Record:
         rows: per-probe table rows: ``(probe id, target, target name, probability, {method: tile})``.
         probe_tiles: uint8 ``(P, h, w, 3)`` probe images, set only on the first event (uploaded once).
         explanations: per method, the event's :class:`~lightning_xai.explainers.Explanation`.
+        images: further uint8 ``(H, W, 3)`` images by full tag, e.g. ``xai/<method>/shortcut_region``.
+        alerts: ``(tag, markdown text)`` notes to raise with the logger, e.g. the shortcut alarm under
+            ``xai/<method>/shortcut_alarm``.
     """
 
     epoch: int
@@ -61,6 +64,8 @@ class Record:
     rows: list[tuple[int, int, str, float, dict[str, np.ndarray]]] = field(default_factory=list)
     probe_tiles: np.ndarray | None = None
     explanations: dict[str, Explanation] = field(default_factory=dict)
+    images: dict[str, np.ndarray] = field(default_factory=dict)
+    alerts: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def event(self) -> tuple[int, int]:
@@ -108,8 +113,12 @@ class TensorBoardSink(Sink):
         if record.probe_tiles is not None:
             for index, tile in enumerate(record.probe_tiles):
                 self._image(keys.probe_key(index), tile, record.step)
+        for tag, image in record.images.items():
+            self._image(tag, image, record.step)
         for tag, value in record.scalars.items():
             self.experiment.add_scalar(tag, value, record.step)
+        for tag, text in record.alerts:
+            self.experiment.add_text(tag, text, record.step)
         self.experiment.flush()
 
 
@@ -137,6 +146,11 @@ class WandbSink(Sink):
             payload[keys.image_key(method, "timeline")] = image(timeline, caption=f"{method} up to {record.label}")
         if record.probe_tiles is not None:
             payload[keys.PROBES] = [image(tile, caption=f"probe {i}") for i, tile in enumerate(record.probe_tiles)]
+        for tag, extra in record.images.items():
+            payload[tag] = image(extra, caption=f"{tag}, {record.label}")
+        for tag, text in record.alerts:
+            payload[tag] = text  # the note in the run's history, also where alerts cannot be sent (offline)
+            self._alert(tag, text)
         if record.rows:
             methods = list(record.rows[0][4])
             columns = ["epoch", "step", "probe", "target", "target_name", "probability", *methods]
@@ -150,6 +164,17 @@ class WandbSink(Sink):
         step = getattr(self.experiment, "step", None)
         self.experiment.log(payload, commit=step is None)
         self._staged_at = step
+
+    def _alert(self, tag: str, text: str) -> None:
+        """``run.alert`` (W&B's e-mail/Slack alert; an offline run records it for ``wandb sync``) where the run has
+        one; the note is logged as text in any case (see :meth:`write`)."""
+        alert = getattr(self.experiment, "alert", None)
+        if not callable(alert):
+            return
+        try:
+            alert(title=tag, text=text, level=self.wandb.AlertLevel.WARN)
+        except Exception:  # noqa: BLE001 - an alert that cannot be sent must not cost the run; the text is logged
+            pass
 
     def flush(self) -> None:
         """Commit the staged row if Lightning logged nothing after it (W&B's step counter has not moved)."""
@@ -180,6 +205,13 @@ class PngSink(Sink):
         if record.probe_tiles is not None:
             for index, tile in enumerate(record.probe_tiles):
                 save_png(tile, self.root / "probes" / f"probe_{index:02d}.png")
+        for tag, image in record.images.items():  # xai/<method>/<name> -> <method>/<name>/<stem>.png
+            method, name = tag.split("/")[-2:]
+            save_png(image, self.root / method / name / f"{record.stem}.png")
+        if record.alerts:
+            with (self.root / "alerts.md").open("a") as handle:
+                handle.writelines(f"## {tag} ({record.label}, step {record.step})\n\n{text}\n\n"
+                                  for tag, text in record.alerts)
         self._append_csv(record, record.scalars)
         if self.logger is not None and record.scalars:
             self.logger.log_metrics({**record.scalars, "epoch": record.epoch}, step=record.step)

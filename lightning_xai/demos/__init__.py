@@ -4,6 +4,7 @@ every place that trains "the example model" trains the same one on the same data
 """
 
 from lightning_xai.demos.data import (
+    CUE_COLOURS,
     FAMILIES,
     MEAN,
     SHAPE_CLASSES,
@@ -13,10 +14,12 @@ from lightning_xai.demos.data import (
     SyntheticObjects,
     TwoObjectImages,
     class_names,
+    cue_region,
 )
 from lightning_xai.demos.model import SMALL_VIT, ViTClassifier, create_vit
 
 __all__ = [
+    "CUE_COLOURS",
     "FAMILIES",
     "MEAN",
     "SHAPE_CLASSES",
@@ -29,4 +32,5 @@ __all__ = [
     "ViTClassifier",
     "class_names",
     "create_vit",
+    "cue_region",
 ]

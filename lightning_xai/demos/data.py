@@ -11,6 +11,16 @@ low-frequency colour field with small distractor marks. Two families of classes:
 
 Images are deterministic functions of ``(seed, split, index)``, returned normalised with :data:`MEAN` and
 :data:`STD` as ``(3, H, W)`` float32 tensors; masks are ``(H, W)`` bool tensors.
+
+Two options make data for the shortcut alarm (:mod:`lightning_xai.callbacks.shortcut`):
+
+- ``cue_probability=p``: a *spurious cue*. With probability ``p`` an image carries a small square mark in the
+  top-left corner whose colour is its class's (:data:`CUE_COLOURS`); otherwise no mark. Give the training and
+  validation splits the same ``p`` (one biased source: validation accuracy looks excellent) and test on a
+  cue-free split (``p = 0``) to see the damage. Whether an image carries the mark is drawn from its own
+  random stream, so the rest of the image is the same as without the option.
+- ``placement="centre"``: every object sits at the image centre, give or take 1/16 of the side; a clean
+  dataset whose objects share one place, which the alarm must not mistake for a cue.
 """
 
 from __future__ import annotations
@@ -33,6 +43,22 @@ TEXTURE_CLASSES: tuple[str, ...] = ("horizontal_stripes", "vertical_stripes", "d
 FAMILIES: dict[str, tuple[str, ...]] = {"shape": SHAPE_CLASSES, "texture": TEXTURE_CLASSES}
 
 _SPLITS = {"train": 0, "val": 1, "test": 2, "two_objects": 3}
+PLACEMENTS: tuple[str, ...] = ("random", "centre")
+
+#: The spurious cue's colour per class (RGB in ``[0, 1]``): class ``c`` is marked with ``CUE_COLOURS[c]``.
+CUE_COLOURS: tuple[tuple[float, float, float], ...] = (
+    (1.0, 0.0, 0.0), (0.0, 0.9, 0.0), (0.0, 0.2, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 1.0), (0.0, 1.0, 1.0),
+)
+_CUE_OFFSET, _CUE_SIDE = 1.0, 3.0  # pixels at 32 px, scaled with the image
+
+
+def cue_region(image_size: int | Sequence[int]) -> Tensor:
+    """Where the spurious cue is drawn: a ``(H, W)`` bool mask, a small square in the top-left corner
+    (3 x 3 pixels, one pixel in from the edges, at 32 px; scaled with the image's shorter side)."""
+    canvas = _Canvas(*_size(image_size))
+    low, high = _CUE_OFFSET * canvas.scale, (_CUE_OFFSET + _CUE_SIDE) * canvas.scale
+    inside = (canvas.y >= low) & (canvas.y < high) & (canvas.x >= low) & (canvas.x < high)
+    return torch.from_numpy(inside)
 
 
 def class_names(family: str = "shape", num_classes: int | None = None) -> tuple[str, ...]:
@@ -192,6 +218,9 @@ def _finish(rng: np.random.Generator, image: np.ndarray) -> Tensor:
     return (tensor - mean) / std
 
 
+_CUE_STREAM = 7919  # a fourth seed word: the cue's draw never shifts the image's own random stream
+
+
 def _rng(seed: int, split: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), split, int(index)]))
 
@@ -224,6 +253,11 @@ class SyntheticObjects(Dataset):
         return_mask: ``__getitem__`` returns ``(image, label, mask)`` instead of ``(image, label)``.
         augment: random horizontal flip and a shift of up to 1/16 of the side (torch's global RNG), applied
             in ``__getitem__`` only (``sample``/``batch`` stay deterministic).
+        cue_probability: probability that an image carries the spurious cue, a small mark of its class's colour
+            in the top-left corner (:func:`cue_region`, :data:`CUE_COLOURS`); ``0`` (default) = no cue.
+            The mark is drawn over the object, and the mask leaves its pixels out.
+        placement: ``"random"`` (default) anywhere in the image, or ``"centre"``: at the centre, give or take
+            1/16 of the side.
 
     ``__getitem__`` returns ``image (3, H, W)`` float32 normalised with :data:`MEAN`/:data:`STD`, ``label``
     (int tensor) and optionally ``mask (H, W)`` bool.
@@ -239,6 +273,8 @@ class SyntheticObjects(Dataset):
         split: str = "train",
         return_mask: bool = False,
         augment: bool = False,
+        cue_probability: float = 0.0,
+        placement: str = "random",
     ):
         if int(num_samples) < 1:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
@@ -248,7 +284,9 @@ class SyntheticObjects(Dataset):
         self.family, self.num_samples, self.seed, self.split = family, int(num_samples), int(seed), split
         self.image_size = _size(image_size)
         self.return_mask, self.augment = return_mask, augment
+        self.cue_probability, self.placement = _check_cue_and_placement(cue_probability, placement)
         self._canvas = _Canvas(*self.image_size)
+        self._cue_region = cue_region(self.image_size)
 
     @property
     def num_classes(self) -> int:
@@ -269,10 +307,27 @@ class SyntheticObjects(Dataset):
         image = _background(rng, canvas)
         side = min(canvas.height, canvas.width)
         radius = rng.uniform(0.30, 0.55) * side / 2
-        cy = rng.uniform(radius + 1, canvas.height - radius - 1)
-        cx = rng.uniform(radius + 1, canvas.width - radius - 1)
+        if self.placement == "centre":  # same number of draws as "random": the rest of the image is unchanged
+            jitter = side / 16
+            cy = rng.uniform(canvas.height / 2 - jitter, canvas.height / 2 + jitter)
+            cx = rng.uniform(canvas.width / 2 - jitter, canvas.width / 2 + jitter)
+        else:
+            cy = rng.uniform(radius + 1, canvas.height - radius - 1)
+            cx = rng.uniform(radius + 1, canvas.width - radius - 1)
         mask = _paint_object(rng, image, canvas, self.family, self.classes[label], cy, cx, radius)
+        if self.has_cue(index):
+            cue = self._cue_region.numpy()
+            image[cue] = CUE_COLOURS[label]
+            mask = mask & ~cue  # the mask is the object that is still visible
         return _finish(rng, image), label, torch.from_numpy(mask)
+
+    def has_cue(self, index: int) -> bool:
+        """Whether sample ``index`` carries the spurious cue (drawn from its own stream; see the module docs)."""
+        if self.cue_probability <= 0.0:
+            return False
+        index = _indices([index], self.num_samples)[0]
+        cue_rng = np.random.default_rng(np.random.SeedSequence([self.seed, _SPLITS[self.split], index, _CUE_STREAM]))
+        return bool(cue_rng.random() < self.cue_probability)
 
     def batch(self, indices: int | Iterable[int] | Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Samples ``indices`` (or the first ``n``): images ``(B, 3, H, W)``, labels ``(B,)``, masks ``(B, H, W)``."""
@@ -285,6 +340,14 @@ class SyntheticObjects(Dataset):
             image, mask = _augment(image, mask)
         label = torch.tensor(label)
         return (image, label, mask) if self.return_mask else (image, label)
+
+
+def _check_cue_and_placement(cue_probability: float, placement: str) -> tuple[float, str]:
+    if not 0.0 <= float(cue_probability) <= 1.0:
+        raise ValueError(f"cue_probability must be in [0, 1], got {cue_probability}")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown placement {placement!r}; choose one of {PLACEMENTS}")
+    return float(cue_probability), placement
 
 
 def _augment(image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -364,13 +427,18 @@ class SyntheticDataModule(pl.LightningDataModule):
         num_train, num_val: split sizes.
         batch_size, num_workers: for the dataloaders; the train loader shuffles with its own generator
             seeded from ``seed``, so the order does not depend on the global RNG.
-        val_return_mask: the validation set also yields masks ``(image, label, mask)``.
+        val_return_mask: the validation set also yields masks ``(image, label, mask)`` (and so does the test set).
         augment: random flips and shifts on the training set.
+        cue_probability: the spurious cue's probability in the training *and* validation sets (one biased
+            source); the test set (``num_test`` images of the ``"test"`` split) never has it, so
+            evaluating on it shows what the cue cost. See :class:`SyntheticObjects`.
+        placement: where objects sit in every split, ``"random"`` or ``"centre"``.
 
     Example:
         >>> data = SyntheticDataModule(family="texture", num_classes=4)
         >>> data.setup("fit")
         >>> images, labels, masks = data.val_set.batch(8)
+        >>> biased = SyntheticDataModule(family="texture", cue_probability=0.9)  # test_set stays cue-free
     """
 
     def __init__(
@@ -385,28 +453,37 @@ class SyntheticDataModule(pl.LightningDataModule):
         seed: int = 0,
         val_return_mask: bool = False,
         augment: bool = False,
+        cue_probability: float = 0.0,
+        placement: str = "random",
+        num_test: int = 512,
     ):
         super().__init__()
         self.classes = class_names(family, num_classes)
         if int(batch_size) < 1 or int(num_workers) < 0:
             raise ValueError(f"batch_size must be >= 1 and num_workers >= 0; got {batch_size}, {num_workers}")
         self.family, self.image_size, self.seed = family, _size(image_size), int(seed)
-        self.num_train, self.num_val = int(num_train), int(num_val)
+        self.num_train, self.num_val, self.num_test = int(num_train), int(num_val), int(num_test)
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.val_return_mask, self.augment = val_return_mask, augment
+        self.cue_probability, self.placement = _check_cue_and_placement(cue_probability, placement)
         self.train_set: SyntheticObjects | None = None
         self.val_set: SyntheticObjects | None = None
+        self.test_set: SyntheticObjects | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
     def setup(self, stage: str | None = None) -> None:
-        common = dict(image_size=self.image_size, family=self.family, num_classes=len(self.classes), seed=self.seed)
+        common = dict(image_size=self.image_size, family=self.family, num_classes=len(self.classes), seed=self.seed,
+                      placement=self.placement)
+        biased = dict(common, cue_probability=self.cue_probability)
         if self.train_set is None:
-            self.train_set = SyntheticObjects(self.num_train, split="train", augment=self.augment, **common)
+            self.train_set = SyntheticObjects(self.num_train, split="train", augment=self.augment, **biased)
         if self.val_set is None:
-            self.val_set = SyntheticObjects(self.num_val, split="val", return_mask=self.val_return_mask, **common)
+            self.val_set = SyntheticObjects(self.num_val, split="val", return_mask=self.val_return_mask, **biased)
+        if self.test_set is None:
+            self.test_set = SyntheticObjects(self.num_test, split="test", return_mask=self.val_return_mask, **common)
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
@@ -417,4 +494,10 @@ class SyntheticDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         self.setup("fit")
         return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    def test_dataloader(self) -> DataLoader:
+        """The cue-free test split (``num_test`` images)."""
+        self.setup("test")
+        return DataLoader(self.test_set, batch_size=self.batch_size, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)

@@ -1,0 +1,425 @@
+"""Shortcut statistic and alarm: known answers on constructed maps, the alarm's state machine, and on trained
+tiny models the statistic telling a model that learned a spurious cue from one that learned the objects."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_xai.callbacks.shortcut import (
+    DEFAULT_FRACTION,
+    DEFAULT_PATIENCE,
+    DEFAULT_THRESHOLD,
+    ShortcutAlarm,
+    energy_distribution,
+    object_drift,
+    object_share,
+    shortcut_score,
+)
+
+
+def blobs(centres, size=32, sigma=1.5) -> torch.Tensor:
+    """Gaussian blobs ``(P, size, size)`` at ``centres`` ``[(y, x), ...]`` in pixels."""
+    grid = torch.arange(size) + 0.5
+    y, x = grid.view(1, -1, 1), grid.view(1, 1, -1)
+    c = torch.tensor(centres, dtype=torch.float32)
+    return torch.exp(-((y - c[:, 0, None, None]) ** 2 + (x - c[:, 1, None, None]) ** 2) / (2 * sigma**2))
+
+
+def squares(corners, side=2, size=32) -> torch.Tensor:
+    """Indicator maps ``(P, size, size)`` of ``side x side`` squares with top-left ``corners``."""
+    maps = torch.zeros(len(corners), size, size)
+    for p, (y, x) in enumerate(corners):
+        maps[p, y:y + side, x:x + side] = 1.0
+    return maps
+
+
+def test_energy_distribution_sums_to_one_and_treats_empty_maps_as_uniform():
+    maps = torch.stack([torch.rand(8, 8), torch.zeros(8, 8), -torch.ones(8, 8)])
+    dist = energy_distribution(maps)
+    assert dist.shape == (3, 64) and torch.allclose(dist.sum(-1), torch.ones(3, dtype=dist.dtype))
+    assert torch.allclose(dist[1:], torch.full((2, 64), 1 / 64, dtype=dist.dtype))
+
+
+def test_maps_of_all_classes_on_one_small_spot_score_one():
+    maps = squares([(2, 2)] * 8)  # 4 pixels, inside the 52-pixel region: all energy in it
+    score = shortcut_score(maps, torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]))
+    assert score.score == pytest.approx(1.0) and torch.allclose(score.shares, torch.ones(8))
+    assert score.region[2:4, 2:4].all() and score.region.sum() == math.ceil(DEFAULT_FRACTION * 1024)
+    assert score.probes_above(0.5) == list(range(8))
+
+
+def test_uniform_maps_score_the_chance_level():
+    score = shortcut_score(torch.ones(6, 1, 32, 32), torch.tensor([[0], [1], [2], [0], [1], [2]]), fraction=0.1)
+    assert score.score == pytest.approx(math.ceil(0.1 * 1024) / 1024)
+
+
+def test_classes_whose_maps_sit_apart_score_zero():
+    """Class 0 always at the top left, class 1 always at the bottom right: each agrees only with itself."""
+    maps = squares([(2, 2), (2, 2), (28, 28), (28, 28)])
+    assert shortcut_score(maps, torch.tensor([0, 0, 1, 1])).score == pytest.approx(0.0)
+
+
+def test_objects_that_move_score_near_chance_and_far_below_a_fixed_spot():
+    generator = torch.Generator().manual_seed(0)
+    centres = (torch.rand(16, 2, generator=generator) * 24 + 4).tolist()
+    classes = torch.arange(16) % 4
+    moving = shortcut_score(blobs(centres), classes).score
+    fixed = shortcut_score(blobs([(3.0, 3.0)] * 16), classes).score
+    assert moving < 0.2 and fixed > 0.9, (moving, fixed)
+
+
+def test_larger_objects_at_one_place_score_below_a_small_spot_at_one_place():
+    """Centred objects wider than the region put only part of their energy in it; a cue smaller than the
+    region puts nearly all of it there. This is what tells a centred dataset from a cue."""
+    generator = torch.Generator().manual_seed(1)
+    jitter = (torch.rand(16, 2, generator=generator) - 0.5) * 4
+    classes = torch.arange(16) % 4
+    centred = shortcut_score(blobs((16 + jitter).tolist(), sigma=4.0), classes).score
+    cue = shortcut_score(blobs((2.5 + 0 * jitter).tolist(), sigma=1.5), classes).score
+    assert centred < 0.5 < cue, (centred, cue)
+
+
+def test_score_is_class_balanced_and_permutation_invariant():
+    generator = torch.Generator().manual_seed(2)
+    maps = torch.rand(6, 16, 16, generator=generator) ** 4
+    classes = torch.tensor([0, 1, 2, 0, 1, 2])
+    base = shortcut_score(maps, classes)
+    order = torch.randperm(6, generator=generator)
+    permuted = shortcut_score(maps[order], classes[order])
+    assert permuted.score == pytest.approx(base.score) and torch.allclose(permuted.shares, base.shares[order])
+    # copies of one class's probes change neither that class's mean map nor the class-balanced score
+    doubled = shortcut_score(torch.cat([maps, maps[classes == 0]]), torch.cat([classes, classes[classes == 0]]))
+    assert doubled.score == pytest.approx(base.score)
+    # class ids are only labels
+    assert shortcut_score(maps, classes * 7 + 3).score == pytest.approx(base.score)
+
+
+def test_a_probe_is_scored_against_the_other_classes_only():
+    """Probe 0 (class 0) alone at the top left; class 1's two probes at the bottom right. Probe 0's own map
+    defines no part of its region, so its share is zero, and class 1's share in class 0's region is zero."""
+    maps = squares([(2, 2), (28, 28), (28, 28)])
+    score = shortcut_score(maps, torch.tensor([0, 1, 1]))
+    assert torch.allclose(score.shares, torch.zeros(3))
+
+
+def test_one_class_only_is_undefined_and_bad_input_is_refused():
+    score = shortcut_score(squares([(2, 2)] * 4), torch.zeros(4, dtype=torch.long))
+    assert math.isnan(score.score) and torch.isnan(score.shares).all()
+    with pytest.raises(ValueError, match="fraction"):
+        shortcut_score(torch.rand(4, 8, 8), torch.arange(4), fraction=0.0)
+    with pytest.raises(ValueError, match=r"\(P, H, W\)"):
+        shortcut_score(torch.rand(4, 8, 8), torch.arange(3))
+
+
+def test_targets_beyond_the_first_are_ignored():
+    maps = torch.stack([squares([(2, 2)] * 4), torch.rand(4, 32, 32)], 1)  # (P, 2, H, W)
+    classes = torch.stack([torch.arange(4), torch.arange(4).flip(0)], 1)
+    assert shortcut_score(maps, classes).score == pytest.approx(1.0)
+
+
+def test_object_share():
+    maps = squares([(0, 0), (0, 0)], side=4, size=8)
+    masks = torch.zeros(2, 8, 8, dtype=torch.bool)
+    masks[0, :2, :4] = True  # half of the square
+    masks[1, 4:, 4:] = True  # none of it
+    assert torch.allclose(object_share(maps, masks), torch.tensor([0.5, 0.0]))
+    with pytest.raises(ValueError, match="masks"):
+        object_share(maps, masks[:, :4])
+
+
+def test_object_drift_counts_a_falling_object_share_only_while_accuracy_rises():
+    shares = torch.tensor([0.30, 0.40, 0.20, 0.10, 0.50, 0.25])
+    accuracy = torch.tensor([0.30, 0.40, 0.80, 0.30, 0.90, 0.95])
+    drift = object_drift(shares, accuracy)
+    # best so far: 0.30, 0.40, 0.40, 0.40, 0.50, 0.50 (at accuracy 0.30, 0.40, 0.40, 0.40, 0.90, 0.90)
+    assert torch.allclose(drift, torch.tensor([0.0, 0.0, 0.5, 0.0, 0.0, 0.5]))
+    with pytest.raises(ValueError, match=r"\(T,\)"):
+        object_drift(shares, accuracy[:3])
+
+
+def test_alarm_fires_after_patience_consecutive_epochs_once_per_run():
+    alarm = ShortcutAlarm("gradtoken", threshold=0.4, patience=3)
+    fired = [alarm.update(e, s) for e, s in enumerate([0.5, 0.6, 0.1, 0.5, 0.45, 0.7, 0.9, 0.9, 0.1, 0.9, 0.9, 0.9])]
+    events = [(e, f) for e, f in enumerate(fired) if f is not None]
+    assert [e for e, _ in events] == [5] and alarm.fired_at == 5
+    event = events[0][1]
+    assert event.method == "gradtoken" and event.scores == [0.5, 0.45, 0.7] and event.epoch == 5
+    assert "gradtoken" in event.message() and "epoch 5" in event.message()
+
+
+def test_undefined_epochs_break_the_streak_and_the_threshold_is_inclusive():
+    alarm = ShortcutAlarm("c2f", threshold=0.3, patience=2)
+    assert alarm.update(0, 0.3) is None and alarm.update(1, math.nan) is None and alarm.update(2, 0.31) is None
+    event = alarm.update(3, 0.3, probes=[1, 4])
+    assert event is not None and event.probes == [1, 4]
+
+
+def test_alarm_state_round_trip_resumes_mid_streak():
+    alarm = ShortcutAlarm("gradtoken", threshold=0.3, patience=3)
+    alarm.update(0, 0.5)
+    alarm.update(1, 0.6)
+    resumed = ShortcutAlarm("gradtoken", threshold=0.3, patience=3)
+    resumed.load_state_dict(alarm.state_dict())
+    assert resumed.update(2, 0.7) is not None  # the third epoch of the streak, counted across the resume
+    after = ShortcutAlarm("gradtoken", threshold=0.3, patience=3)
+    after.load_state_dict(resumed.state_dict())
+    assert after.fired and after.update(3, 0.9) is None and after.update(4, 0.9) is None
+
+
+def test_alarm_arguments_are_checked():
+    with pytest.raises(ValueError, match="threshold"):
+        ShortcutAlarm("gradtoken", threshold=1.5)
+    with pytest.raises(ValueError, match="patience"):
+        ShortcutAlarm("gradtoken", patience=0)
+    assert 0 < DEFAULT_THRESHOLD < 1 and DEFAULT_PATIENCE >= 1
+
+
+# ------------------------------------------------------------------------------------------ trained tiny models
+
+
+@pytest.fixture(scope="session")
+def cue_model(trained_root):
+    """The test ViT trained in this session on texture data whose train and validation images carry the
+    class-coloured cue with probability 0.9; its data module (``test_set`` is cue-free)."""
+    import lightning.pytorch as pl
+    from conftest import trained_architecture
+
+    from lightning_xai.demos import SyntheticDataModule, ViTClassifier
+
+    pl.seed_everything(0, workers=True)
+    data = SyntheticDataModule(family="texture", num_classes=4, image_size=32, num_train=2048, num_val=256,
+                               num_test=256, batch_size=64, seed=0, val_return_mask=True, cue_probability=0.9)
+    module = ViTClassifier(num_classes=4, lr=2e-3, warmup_epochs=1, **trained_architecture())
+    cached = trained_root / "texture_cue.pt"
+    if cached.exists():
+        module.load_state_dict(torch.load(cached))
+    else:
+        pl.Trainer(max_epochs=4, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                   default_root_dir=str(trained_root)).fit(module, datamodule=data)
+        torch.save(module.state_dict(), cached)
+    data.setup("fit")
+    return module.eval(), data
+
+
+def _accuracy(module, dataset, count=256) -> float:
+    images, labels, _ = dataset.batch(range(count))
+    with torch.no_grad():
+        return float((module(images).argmax(-1) == labels).float().mean())
+
+
+def _probe_statistic(module, data, method="gradtoken", count=32):
+    import lightning_xai as lx
+
+    images, labels, masks = data.val_set.batch(range(count))
+    result = lx.explain(module, images, method=method)  # targets: the prediction, as the callback's default
+    return shortcut_score(result.maps, result.targets), object_share(result.maps, masks), labels, result
+
+
+def test_the_cue_model_leans_on_the_cue(cue_model):
+    """Validation (biased like training) looks fine; the cue-free test split shows the damage."""
+    module, data = cue_model
+    val, test = _accuracy(module, data.val_set), _accuracy(module, data.test_set)
+    assert val > 0.8 and test < val - 0.25, (val, test)
+
+
+def test_statistic_fires_on_the_cue_model_and_not_on_the_clean_model(cue_model, texture_model):
+    from lightning_xai.demos import cue_region
+
+    cue, cue_object, _, _ = _probe_statistic(*cue_model)
+    clean, clean_object, _, _ = _probe_statistic(*texture_model)
+    assert cue.score >= DEFAULT_THRESHOLD > clean.score, (cue.score, clean.score)
+    # the agreed region of the cue model is where the mark is (the patch holding it), and the maps leave the object
+    mark_cell = torch.zeros(32, 32, dtype=torch.bool)
+    mark_cell[:4, :4] = True
+    assert cue_region(32).logical_and(mark_cell).sum() == 9 and (cue.region & mark_cell).any()
+    assert not (clean.region & mark_cell).any()
+    assert cue_object.mean() < clean_object.mean()
+    # eight probes (the callback's default) are enough to tell them apart
+    few_cue, *_ = _probe_statistic(*cue_model, count=8)
+    few_clean, *_ = _probe_statistic(*texture_model, count=8)
+    assert few_cue.score >= DEFAULT_THRESHOLD > few_clean.score, (few_cue.score, few_clean.score)
+
+
+def test_alarm_on_the_cue_model_names_the_probes_on_the_mark(cue_model):
+    score, _, _, result = _probe_statistic(*cue_model, count=16)
+    alarm = ShortcutAlarm("gradtoken", patience=2)
+    events = [alarm.update(epoch, score.score, score.probes_above(DEFAULT_THRESHOLD)) for epoch in (3, 4)]
+    assert events[0] is None and events[1] is not None
+    carriers = [i for i in range(16) if cue_model[1].val_set.has_cue(i)]
+    assert set(events[1].probes) <= set(range(16)) and len(set(events[1].probes) & set(carriers)) >= 8
+
+
+# ------------------------------------------------------------------------------- the alarm in a real fit
+
+
+def _fit_with_monitor(model_and_data, tmp_path, loggers, epochs=2, **monitor_options):
+    """Go on training ``model_and_data``'s model (a copy, at a tiny learning rate, on 256 images of its kind of
+    data) for ``epochs`` epochs with an ``ExplanationMonitor`` (GradToken, 8 probes); returns the monitor, the
+    trainer and the warnings raised."""
+    import warnings
+
+    import lightning.pytorch as pl
+    from conftest import trained_architecture
+
+    from lightning_xai.callbacks import ExplanationMonitor
+    from lightning_xai.demos import SyntheticDataModule, ViTClassifier
+
+    module, data = model_and_data
+    copy = ViTClassifier(num_classes=4, lr=1e-5, warmup_epochs=0, **trained_architecture())
+    copy.load_state_dict(module.state_dict())
+    small = SyntheticDataModule(family="texture", num_classes=4, image_size=32, num_train=256, num_val=64,
+                                batch_size=64, seed=0, cue_probability=data.cue_probability)
+    monitor = ExplanationMonitor(methods="gradtoken", num_probes=8, **monitor_options)
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=loggers, callbacks=[monitor],
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, default_root_dir=str(tmp_path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(copy, datamodule=small)
+    return monitor, trainer, [w for w in caught if "shortcut alarm" in str(w.message)]
+
+
+def test_alarm_scalar_and_picture_reach_tensorboard_wandb_and_png_files(cue_model, tmp_path, monkeypatch):
+    import glob
+    from pathlib import Path
+
+    import wandb
+    from conftest import wandb_history
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    loggers = [TensorBoardLogger(str(tmp_path), name="tb"), CSVLogger(str(tmp_path), name="csv"),
+               WandbLogger(project="lightning-xai-test", save_dir=str(tmp_path), offline=True)]
+    monitor, _, alarms = _fit_with_monitor(cue_model, tmp_path, loggers)
+    wandb.finish()
+    # the warning: once, naming the method, the epoch and the probes concerned
+    assert len(alarms) == 1 and alarms[0].category is RuntimeWarning
+    text = str(alarms[0].message)
+    assert "'gradtoken'" in text and "epoch 1" in text and "probes concerned: [" in text
+    assert monitor.state_dict()["tracker"]["shortcut_alarms"]["gradtoken"]["fired_at"] == 1
+
+    events = EventAccumulator(loggers[0].log_dir, size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    events.Reload()
+    values = [e.value for e in events.Scalars("xai/gradtoken/shortcut")]
+    assert len(values) == 2 and min(values) >= monitor.tracker.shortcut[0]
+    assert len(events.Images("xai/gradtoken/shortcut_region")) == 2
+    notes = events.Tensors("xai/gradtoken/shortcut_alarm/text_summary")
+    assert len(notes) == 1 and b"Shortcut alarm" in notes[0].tensor_proto.string_val[0]
+
+    root = Path(loggers[1].log_dir) / "xai"
+    regions = sorted(p.name for p in (root / "gradtoken" / "shortcut_region").glob("*.png"))
+    assert regions == ["epoch_0000.png", "epoch_0001.png"]
+    assert "Shortcut alarm" in (root / "alerts.md").read_text()
+    assert "xai/gradtoken/shortcut" in (root / "metrics.csv").read_text()
+
+    runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
+    files = Path(runs[0]) / "files"
+    assert sum("xai/gradtoken/shortcut_region" in p.as_posix() for p in files.rglob("*.png")) == 2
+    rows = wandb_history(runs[0])
+    assert len([r for r in rows if "xai/gradtoken/shortcut" in r]) == 2
+    notes = [r["xai/gradtoken/shortcut_alarm"] for r in rows if "xai/gradtoken/shortcut_alarm" in r]
+    assert len(notes) == 1 and "Shortcut alarm" in notes[0]
+    alerts = [r.alert for r in _wandb_records(runs[0]) if r.WhichOneof("record_type") == "alert"]
+    assert [a.title for a in alerts] == ["xai/gradtoken/shortcut_alarm"] and "Shortcut alarm" in alerts[0].text
+
+
+def _wandb_records(run_dir):
+    """Every protobuf ``Record`` of an offline W&B run file (the format ``conftest.wandb_history`` reads: 7-byte
+    header, 32 KiB blocks, records in FULL/FIRST/MIDDLE/LAST chunks); call after ``wandb_history`` has waited."""
+    import struct
+    from pathlib import Path
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = next(Path(run_dir).glob("run-*.wandb")).read_bytes()
+    block, offset, pending, records = 32768, 7, b"", []
+    while offset + 7 <= len(data):
+        if block - offset % block < 7:
+            offset += block - offset % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[offset:offset + 7])
+        chunk, offset = data[offset + 7:offset + 7 + length], offset + 7 + length
+        if kind == 0 and length == 0:
+            continue
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+    return records
+
+
+def test_stop_on_shortcut_ends_training_and_a_clean_model_stays_silent(cue_model, texture_model, tmp_path):
+    _, trainer, alarms = _fit_with_monitor(cue_model, tmp_path / "cue", False, epochs=5, stop_on_shortcut=True)
+    assert len(alarms) == 1 and trainer.current_epoch == 2, trainer.current_epoch  # stopped after epoch 1
+    monitor, _, alarms = _fit_with_monitor(texture_model, tmp_path / "clean", False)
+    assert alarms == [] and all(v < DEFAULT_THRESHOLD for k, v in monitor.last_scalars.items() if "shortcut" in k)
+
+
+def test_monitor_checks_the_shortcut_options():
+    from lightning_xai.callbacks import ExplanationMonitor
+
+    with pytest.raises(ValueError, match="threshold"):
+        ExplanationMonitor(shortcut_threshold=2.0)
+    with pytest.raises(ValueError, match="patience"):
+        ExplanationMonitor(shortcut_patience=0)
+    with pytest.raises(ValueError, match="stop_on_shortcut"):
+        ExplanationMonitor(shortcut_alarm=False, stop_on_shortcut=True)
+    assert ExplanationMonitor(shortcut_alarm=False).tracker.shortcut is None
+
+
+def test_evolution_tracker_logs_the_statistic_and_keeps_the_alarm_across_a_checkpoint():
+    from lightning_xai.callbacks.evolution import EvolutionTracker
+
+    on_the_spot = squares([(2, 2)] * 8)[:, None]  # (P, 1, H, W): every class on one small spot
+    classes = (torch.arange(8) % 4)[:, None]
+    tracker = EvolutionTracker(shortcut=(0.4, 3))
+    first = tracker.update("gradtoken", 0, 10, on_the_spot, classes=classes)
+    assert first["shortcut"] == pytest.approx(1.0) and not tracker.alarms
+    tracker.update("gradtoken", 1, 20, on_the_spot, classes=classes)
+    resumed = EvolutionTracker(shortcut=(0.4, 3))
+    resumed.load_state_dict(tracker.state_dict())
+    resumed.update("gradtoken", 2, 30, on_the_spot, classes=classes)
+    assert resumed.alarms["gradtoken"].epoch == 2 and resumed.alarms["gradtoken"].probes == list(range(8))
+    resumed.update("gradtoken", 3, 40, on_the_spot, classes=classes)
+    assert not resumed.alarms  # once per run
+    # one class only: no scalar (undefined), and the streak breaks; no classes or no shortcut: nothing at all
+    assert "shortcut" not in resumed.update("gradtoken", 4, 50, on_the_spot, classes=torch.zeros(8, 1).long())
+    assert "shortcut" not in EvolutionTracker().update("c2f", 0, 0, on_the_spot, classes=classes)
+    with pytest.raises(ValueError, match="threshold"):
+        EvolutionTracker(shortcut=(0.0, 2))
+
+
+def test_benchmark_judges_alarms_and_held_levels_as_stated():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_shortcut.py"
+    spec = importlib.util.spec_from_file_location("bench_shortcut", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = [dict(epoch=e, score=s) for e, s in enumerate([math.nan, 0.5, 0.3, 0.45, 0.41, 0.9])]
+    assert bench.alarm_epoch(rows, threshold=0.4, patience=2) == 4
+    assert bench.alarm_epoch(rows, threshold=0.5, patience=2) is None
+    assert bench.held_level([math.nan, 0.5, 0.3, 0.45, 0.41, 0.9], patience=2) == pytest.approx(0.41)
+
+
+def test_shortcut_example_runs_end_to_end(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "shortcut.py"
+    spec = importlib.util.spec_from_file_location("shortcut_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    timeline = tmp_path / "timeline.png"
+    example.main(["--epochs", "1", "--num-train", "128", "--out", str(tmp_path / "runs"), "--timeline", str(timeline)])
+    out = capsys.readouterr().out
+    assert "clean run: validation accuracy" in out and "cue run: validation accuracy" in out
+    assert timeline.exists() and len(list((tmp_path / "runs").rglob("events.out.tfevents.*"))) == 2
