@@ -26,6 +26,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 from lightning_xai.callbacks import ExplanationMonitor
 from lightning_xai.demos import MEAN, SMALL_VIT, STD, SyntheticDataModule, ViTClassifier
+from lightning_xai.demos.cli import HelpFormatter, tensorboard_command
 from lightning_xai.explainers import available_methods
 from lightning_xai.render import caption, save_png
 
@@ -43,20 +44,6 @@ VARIANTS: dict[str, dict[str, tuple[str, dict[str, Any], dict[str, Any]]]] = {
 
 #: Scalars of the monitor shown in the final table (keys ``xai/<method>/<name>`` ending with these).
 SCORES = ("iou", "energy_pointing_game", "entropy")
-
-
-#: TensorBoard keeps 10 images per tag unless told otherwise, and in TensorBoard 2.21 ``images=0`` makes the images
-#: endpoint answer ``[]``: a large count keeps every explained step (a cap, not a reservation).
-TENSORBOARD_SAMPLES = "images=10000"
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, except ``None`` (the help text says what happens then)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None:
-            return action.help
-        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         parent = Path(args.output_dir).resolve()
         print(f"TensorBoard logs of both runs: {parent}")
         print("View them side by side with:")
-        print(f"  tensorboard --logdir {parent} --samples_per_plugin {TENSORBOARD_SAMPLES}")
+        print(f"  {tensorboard_command(parent)}")
         print(f"The runs appear as {runs[0]['name']} and {runs[1]['name']}: their scalars (xai/<method>/iou, "
               "xai/<method>/entropy, val_acc, ...) are overlaid in one chart each; the Images tab shows each run's "
               "overlays and timelines per epoch.")

@@ -25,20 +25,12 @@ from PIL import Image
 
 import lightning_xai
 from lightning_xai.demos import MEAN, STD, SyntheticObjects, ViTClassifier
+from lightning_xai.demos.cli import HelpFormatter
 from lightning_xai.render import caption, grid, overlay, save_png
 
 #: File types read from ``--images`` (matched case-insensitively, searched recursively).
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 NUM_SAMPLES = 8
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, except ``None`` (the help text says what happens then)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None:
-            return action.help
-        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,12 +25,13 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_xai.callbacks import ExplanationMonitor
 from lightning_xai.demos import MEAN, SMALL_VIT, STD, SyntheticDataModule, ViTClassifier
+from lightning_xai.demos.cli import HelpFormatter, tensorboard_command
 from lightning_xai.render import save_png
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--epochs", type=int, default=6, help="training epochs per run")
     parser.add_argument("--num-train", type=int, default=2048, help="training images per run")
     parser.add_argument("--seed", type=int, default=0, help="data and training seed")
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         if kind == "cue":
             path = save_png(monitor.timeline("gradtoken"), Path(args.timeline))
             print(f"  the cue run's GradToken timeline: {path}")
-    print(f"\ntensorboard --logdir {args.out} --samples_per_plugin images=0   "
+    print(f"\n{tensorboard_command(args.out)}   "
           "(xai/gradtoken/shortcut, xai/gradtoken/shortcut_region, and the alarm under TEXT)")
 
 

@@ -27,22 +27,9 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 from lightning_xai.callbacks import ExplanationMonitor
 from lightning_xai.demos import MEAN, SMALL_VIT, STD, SyntheticDataModule, ViTClassifier
+from lightning_xai.demos.cli import HelpFormatter, tensorboard_command
 from lightning_xai.explainers import available_methods
 from lightning_xai.render import save_png
-
-#: TensorBoard keeps 10 images per tag unless told otherwise, and in TensorBoard 2.21 ``images=0`` (documented as
-#: "keep all") makes the images endpoint answer ``[]``: the Images tab stays empty. A large count keeps every
-#: explained step (it is a cap, not a reservation: the server's memory does not grow with it).
-TENSORBOARD_SAMPLES = "images=10000"
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, except ``None`` (the help text says what happens then)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None:
-            return action.help
-        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.logger == "tensorboard":
         print(f"TensorBoard logs: {log_dir.resolve()}")
         print("View them with:")
-        print(f"  tensorboard --logdir {Path(args.output_dir).resolve()} --samples_per_plugin {TENSORBOARD_SAMPLES}")
+        print(f"  {tensorboard_command(Path(args.output_dir).resolve())}")
     else:
         logger.experiment.finish()  # close the run, so that its folder is complete for `wandb sync`
         print(f"W&B run directory: {log_dir.resolve()}")

@@ -149,3 +149,10 @@ def test_train_vit_offline_wandb_run_keeps_its_table_images_in_the_output_dir(tm
     for path in {Path(p.decode()) for p in staged}:
         assert tmp_path.resolve() / "wandb-data" in path.parents and path.is_file(), path
     assert str(tmp_path.resolve() / "wandb-data" / "artifacts" / "staging") in printed
+
+
+def test_the_examples_tensorboard_command_is_the_readmes():
+    """Every example prints ``demos.cli.tensorboard_command``: it must be the README's, with the folder."""
+    from lightning_xai.demos.cli import tensorboard_command as examples_command
+
+    assert shlex.split(examples_command("runs/x")) == with_logdir(tensorboard_command(), "runs/x")
