@@ -21,7 +21,8 @@ ON_ERROR = ("warn", "raise")
 def check_arguments(
     *, stage: Any, probe_split: Any, similarity: Any, on_error: Any, num_probes: Any, every_n_epochs: Any,
     every_n_validations: Any, top_k: Any, timeline_columns: Any, seed: Any, cmap: Any, alpha: Any, mean: Any,
-    std: Any, class_names: Any, output_transform: Any, forward: Any, batch_transform: Any,
+    std: Any, class_names: Any, output_transform: Any, forward: Any, batch_transform: Any, shortcut_alarm: Any,
+    stop_on_shortcut: Any,
 ) -> None:
     """Check :class:`~lightning_xai.callbacks.ExplanationMonitor`'s arguments (all but ``methods``, ``targets``
     and the probe tensors, which have their own parsers); raise ``ValueError``/``TypeError`` naming the argument."""
@@ -37,6 +38,11 @@ def check_arguments(
     check_callable("output_transform", output_transform, "output -> logits")
     check_callable("forward", forward, "(module, images) -> output")
     check_callable("batch_transform", batch_transform, "batch -> (images, labels, masks)")
+    if not isinstance(shortcut_alarm, bool) or not isinstance(stop_on_shortcut, bool):
+        raise ValueError(f"shortcut_alarm and stop_on_shortcut must be True or False, got {shortcut_alarm!r} and "
+                         f"{stop_on_shortcut!r}")
+    if stop_on_shortcut and not shortcut_alarm:
+        raise ValueError("stop_on_shortcut=True needs shortcut_alarm=True (the alarm is what stops training)")
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:

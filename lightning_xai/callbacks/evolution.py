@@ -7,10 +7,12 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_xai.callbacks.shortcut import ShortcutAlarm, ShortcutEvent, ShortcutScore, shortcut_score
+from lightning_xai.callbacks import keys
+from lightning_xai.callbacks.shortcut import ShortcutAlarm, ShortcutEvent, ShortcutScore, region_picture, shortcut_score
 from lightning_xai.metrics import class_discrimination, deletion_insertion, localization
 
 SIMILARITIES = ("pearson", "cosine")
@@ -132,6 +134,21 @@ class EvolutionTracker:
             if event is not None:
                 self.alarms[method] = event
         return out
+
+    def shortcut_outputs(
+        self, method: str, label: str, cmap: str = "jet", stopping: bool = False
+    ) -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
+        """What the loggers get from ``method``'s shortcut alarm at the latest event: the agreed region's picture,
+        ``{key: uint8 (H, W, 3)}``, and when the alarm fired, a markdown note ``[(key, text)]`` (``label`` names
+        the event; ``stopping``: the caller ends training)."""
+        score, event = self.scores.get(method), self.alarms.get(method)
+        region_key = keys.image_key(method, "shortcut_region")
+        images = {} if score is None else {region_key: region_picture(score, cmap)}
+        if event is None:
+            return images, []
+        stop = " Training was stopped (stop_on_shortcut=True)." if stopping else ""
+        note = f"**Shortcut alarm** ({label}): {event.message()}{stop} See `{region_key}` for where."
+        return images, [(keys.scalar_key("shortcut_alarm", method), note)]
 
     def previous(self, method: str) -> Tensor | None:
         """The maps ``(P, K, H, W)`` of ``method``'s latest event, or ``None``."""

@@ -23,7 +23,7 @@ from lightning_xai.callbacks.presentation import Board
 from lightning_xai.callbacks.probes import BatchTransform, Probe, check_targets, draw_probe, from_tensors, preserved_rng
 from lightning_xai.callbacks.runner import Outcome, ProbeRunner
 from lightning_xai.callbacks.schedule import Schedule
-from lightning_xai.callbacks.shortcut import DEFAULT_PATIENCE, DEFAULT_THRESHOLD, region_picture
+from lightning_xai.callbacks.shortcut import DEFAULT_PATIENCE, DEFAULT_THRESHOLD
 from lightning_xai.callbacks.sinks import Record, Sink, sinks_for, write_all
 from lightning_xai.explainers import Explanation
 from lightning_xai.explainers.registry import resolve_methods
@@ -87,6 +87,7 @@ class ExplanationMonitor(Callback):
             every_n_epochs=every_n_epochs, every_n_validations=every_n_validations, top_k=top_k, seed=seed,
             timeline_columns=timeline_columns, cmap=cmap, alpha=alpha, mean=mean, std=std, class_names=class_names,
             output_transform=output_transform, forward=forward, batch_transform=batch_transform,
+            shortcut_alarm=shortcut_alarm, stop_on_shortcut=stop_on_shortcut,
         )
         self.targets = check_targets(targets)
         if self.targets == "label" and probe_images is not None and probe_labels is None:
@@ -100,11 +101,6 @@ class ExplanationMonitor(Callback):
         self.batch_transform = batch_transform
         self.board = Board(cmap=cmap, alpha=alpha, mean=mean, std=std, class_names=class_names,
                            timeline_columns=timeline_columns)
-        if not isinstance(shortcut_alarm, bool) or not isinstance(stop_on_shortcut, bool):
-            raise ValueError(f"shortcut_alarm and stop_on_shortcut must be True or False, got {shortcut_alarm!r} and "
-                             f"{stop_on_shortcut!r}")
-        if stop_on_shortcut and not shortcut_alarm:
-            raise ValueError("stop_on_shortcut=True needs shortcut_alarm=True (the alarm is what stops training)")
         self.shortcut_alarm, self.stop_on_shortcut = shortcut_alarm, stop_on_shortcut
         self.tracker = EvolutionTracker(  # validates threshold (0 < t < 1) and patience (int >= 1)
             similarity, (shortcut_threshold, shortcut_patience) if shortcut_alarm else None)
@@ -237,21 +233,13 @@ class ExplanationMonitor(Callback):
                            RuntimeWarning)
 
     def _shortcut(self, method: str, record: Record) -> None:
-        """The shortcut alarm's outputs for ``method``: the agreed region's picture every event, and when the
-        alarm fires a ``RuntimeWarning``, a note for the loggers and (``stop_on_shortcut``) the end of training."""
-        score = self.tracker.scores.get(method)
-        if score is not None:
-            record.images[keys.image_key(method, "shortcut_region")] = region_picture(score, self.board.cmap)
-        event = self.tracker.alarms.get(method)
-        if event is None:
-            return
-        message = f"lightning-xai: {event.message()}"
-        self._notices.warn(message, RuntimeWarning)  # the tracker raises each alarm once per run
-        stop = " Training was stopped (stop_on_shortcut=True)." if self.stop_on_shortcut else ""
-        record.alerts.append((keys.scalar_key("shortcut_alarm", method), f"**Shortcut alarm** ({record.label}): "
-                              f"{event.message()}{stop} See `xai/{method}/shortcut_region` for where."))
-        if self.stop_on_shortcut and self._trainer is not None:
-            self._trainer.should_stop = True
+        """The shortcut alarm's picture and, when it fires, a warning, a note and (``stop_on_shortcut``) the stop."""
+        images, alerts = self.tracker.shortcut_outputs(method, record.label, self.board.cmap, self.stop_on_shortcut)
+        record.images.update(images)
+        record.alerts.extend(alerts)
+        if alerts:  # the tracker fires each method's alarm once per run
+            self._notices.warn(f"lightning-xai: {self.tracker.alarms[method].message()}", RuntimeWarning)
+            self._trainer.should_stop = self._trainer.should_stop or self.stop_on_shortcut
 
     def _run(self, record: Record) -> Outcome:
         """The probes through the model and the explainers."""
