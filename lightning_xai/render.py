@@ -267,6 +267,19 @@ def timeline_columns(count: int, max_columns: int) -> list[int]:
     return sorted({int(i) for i in np.linspace(0, count - 1, max_columns).round()})
 
 
+def _check_frames(caller: str, frames: Sequence[np.ndarray], labels: Sequence[object]) -> tuple[int, ...]:
+    """Raise unless ``frames`` is a non-empty list of uint8 ``(P, h, w, 3)`` arrays of one shape with one label
+    each; return that shape."""
+    if len(frames) == 0:
+        raise ValueError(f"{caller} needs at least one frame")
+    if len(frames) != len(labels):
+        raise ValueError(f"{caller} needs one label per frame: {len(frames)} frames, {len(labels)} labels")
+    shape = frames[0].shape
+    if len(shape) != 4 or any(f.shape != shape for f in frames):
+        raise ValueError(f"all frames must be uint8 (P, h, w, 3) of one shape; got {[f.shape for f in frames]}")
+    return shape
+
+
 def timeline(
     frames: Sequence[np.ndarray],
     epochs: Sequence[int | str],
@@ -284,14 +297,7 @@ def timeline(
     Returns:
         uint8 ``(H, W, 3)`` image with a header band of column labels.
     """
-    if len(frames) == 0:
-        raise ValueError("timeline needs at least one frame")
-    if len(frames) != len(epochs):
-        raise ValueError(f"timeline needs one label per frame: {len(frames)} frames, {len(epochs)} labels")
-    shape = frames[0].shape
-    if len(shape) != 4 or any(f.shape != shape for f in frames):
-        raise ValueError(f"all frames must be uint8 (P, h, w, 3) of one shape; got {[f.shape for f in frames]}")
-    probes, h, w, _ = shape
+    probes, h, w, _ = _check_frames("timeline", frames, epochs)
     if row_labels is not None and len(row_labels) != probes:
         raise ValueError(f"row_labels has {len(row_labels)} entries for {probes} probes")
     chosen = timeline_columns(len(frames), max_columns)
@@ -364,13 +370,7 @@ def probe_timelines(
         uint8 ``(P, rows * (band_height(lines) + t + 2) + 2, columns * (s + 2) + 2, 3)``, ``(t, s)`` the tile
         size, ``rows = ceil(min(len(frames), max_frames) / columns)``.
     """
-    if len(frames) == 0:
-        raise ValueError("probe_timelines needs at least one frame")
-    if len(frames) != len(labels):
-        raise ValueError(f"probe_timelines needs one label per frame: {len(frames)} frames, {len(labels)} labels")
-    shape = frames[0].shape
-    if len(shape) != 4 or any(f.shape != shape for f in frames):
-        raise ValueError(f"all frames must be uint8 (P, h, w, 3) of one shape; got {[f.shape for f in frames]}")
+    shape = _check_frames("probe_timelines", frames, labels)
     probes = shape[0]
     chosen = timeline_columns(len(frames), max_frames)
     stack = np.stack([frames[i] for i in chosen], axis=1)  # (P, T, h, w, 3)

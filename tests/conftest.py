@@ -78,6 +78,32 @@ def texture_model(trained_root):
     return train_classifier("texture", trained_root)
 
 
+def wandb_records(run_dir) -> list:
+    """Every protobuf ``Record`` of an offline W&B run file ``run-*.wandb``, as written so far (7-byte header,
+    32 KiB blocks, records in FULL/FIRST/MIDDLE/LAST chunks)."""
+    import struct
+    from pathlib import Path
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = next(Path(run_dir).glob("run-*.wandb")).read_bytes()
+    block, offset, pending, records = 32768, 7, b"", []
+    while offset + 7 <= len(data):
+        if block - offset % block < 7:  # a block's tail too short for a chunk header is padding
+            offset += block - offset % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[offset : offset + 7])
+        chunk, offset = data[offset + 7 : offset + 7 + length], offset + 7 + length
+        if kind == 0 and length == 0:
+            continue
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+    return records
+
+
 def wandb_history(run_dir, timeout: float = 60.0) -> list[dict]:
     """The history rows of an offline W&B run, read from its ``run-*.wandb`` file (W&B's LevelDB-style log of
     protobuf ``Record``s: 7-byte file header, 32 KiB blocks, records split into FULL/FIRST/MIDDLE/LAST chunks).
@@ -85,32 +111,13 @@ def wandb_history(run_dir, timeout: float = 60.0) -> list[dict]:
     ``timeout`` seconds) for the run's ``exit`` record. Media values come flattened:
     ``row["xai/m/overlay/_type"] == "image-file"``."""
     import json
-    import struct
     import time
-    from pathlib import Path
-
-    from wandb.proto import wandb_internal_pb2
 
     deadline = time.monotonic() + timeout
     while True:
-        data = next(Path(run_dir).glob("run-*.wandb")).read_bytes()
-        block, offset, pending, rows, finished = 32768, 7, b"", [], False
-        while offset + 7 <= len(data):
-            if block - offset % block < 7:  # a block's tail too short for a chunk header is padding
-                offset += block - offset % block
-                continue
-            _, length, kind = struct.unpack("<IHB", data[offset : offset + 7])
-            chunk, offset = data[offset + 7 : offset + 7 + length], offset + 7 + length
-            if kind == 0 and length == 0:
-                continue
-            pending = chunk if kind in (1, 2) else pending + chunk
-            if kind in (1, 4):  # FULL or LAST: a whole record
-                record = wandb_internal_pb2.Record()
-                record.ParseFromString(pending)
-                finished |= record.WhichOneof("record_type") == "exit"
-                if record.WhichOneof("record_type") == "history":
-                    rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                                 for item in record.history.item})
+        records = wandb_records(run_dir)
+        finished = any(r.WhichOneof("record_type") == "exit" for r in records)
         if finished or time.monotonic() > deadline:
-            return rows
+            return [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+                    for r in records if r.WhichOneof("record_type") == "history"]
         time.sleep(0.5)

@@ -288,7 +288,7 @@ def test_alarm_scalar_and_picture_reach_tensorboard_wandb_and_png_files(cue_mode
     from pathlib import Path
 
     import wandb
-    from conftest import wandb_history
+    from conftest import wandb_history, wandb_records
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -325,34 +325,8 @@ def test_alarm_scalar_and_picture_reach_tensorboard_wandb_and_png_files(cue_mode
     assert len([r for r in rows if "xai/gradtoken/shortcut" in r]) == 2
     notes = [r["xai/gradtoken/shortcut_alarm"] for r in rows if "xai/gradtoken/shortcut_alarm" in r]
     assert len(notes) == 1 and "Shortcut alarm" in notes[0]
-    alerts = [r.alert for r in _wandb_records(runs[0]) if r.WhichOneof("record_type") == "alert"]
+    alerts = [r.alert for r in wandb_records(runs[0]) if r.WhichOneof("record_type") == "alert"]
     assert [a.title for a in alerts] == ["xai/gradtoken/shortcut_alarm"] and "Shortcut alarm" in alerts[0].text
-
-
-def _wandb_records(run_dir):
-    """Every protobuf ``Record`` of an offline W&B run file (the format ``conftest.wandb_history`` reads: 7-byte
-    header, 32 KiB blocks, records in FULL/FIRST/MIDDLE/LAST chunks); call after ``wandb_history`` has waited."""
-    import struct
-    from pathlib import Path
-
-    from wandb.proto import wandb_internal_pb2
-
-    data = next(Path(run_dir).glob("run-*.wandb")).read_bytes()
-    block, offset, pending, records = 32768, 7, b"", []
-    while offset + 7 <= len(data):
-        if block - offset % block < 7:
-            offset += block - offset % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[offset:offset + 7])
-        chunk, offset = data[offset + 7:offset + 7 + length], offset + 7 + length
-        if kind == 0 and length == 0:
-            continue
-        pending = chunk if kind in (1, 2) else pending + chunk
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            records.append(record)
-    return records
 
 
 def test_stop_on_shortcut_ends_training_and_a_clean_model_stays_silent(cue_model, texture_model, tmp_path):
