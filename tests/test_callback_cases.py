@@ -288,6 +288,11 @@ def test_case7_no_validation_loop(tmp_path):
     ({"every_n_validations": 0}, "every_n_validations must be an int >= 1"),
     ({"forward": "model"}, "forward must be a callable"),
     ({"probe_images": torch.zeros(2, 3, 32, 32, dtype=torch.uint8)}, "got dtype torch.uint8"),
+    ({"probe_split": "test"}, r"probe_split must be one of \('val', 'train'\)"),
+    ({"num_probes": 0}, "num_probes must be an int >= 1"),
+    ({"top_k": 1.5}, "top_k must be an int >= 1"),
+    ({"batch_transform": "pixel_values"}, "batch_transform must be a callable"),
+    ({"targets": "label", "probe_images": torch.zeros(2, 3, 32, 32)}, "targets='label' needs probe_labels"),
 ])
 def test_case10_arguments_fail_at_construction(kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):
@@ -299,17 +304,13 @@ def test_case10_arguments_fail_at_construction(kwargs, message):
     ("c2f", {"granularity": "x"}, "granularity"),
 ])
 def test_case10_method_options_fail_at_construction(method, options, message):
-    from lightning_xai import get_explainer
-
-    if "check_options" not in vars(get_explainer(method)):
-        pytest.skip(f"{method}'s own check_options (issue 9/11) has not landed on this branch yet")
     with pytest.raises(ValueError, match=message):
         ExplanationMonitor(methods={method: options})
 
 
 def test_small_numpy_targets_are_accepted():
-    assert ExplanationMonitor(targets=np.int64(2)).targets == 2
-    assert ExplanationMonitor(targets=np.array([0, 3])).targets == [0, 3]
+    assert ExplanationMonitor(targets=np.int64(2)).probes.targets == 2
+    assert ExplanationMonitor(targets=np.array([0, 3])).probes.targets == [0, 3]
 
 
 def test_small_num_probes_above_the_dataset_size_warns(tmp_path):
@@ -320,13 +321,13 @@ def test_small_num_probes_above_the_dataset_size_warns(tmp_path):
 
 
 def test_small_meta_device_model_gets_a_clear_error():
-    from lightning_xai.callbacks.probes import from_tensors
+    from lightning_xai.callbacks.probes import ProbeSet
     from lightning_xai.callbacks.runner import ProbeRunner
 
     with torch.device("meta"):
         vit = create_vit(TINY["model_name"], 4, 32, patch_size=8, embed_dim=48, depth=2, num_heads=3)
     with pytest.raises(ValueError, match="meta device"):
-        ProbeRunner(vit, {"rollout": {}}, from_tensors(torch.randn(2, 3, 32, 32)))
+        ProbeRunner(vit, {"rollout": {}}, ProbeSet(torch.randn(2, 3, 32, 32)))
 
 
 # -- 11: one-hot and soft labels --------------------------------------------------------------------------------

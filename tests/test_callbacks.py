@@ -95,7 +95,7 @@ def test_tensorboard_images_per_epoch_with_expected_sizes(tensorboard_run):
 def test_tensorboard_images_decode_to_the_rendered_pixels(tensorboard_run):
     monitor, _, events = tensorboard_run
     for method in ("gradtoken", "c2f"):
-        for probe, expected in enumerate(monitor.board.probe_timelines(method)):
+        for probe, expected in enumerate(monitor.records.board.probe_timelines(method)):
             last = events.Images(f"xai/{method}/timeline/{probe}")[-1]
             decoded = np.asarray(Image.open(io.BytesIO(last.encoded_image_string)).convert("RGB"))
             assert (last.height, last.width) == decoded.shape[:2]

@@ -307,7 +307,7 @@ def test_alarm_scalar_and_picture_reach_tensorboard_wandb_and_png_files(cue_mode
     events = EventAccumulator(loggers[0].log_dir, size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     events.Reload()
     values = [e.value for e in events.Scalars("xai/gradtoken/shortcut")]
-    assert len(values) == 2 and min(values) >= monitor.tracker.shortcut[0]
+    assert len(values) == 2 and min(values) >= monitor.records.tracker.shortcut[0]
     assert len(events.Images("xai/gradtoken/shortcut_region")) == 2
     notes = events.Tensors("xai/gradtoken/shortcut_alarm/text_summary")
     assert len(notes) == 1 and b"Shortcut alarm" in notes[0].tensor_proto.string_val[0]
@@ -345,7 +345,7 @@ def test_monitor_checks_the_shortcut_options():
         ExplanationMonitor(shortcut_patience=0)
     with pytest.raises(ValueError, match="stop_on_shortcut"):
         ExplanationMonitor(shortcut_alarm=False, stop_on_shortcut=True)
-    assert ExplanationMonitor(shortcut_alarm=False).tracker.shortcut is None
+    assert ExplanationMonitor(shortcut_alarm=False).records.tracker.shortcut is None
 
 
 def test_evolution_tracker_logs_the_statistic_and_keeps_the_alarm_across_a_checkpoint():

@@ -7,10 +7,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import matplotlib
+from torch import Tensor
 
 from lightning_xai.adapters import geometry
 from lightning_xai.callbacks.evolution import SIMILARITIES
-from lightning_xai.callbacks.probes import Probe
 from lightning_xai.handle import ModelHandle
 from lightning_xai.validation import check_images
 
@@ -19,25 +19,22 @@ ON_ERROR = ("warn", "raise")
 
 
 def check_arguments(
-    *, stage: Any, probe_split: Any, similarity: Any, on_error: Any, num_probes: Any, every_n_epochs: Any,
-    every_n_validations: Any, top_k: Any, timeline_columns: Any, seed: Any, cmap: Any, alpha: Any, mean: Any,
-    std: Any, class_names: Any, output_transform: Any, forward: Any, batch_transform: Any, shortcut_alarm: Any,
-    stop_on_shortcut: Any,
+    *, stage: Any, similarity: Any, on_error: Any, every_n_epochs: Any, every_n_validations: Any,
+    timeline_columns: Any, cmap: Any, alpha: Any, mean: Any, std: Any, class_names: Any, output_transform: Any,
+    forward: Any, shortcut_alarm: Any, stop_on_shortcut: Any,
 ) -> None:
-    """Check :class:`~lightning_xai.callbacks.ExplanationMonitor`'s arguments (all but ``methods``, ``targets``
-    and the probe tensors, which have their own parsers); raise ``ValueError``/``TypeError`` naming the argument."""
+    """Check :class:`~lightning_xai.callbacks.ExplanationMonitor`'s arguments (all but ``methods`` and the probe
+    options, which have their own parsers: :func:`~lightning_xai.explainers.registry.resolve_methods` and
+    :class:`~lightning_xai.callbacks.probes.ProbeSet`); raise ``ValueError``/``TypeError`` naming the argument."""
     check_choice("stage", stage, STAGES)
-    check_choice("probe_split", probe_split, ("val", "train"))
     check_choice("similarity", similarity, SIMILARITIES)
     check_choice("on_error", on_error, ON_ERROR)
-    for name, value in (("num_probes", num_probes), ("every_n_epochs", every_n_epochs), ("top_k", top_k),
-                        ("every_n_validations", every_n_validations), ("timeline_columns", timeline_columns)):
+    for name, value in (("every_n_epochs", every_n_epochs), ("every_n_validations", every_n_validations),
+                        ("timeline_columns", timeline_columns)):
         check_count(name, value)
-    check_count("seed", seed, minimum=0)
     check_look(cmap, alpha, mean, std, class_names)
     check_callable("output_transform", output_transform, "output -> logits")
     check_callable("forward", forward, "(module, images) -> output")
-    check_callable("batch_transform", batch_transform, "batch -> (images, labels, masks)")
     if not isinstance(shortcut_alarm, bool) or not isinstance(stop_on_shortcut, bool):
         raise ValueError(f"shortcut_alarm and stop_on_shortcut must be True or False, got {shortcut_alarm!r} and "
                          f"{stop_on_shortcut!r}")
@@ -83,7 +80,7 @@ def check_callable(name: str, value: Any, signature: str) -> None:
         raise TypeError(f"{name} must be a callable {signature}, got {type(value).__name__}")
 
 
-def check_probe(handle: ModelHandle, probe: Probe) -> None:
-    """The probe images fit the ViT: float ``(P, C, H, W)``, its channel count, finite, a size it accepts."""
-    check_images(probe.images, handle.vit)
-    geometry(handle.vit, tuple(probe.images.shape[-2:]))
+def check_probe_images(handle: ModelHandle, images: Tensor) -> None:
+    """The probe images ``(P, C, H, W)`` fit the ViT: float, its channel count, finite, a size it accepts."""
+    check_images(images, handle.vit)
+    geometry(handle.vit, tuple(images.shape[-2:]))

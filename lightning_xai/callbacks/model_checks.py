@@ -14,7 +14,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 
 from lightning_xai.adapters import capture, find_vit
-from lightning_xai.callbacks.probes import preserved_rng
+from lightning_xai.callbacks.rng import preserved_rng
 from lightning_xai.explainers import Explainer
 from lightning_xai.explainers.base import explanation_mode
 

@@ -1,13 +1,15 @@
 """``ExplanationMonitor``: explain a fixed probe batch at every validation and log the maps to every logger.
 
 It is glue that reads in one direction: the probes (:mod:`.probes`) go through the model and the explainers
-(:mod:`.runner`), the results become numbers (:mod:`.evolution`) and pictures (:mod:`.presentation`), and one
-:class:`Record` per event goes to every sink (:mod:`.sinks`), under the names of :mod:`.keys`.
+(:mod:`.runner`), the results become numbers (:mod:`.evolution`) and pictures (:mod:`.presentation`) in one
+:class:`Record` per event (:mod:`.record_builder`), which goes to every sink (:mod:`.sinks`). When to explain is
+:mod:`.schedule`'s business, what a failure does :mod:`.notices`'.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,11 +19,14 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_xai.adapters import OutputTransform, ViTLocator
 from lightning_xai.callbacks import checks, keys, model_checks
+from lightning_xai.callbacks.batches import BatchTransform
 from lightning_xai.callbacks.evolution import EvolutionTracker
 from lightning_xai.callbacks.notices import Notices
 from lightning_xai.callbacks.presentation import Board
-from lightning_xai.callbacks.probes import BatchTransform, Probe, check_targets, draw_probe, from_tensors, preserved_rng
-from lightning_xai.callbacks.runner import Outcome, ProbeRunner
+from lightning_xai.callbacks.probes import Probe, ProbeSet
+from lightning_xai.callbacks.record_builder import RecordBuilder
+from lightning_xai.callbacks.rng import preserved_rng
+from lightning_xai.callbacks.runner import ProbeRunner
 from lightning_xai.callbacks.schedule import Schedule
 from lightning_xai.callbacks.shortcut import DEFAULT_PATIENCE, DEFAULT_THRESHOLD
 from lightning_xai.callbacks.sinks import Record, Sink, sinks_for, write_all
@@ -83,28 +88,22 @@ class ExplanationMonitor(Callback):
         super().__init__()
         self.methods = resolve_methods(methods)
         checks.check_arguments(
-            stage=stage, probe_split=probe_split, similarity=similarity, on_error=on_error, num_probes=num_probes,
-            every_n_epochs=every_n_epochs, every_n_validations=every_n_validations, top_k=top_k, seed=seed,
-            timeline_columns=timeline_columns, cmap=cmap, alpha=alpha, mean=mean, std=std, class_names=class_names,
-            output_transform=output_transform, forward=forward, batch_transform=batch_transform,
+            stage=stage, similarity=similarity, on_error=on_error, every_n_epochs=every_n_epochs,
+            every_n_validations=every_n_validations, timeline_columns=timeline_columns, cmap=cmap, alpha=alpha,
+            mean=mean, std=std, class_names=class_names, output_transform=output_transform, forward=forward,
             shortcut_alarm=shortcut_alarm, stop_on_shortcut=stop_on_shortcut,
         )
-        self.targets = check_targets(targets)
-        if self.targets == "label" and probe_images is not None and probe_labels is None:
-            raise ValueError("targets='label' needs probe_labels when probe_images are given")
-        self.user_probe = None if probe_images is None else from_tensors(probe_images, probe_labels, probe_masks)
-        self.num_probes, self.probe_split, self.seed, self.top_k = num_probes, probe_split, seed, top_k
+        self.probes = ProbeSet(probe_images, probe_labels, probe_masks, num_probes=num_probes, split=probe_split,
+                               seed=seed, batch_transform=batch_transform, targets=targets, top_k=top_k)
         self.stage, self.explain_at_fit_start = stage, explain_at_fit_start
         self.schedule = Schedule(every_n_epochs, every_n_validations)
-        self.deletion_insertion, self.save_raw, self.on_error = deletion_insertion, save_raw, on_error
+        self.save_raw = save_raw
         self.vit, self.output_transform, self.forward = vit, output_transform, forward
-        self.batch_transform = batch_transform
-        self.board = Board(cmap=cmap, alpha=alpha, mean=mean, std=std, class_names=class_names,
-                           timeline_columns=timeline_columns)
-        self.shortcut_alarm, self.stop_on_shortcut = shortcut_alarm, stop_on_shortcut
-        self.tracker = EvolutionTracker(  # validates threshold (0 < t < 1) and patience (int >= 1)
-            similarity, (shortcut_threshold, shortcut_patience) if shortcut_alarm else None)
-        self.probe: Probe | None = self.user_probe
+        self.records = RecordBuilder(
+            EvolutionTracker(similarity, (shortcut_threshold, shortcut_patience) if shortcut_alarm else None),
+            Board(cmap=cmap, alpha=alpha, mean=mean, std=std, class_names=class_names,
+                  timeline_columns=timeline_columns),
+            deletion_insertion=deletion_insertion, stop_on_shortcut=stop_on_shortcut)
         self.runner: ProbeRunner | None = None
         """The model side (the module, its ViT, the explainers), built when the run starts."""
         self.last_scalars: dict[str, float] = {}  # the latest event's scalars, {"xai/<method>/<name>": value}
@@ -112,7 +111,12 @@ class ExplanationMonitor(Callback):
         self._sinks: list[Sink] = []
         self._trainer: pl.Trainer | None = None
         self._probes_logged = False
-        self._notices = Notices()
+        self._notices = Notices(raise_errors=on_error == "raise")
+
+    @property
+    def probe(self) -> Probe | None:
+        """The probes of the current run (``None`` until drawn at the start of ``fit``/``validate``)."""
+        return self.probes.probe
 
     @property
     def explained(self) -> list[tuple[int, int]]:
@@ -121,7 +125,7 @@ class ExplanationMonitor(Callback):
 
     def timeline(self, method: str):
         """The current timeline of ``method``: uint8 ``(H, W, 3)``, rows = probes, columns = explanation events."""
-        return self.board.timeline(method)
+        return self.records.board.timeline(method)
 
     @property
     def state_key(self) -> str:
@@ -130,8 +134,8 @@ class ExplanationMonitor(Callback):
     # -- set-up: every misconfiguration raises here or in _prepare, before the first epoch --------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if trainer is not self._trainer:  # a new run (a second fit with this instance): start afresh
-            self._trainer, self.probe, self._probes_logged = trainer, self.user_probe, False
-            for part in (self.schedule, self.tracker, self.board):
+            self._trainer, self._probes_logged = trainer, False
+            for part in (self.probes, self.schedule, self.records):
                 part.reset()
             self._notices.start(trainer)
         self.runner = None
@@ -150,23 +154,19 @@ class ExplanationMonitor(Callback):
 
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Draw the probes, then find the ViT (the module is built by now), build the explainers, check."""
-        if self.probe is None:
-            self.probe = draw_probe(trainer, self.probe_split, self.num_probes, self.seed, self.batch_transform)
-        self.runner = ProbeRunner(pl_module, self.methods, self.probe, targets=self.targets, top_k=self.top_k,
-                                  vit=self.vit, output_transform=self.output_transform, forward=self.forward)
+        self.probes.draw(trainer)
+        self.runner = ProbeRunner(pl_module, self.methods, self.probes, vit=self.vit,
+                                  output_transform=self.output_transform, forward=self.forward)
 
     # -- state ------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        parts = {"schedule": self.schedule, "tracker": self.tracker, "board": self.board}
-        return {"probe": None if self.probe is None else self.probe.state_dict(), "targets": self.targets,
-                "stage": self.stage, "methods": list(self.methods), **{k: v.state_dict() for k, v in parts.items()}}
+        return {**self.probes.state_dict(), "stage": self.stage, "methods": list(self.methods),
+                "schedule": self.schedule.state_dict(), **self.records.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("probe") is not None:
-            self.probe = Probe.from_state_dict(state_dict["probe"])
+        self.probes.load_state_dict(state_dict)
         self.schedule.load_state_dict(state_dict.get("schedule", {}))
-        self.tracker.load_state_dict(state_dict.get("tracker", {}), methods=self.methods)
-        self.board.load_state_dict(state_dict.get("board", {}), methods=list(self.methods))
+        self.records.load_state_dict(state_dict, methods=list(self.methods))
         self._probes_logged = bool(self.explained)
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
@@ -203,63 +203,29 @@ class ExplanationMonitor(Callback):
     # -- one explanation event --------------------------------------------------------------------------------
     def _explain(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, within_epoch: bool = False,
                  scheduled: bool = True) -> None:
+        """Probes -> model and explainers -> numbers and pictures -> every sink; failures go to ``on_error``."""
         self.schedule.add(trainer, step, scheduled)
         if not trainer.is_global_zero:
             return
         epoch = trainer.current_epoch
         record = Record(epoch, step, *self.schedule.names(epoch, step, within_epoch, baseline=not scheduled))
+        fail = functools.partial(self._notices.failure, event=record.event)
+        warned = functools.partial(self._notices.method_warning, epoch=epoch, step=step)
+        what = "the model's forward on the probes"
         try:  # an explanation failure must never lose the training run
             with preserved_rng():
-                outcome = self._run(record)
+                outcome = self.runner.run(lambda name, err: fail(err, f"explaining with {name!r}"), warned)
+                what = "computing the event's scalars and pictures"
+                alarms = self.records.fill(record, outcome, self.runner, probe_tiles=not self._probes_logged)
         except Exception as err:  # noqa: BLE001
-            return self._fail(err, "the model's forward on the probes", record)
-        try:
-            with preserved_rng():
-                self._fill(record, outcome)
-        except Exception as err:  # noqa: BLE001
-            return self._fail(err, "computing the event's scalars and pictures", record)
-        write_all(self._sinks, record, lambda sink, err: self._fail(err, f"logging to {type(sink).__name__}", record))
+            return fail(err, what)
+        for alarm in alarms:
+            self._notices.warn(f"lightning-xai: {alarm.message()}", RuntimeWarning)
+            trainer.should_stop = trainer.should_stop or self.records.stop_on_shortcut
+        self.last_scalars, self.last_results = dict(record.scalars), outcome.results
+        write_all(self._sinks, record, lambda sink, err: fail(err, f"logging to {type(sink).__name__}"))
         self._probes_logged = True
 
     def _flush(self) -> None:
         write_all(self._sinks, None, lambda sink, err: self._notices.warn(
             f"lightning-xai: flushing {type(sink).__name__} failed: {err}", RuntimeWarning))
-
-    def _fail(self, err: Exception, what: str, record: Record) -> None:
-        if self.on_error == "raise":
-            raise err
-        self._notices.warn(f"lightning-xai: {what} failed at epoch {record.epoch} (step {record.step}): "
-                           f"{type(err).__name__}: {err}. Training continues (set on_error='raise' to stop).",
-                           RuntimeWarning)
-
-    def _shortcut(self, method: str, record: Record) -> None:
-        """The shortcut alarm's picture and, when it fires, a warning, a note and (``stop_on_shortcut``) the stop."""
-        images, alerts = self.tracker.shortcut_outputs(method, record.label, self.board.cmap, self.stop_on_shortcut)
-        record.images.update(images)
-        record.alerts.extend(alerts)
-        if alerts:  # the tracker fires each method's alarm once per run
-            self._notices.warn(f"lightning-xai: {self.tracker.alarms[method].message()}", RuntimeWarning)
-            self._trainer.should_stop = self._trainer.should_stop or self.stop_on_shortcut
-
-    def _run(self, record: Record) -> Outcome:
-        """The probes through the model and the explainers."""
-        return self.runner.run(lambda name, err: self._fail(err, f"explaining with {name!r}", record),
-                               lambda name, caught: self._notices.method_warning(name, caught, *record.event))
-
-    def _fill(self, record: Record, outcome: Outcome) -> None:
-        """The event's numbers (probes, evolution, faithfulness) and pictures, into ``record``."""
-        record.scalars = self.runner.probe_scalars(outcome)
-        for name, result in outcome.results.items():
-            scalars = self.tracker.update(name, record.epoch, record.step, result.maps, self.probe.masks,
-                                          classes=result.targets)
-            self._shortcut(name, record)
-            if self.deletion_insertion:
-                scalars.update(self.runner.faithfulness(outcome, name))
-            record.scalars.update({keys.scalar_key(key, name): value for key, value in scalars.items()})
-        record.explanations = outcome.results
-        pictures = self.board.draw(outcome.images, record.label, outcome.targets, outcome.probs, outcome.results)
-        record.grids, record.timelines, record.rows = pictures.grids, pictures.timelines, pictures.rows
-        record.probe_timelines = pictures.probe_timelines
-        if not self._probes_logged:
-            record.probe_tiles = self.board.probe_tiles(outcome.images)
-        self.last_scalars, self.last_results = dict(record.scalars), outcome.results

@@ -9,9 +9,14 @@ import lightning.pytorch as pl
 
 class Notices:
     """Warnings of one run: printed through the progress bar (on a line of their own) while one is shown, as
-    ordinary warnings otherwise (user filters apply either way); some are shown once per run."""
+    ordinary warnings otherwise (user filters apply either way); some are shown once per run.
 
-    def __init__(self) -> None:
+    Args:
+        raise_errors: :meth:`failure` re-raises instead of warning (the callbacks' ``on_error="raise"``).
+    """
+
+    def __init__(self, raise_errors: bool = False) -> None:
+        self.raise_errors = raise_errors
         self.trainer: pl.Trainer | None = None
         self._shown: set[str] = set()
 
@@ -31,6 +36,14 @@ class Notices:
                 warnings.showwarning = lambda msg, cat, path, line, file=None, text=None: bar.print(
                     warnings.formatwarning(msg, cat, path, line, text).rstrip("\n"))
             warnings.warn(message, category, stacklevel=3)
+
+    def failure(self, err: Exception, what: str, event: tuple[int, int]) -> None:
+        """``what`` failed at the event ``(epoch, step)``: raise ``err`` (``raise_errors``), or warn that training
+        goes on without it."""
+        if self.raise_errors:
+            raise err
+        self.warn(f"lightning-xai: {what} failed at epoch {event[0]} (step {event[1]}): {type(err).__name__}: "
+                  f"{err}. Training continues (set on_error='raise' to stop).", RuntimeWarning)
 
     def method_warning(self, method: str, caught: warnings.WarningMessage, epoch: int, step: int) -> bool:
         """Handle a warning ``method`` issued while explaining; ``True`` if handled here. C2F's

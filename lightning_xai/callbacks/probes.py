@@ -1,45 +1,24 @@
-"""The probe set (a fixed batch of images explained at every event, chosen once and kept for the whole run), how
-it is read from the user's data, and which classes are explained for it.
-"""
+"""The probe set (a fixed batch of images explained at every event, chosen once and kept for the whole run) and
+which classes are explained for it: :class:`ProbeSet` validates the callback's probe options when it is built
+and draws the probes once the trainer's data is there."""
 
 from __future__ import annotations
 
-import contextlib
-import random
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
-from torch.utils.data._utils.collate import default_collate
 
+from lightning_xai.callbacks.batches import BatchTransform, draw_samples
+from lightning_xai.callbacks.checks import check_callable, check_choice, check_count
 from lightning_xai.validation import resolve_targets
 
-#: ``batch_transform(batch) -> (images, labels, masks)``: reads a batch of the user's data (as the dataloader's
-#: ``collate_fn`` makes it) into ``(P, C, H, W)`` float images and optional labels and masks (``None`` if absent).
-BatchTransform = Callable[[Any], tuple[Tensor, Tensor | None, Tensor | None]] | None
-
 TARGET_MODES = ("pred", "label", "topk")
-IMAGE_KEYS = ("image", "images", "pixel_values", "img", "input", "inputs", "x")
-LABEL_KEYS = ("label", "labels", "target", "targets", "class", "y")
-MASK_KEYS = ("mask", "masks", "segmentation", "object_mask")
-
-
-@contextlib.contextmanager
-def preserved_rng() -> Iterator[None]:
-    """Restore the global RNG states (python ``random``, numpy, torch CPU and CUDA) on exit."""
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []):
-        try:
-            yield
-        finally:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
+SPLITS = ("val", "train")
 
 
 @dataclass
@@ -99,131 +78,65 @@ def from_tensors(images: Any, labels: Any = None, masks: Any = None, source: str
     return Probe(images.detach().cpu().clone(), None if labels is None else labels.cpu().clone(), masks)
 
 
-def _looks_like_masks(value: Any, images: Tensor) -> bool:
-    return (
-        isinstance(value, Tensor)
-        and value.dim() in (3, 4)
-        and value.shape[0] == images.shape[0]
-        and tuple(value.shape[-2:]) == tuple(images.shape[-2:])
-    )
+class ProbeSet:
+    """The probes of a run and the classes explained for them.
 
+    The probes are the user's tensors, or ``num_probes`` samples drawn once (seeded by ``seed``, with no effect
+    on any other random stream) from the trainer's ``split`` dataloader by the first :meth:`draw`; they stay
+    the same for the whole run and are saved in checkpoints (:meth:`state_dict`).
 
-def read_batch(batch: Any) -> tuple[Any, Any, Any]:
-    """The default reader of a collated batch: ``images``, ``(images, labels[, masks][, anything])`` or a dict
-    with an image key (``image``, ``pixel_values``, ...), a label key and a mask key. A third element that is not
-    a mask of the images' size (a sample index, file names) is ignored.
+    Args:
+        images, labels, masks: the user's probes (see :func:`from_tensors`), or ``images=None`` to draw them.
+        num_probes, split, seed: how many samples to draw, from which dataloader (``"val"`` or ``"train"``).
+        batch_transform: reads a collated batch into ``(images, labels, masks)`` (default: :func:`.read_batch`).
+        targets, top_k: which classes to explain (see :func:`select_targets`).
 
     Raises:
-        ValueError: no images can be found; the message names ``batch_transform``.
+        ValueError/TypeError: at construction, naming the argument that is wrong.
     """
-    if isinstance(batch, Tensor):
-        return batch, None, None
-    if isinstance(batch, Mapping):
-        image_key = next((k for k in IMAGE_KEYS if isinstance(batch.get(k), Tensor)), None)
-        if image_key is None:
-            raise ValueError(
-                f"cannot find the images in samples that are dicts with keys {sorted(map(str, batch))} (looked for "
-                f"{list(IMAGE_KEYS)}): pass batch_transform=lambda batch: (batch['<images>'], batch['<labels>'], None)"
-            )
-        images = batch[image_key]
-        labels = next((batch[k] for k in LABEL_KEYS if isinstance(batch.get(k), Tensor)), None)
-        masks = next((batch[k] for k in MASK_KEYS if _looks_like_masks(batch.get(k), images)), None)
-        return images, labels, masks
-    if isinstance(batch, Sequence) and not isinstance(batch, str) and batch and isinstance(batch[0], Tensor):
-        images = batch[0]
-        labels = batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) else None
-        masks = batch[2] if len(batch) > 2 and _looks_like_masks(batch[2], images) else None
-        return images, labels, masks
-    raise ValueError(
-        f"cannot read images from a batch of type {type(batch).__name__}: pass "
-        "batch_transform=lambda batch: (images, labels or None, masks or None)"
-    )
 
+    def __init__(
+        self, images: Tensor | None = None, labels: Tensor | None = None, masks: Tensor | None = None, *,
+        num_probes: int = 8, split: str = "val", seed: int = 0, batch_transform: BatchTransform = None,
+        targets: str | int | Sequence[int] = "pred", top_k: int = 2,
+    ) -> None:
+        check_choice("probe_split", split, SPLITS)
+        for name, value in (("num_probes", num_probes), ("top_k", top_k)):
+            check_count(name, value)
+        check_count("seed", seed, minimum=0)
+        check_callable("batch_transform", batch_transform, "batch -> (images, labels, masks)")
+        self.targets, self.top_k = check_targets(targets), top_k
+        if self.targets == "label" and images is not None and labels is None:
+            raise ValueError("targets='label' needs probe_labels when probe_images are given")
+        self.given = None if images is None else from_tensors(images, labels, masks)
+        self.num_probes, self.split, self.seed, self.batch_transform = num_probes, split, seed, batch_transform
+        self.probe: Probe | None = self.given
+        """The probes of the current run (``None`` until drawn)."""
 
-def _first_loader(loader: Any) -> DataLoader | None:
-    if isinstance(loader, DataLoader):
-        return loader
-    if isinstance(loader, Mapping) and loader:
-        loader = list(loader.values())
-    if isinstance(loader, list | tuple) and loader and isinstance(loader[0], DataLoader):
-        return loader[0]
-    return None
+    def reset(self) -> None:
+        """A new run: draw the probes again (the user's tensors stay)."""
+        self.probe = self.given
 
+    def draw(self, trainer: pl.Trainer) -> Probe:
+        """The run's probes, drawn from the trainer's data the first time (see :func:`.batches.draw_samples`)."""
+        if self.probe is None:
+            samples = draw_samples(trainer, self.split, self.num_probes, self.seed, self.batch_transform)
+            self.probe = from_tensors(samples.images, samples.labels, samples.masks, source=samples.source)
+            self.probe.indices = samples.indices
+        return self.probe
 
-def find_loader(trainer: pl.Trainer, split: str) -> DataLoader | None:
-    """The trainer's ``split`` (``"val"`` or ``"train"``) DataLoader, without iterating it.
+    def select(self, logits: Tensor) -> Tensor:
+        """The classes ``(P, K)`` to explain given the probes' logits ``(P, num_classes)`` (see
+        :func:`select_targets`); raises ``ValueError`` for classes the model does not have."""
+        return select_targets(self.targets, self.top_k, logits, self.probe.labels)
 
-    Looks at dataloaders the trainer has already loaded, then at the datamodule's and the LightningModule's
-    ``*_dataloader()`` methods (building a DataLoader object draws no random numbers and starts no worker).
-    """
-    loaded = _first_loader(trainer.val_dataloaders if split == "val" else trainer.train_dataloader)
-    if loaded is not None:
-        return loaded
-    # what fit()/validate() was given: a datamodule, the module's *_dataloader() or loaders passed directly
-    loop = trainer.fit_loop.epoch_loop.val_loop if split == "val" else trainer.fit_loop
-    if split == "val" and trainer.state.fn == "validate":
-        loop = trainer.validate_loop
-    source = getattr(loop, "_data_source", None)
-    if source is not None and source.is_defined():
-        try:
-            with preserved_rng():
-                loaded = _first_loader(source.dataloader())
-        except Exception:  # noqa: BLE001 - fall back to the owners below
-            loaded = None
-        if loaded is not None:
-            return loaded
-    for owner in (trainer.datamodule, trainer.lightning_module):
-        method = getattr(owner, f"{split}_dataloader", None)
-        if method is None:
-            continue
-        try:
-            with preserved_rng():
-                loader = _first_loader(method())
-        except Exception:  # noqa: BLE001 - a loader that cannot be built yet is "not found"
-            loader = None
-        if loader is not None:
-            return loader
-    return None
+    def state_dict(self) -> dict[str, Any]:
+        return {"probe": None if self.probe is None else self.probe.state_dict(), "targets": self.targets}
 
-
-def from_loader(loader: DataLoader, num_probes: int, seed: int, batch_transform: BatchTransform = None) -> Probe:
-    """Draw ``num_probes`` samples of ``loader``'s dataset once, with a private generator seeded by ``seed``;
-    collate them with the loader's ``collate_fn`` and read them with ``batch_transform`` (default
-    :func:`read_batch`)."""
-    dataset: Dataset = loader.dataset
-    try:
-        size = len(dataset)  # type: ignore[arg-type]
-    except TypeError:
-        raise ValueError(
-            "the probe dataset has no len() (an IterableDataset?): pass probe_images=... explicitly"
-        ) from None
-    if size == 0:
-        raise ValueError("the dataset to draw probes from is empty")
-    if num_probes > size:
-        rank_zero_warn(f"num_probes={num_probes} but the dataset has {size} samples: explaining all {size}")
-    indices = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:num_probes].sort().values.tolist()
-    collate = loader.collate_fn or default_collate
-    with preserved_rng():  # a random transform in __getitem__ must not advance the user's RNG
-        batch = collate([dataset[i] for i in indices])
-    reader = batch_transform or read_batch
-    images, labels, masks = reader(batch)
-    source = "batch_transform(batch)[0]" if batch_transform is not None else "the images read from the dataset"
-    if isinstance(images, Tensor) and images.dim() == 4 and images.dtype == torch.uint8:
-        source += " (uint8: pass batch_transform=... that converts and normalises them as for training)"
-    probe = from_tensors(images, labels, masks, source=source)
-    probe.indices = indices
-    return probe
-
-
-def draw_probe(trainer: pl.Trainer, split: str, num_probes: int, seed: int,
-               batch_transform: BatchTransform = None) -> Probe:
-    """The probe set drawn from the trainer's ``split`` dataloader (see :func:`from_loader`)."""
-    loader = find_loader(trainer, split)
-    if loader is None:
-        other = "train" if split == "val" else "val"
-        raise ValueError(f"no {split} dataloader to draw probes from: pass probe_images=... to the callback, or "
-                         f"probe_split={other!r}")
-    return from_loader(loader, num_probes, seed, batch_transform)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take the saved probes (a resumed run explains the same images); the targets stay as constructed."""
+        if state.get("probe") is not None:
+            self.probe = Probe.from_state_dict(state["probe"])
 
 
 def check_targets(targets: Any) -> str | int | list[int]:

@@ -14,7 +14,8 @@ from torch import Tensor, nn
 from lightning_xai.adapters import OutputTransform, ViTLocator, find_vit
 from lightning_xai.callbacks import checks, keys, model_checks
 from lightning_xai.callbacks.evolution import faithfulness_scalars
-from lightning_xai.callbacks.probes import Probe, class_indices, preserved_rng, select_targets
+from lightning_xai.callbacks.probes import ProbeSet, class_indices
+from lightning_xai.callbacks.rng import preserved_rng
 from lightning_xai.explainers import Explainer, Explanation, create_explainer
 from lightning_xai.explainers.base import explanation_mode
 from lightning_xai.handle import ForwardFn, ModelHandle
@@ -48,8 +49,7 @@ class ProbeRunner:
     Args:
         module: the LightningModule (never its DDP wrapper).
         methods: ``{registry name: options}`` (from :func:`~lightning_xai.explainers.registry.resolve_methods`).
-        probe: the probe set.
-        targets, top_k: which classes to explain (see :func:`~lightning_xai.callbacks.probes.select_targets`).
+        probes: the probe set, drawn, and which of their classes to explain.
         vit, output_transform, forward: as for :class:`~lightning_xai.handle.ModelHandle`.
     """
 
@@ -57,15 +57,15 @@ class ProbeRunner:
         self,
         module: nn.Module,
         methods: Mapping[str, Mapping[str, Any]],
-        probe: Probe,
+        probes: ProbeSet,
         *,
-        targets: str | int | list[int] = "pred",
-        top_k: int = 2,
         vit: ViTLocator = None,
         output_transform: OutputTransform = None,
         forward: ForwardFn = None,
     ) -> None:
-        self.module, self.probe, self.targets, self.top_k = module, probe, targets, top_k
+        if probes.probe is None:
+            raise ValueError("the probes are not drawn yet: call probes.draw(trainer) first")
+        self.module, self.probes, images = module, probes, probes.probe.images
         candidates = {"": find_vit(module, vit)} if vit is not None else model_checks.candidate_vits(module)
         if not candidates:
             find_vit(module)  # raises the error that says how to point at the ViT
@@ -74,8 +74,8 @@ class ProbeRunner:
         if any(p.is_meta for p in handle.vit.parameters()):
             raise ValueError("the ViT's parameters are on the meta device (never materialised): load or initialise "
                              "its weights (e.g. in configure_model) before fit")
-        checks.check_probe(handle, probe)
-        one = handle.prepare(probe.images[:1])
+        checks.check_probe_images(handle, images)
+        one = handle.prepare(images[:1])
         try:
             with preserved_rng(), explanation_mode(module), torch.no_grad():
                 handle.output(one)
@@ -87,8 +87,8 @@ class ProbeRunner:
             handle = ModelHandle(module, vit=vit, output_transform=output_transform, forward=forward)
         self.handle = handle
         with preserved_rng(), explanation_mode(module):
-            logits = handle.predict(probe.images[:1])
-        select_targets(targets, top_k, logits.expand(len(probe.images), -1), probe.labels)  # raises if out of range
+            logits = handle.predict(images[:1])
+        probes.select(logits.expand(len(images), -1))  # raises for classes the model does not have
         self.explainers: dict[str, Explainer] = {
             name: create_explainer(name, module, vit=handle.vit, output_transform=output_transform, forward=forward,
                                    **options)
@@ -107,13 +107,13 @@ class ProbeRunner:
         """One forward of the probes, then every explainer; a failing method is reported to ``on_failure(name,
         error)`` and left out; each warning a method issues goes to ``on_warning(name, caught)``, and is
         re-issued unless that returns ``True``. Raises when the forward itself fails."""
-        images = self.handle.prepare(self.probe.images)
+        images = self.handle.prepare(self.probes.probe.images)
         with explanation_mode(self.module), torch.no_grad():
             logits = self.handle.logits(images)
         if not bool(torch.isfinite(logits).all()):
             raise FloatingPointError("the model's outputs on the probes are NaN or infinite (weights diverged?): "
                                      "no maps logged for this event")
-        targets = select_targets(self.targets, self.top_k, logits, self.probe.labels)
+        targets = self.probes.select(logits)
         outcome = Outcome(images, logits, targets, logits.softmax(-1).gather(1, targets))
         for name, explainer in self.explainers.items():
             try:
@@ -133,8 +133,8 @@ class ProbeRunner:
     def probe_scalars(self, outcome: Outcome) -> dict[str, float]:
         """``xai/target_probability`` and, with one label per probe, ``xai/probe_accuracy``."""
         out = {keys.scalar_key("target_probability"): float(outcome.probs.mean())}
-        if self.probe.labels is not None:
-            labels = class_indices(self.probe.labels, outcome.logits.shape[-1])
+        if self.probes.probe.labels is not None:
+            labels = class_indices(self.probes.probe.labels, outcome.logits.shape[-1])
             if labels.dim() == 1:
                 accuracy = (outcome.logits.argmax(-1).cpu() == labels).float().mean()
                 out[keys.scalar_key("probe_accuracy")] = float(accuracy)
