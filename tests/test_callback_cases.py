@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_xai.callbacks import ExplanationMonitor
 from lightning_xai.demos import ViTClassifier, create_vit
 from lightning_xai.explainers import Explainer, register
+from lightning_xai.explainers.perturbation import WARNED_ONCE
 
 
 def loaders(dataset_type, batch_size=32, **kwargs):
@@ -464,7 +465,8 @@ class _Warns(Explainer):
     def compute(self, x, targets, geom):
         from lightning_xai.explainers.base import RawMaps
 
-        warnings.warn("no mask kept enough of the clean probability.", NoPositiveMaskWarning, stacklevel=2)
+        warnings.warn("no mask kept enough of the clean probability." + WARNED_ONCE, NoPositiveMaskWarning,
+                      stacklevel=2)
         logits = self.logits(x)
         resolved = logits.argmax(-1, keepdim=True) if targets is None else targets
         return RawMaps(torch.rand(len(x), resolved.shape[1], *geom.grid), resolved,
@@ -479,5 +481,6 @@ def test_no_positive_mask_warning_once_per_run_on_its_own_line(tmp_path, capsys)
     assert len(lines) == 1, lines  # once per run, though both epochs warned
     assert "'test_no_positive_mask' at epoch 0 (step 3): no mask kept enough" in lines[0]
     assert lines[0].startswith("/") and "Epoch" not in lines[0]  # a line of its own, not glued to the bar
+    assert "once per explainer" not in lines[0] and "Shown once per run" in lines[0]  # one claim, the true one
     with pytest.warns(NoPositiveMaskWarning, match="Shown once per run"):
         fit(tmp_path / "b", [ExplanationMonitor(methods=["test_no_positive_mask"], num_probes=2)], epochs=1)

@@ -6,6 +6,8 @@ import warnings
 
 import lightning.pytorch as pl
 
+from lightning_xai.explainers.perturbation import WARNED_ONCE
+
 
 class Notices:
     """Warnings of one run: printed through the progress bar (on a line of their own) while one is shown, as
@@ -50,7 +52,8 @@ class Notices:
         ``NoPositiveMaskWarning`` is shown once per run and method, naming the event and the option to change."""
         if caught.category.__name__ != "NoPositiveMaskWarning":
             return False
-        self.warn(f"lightning-xai: {method!r} at epoch {epoch} (step {step}): {caught.message} To change it: "
+        text = str(caught.message).removesuffix(WARNED_ONCE)  # here it is once per run, as said below
+        self.warn(f"lightning-xai: {method!r} at epoch {epoch} (step {step}): {text} To change it: "
                   f"methods={{{method!r}: {{'thresholds': ...}}}}. Shown once per run.", caught.category,
                   once_key=f"no-positive-mask/{method}")
         return True

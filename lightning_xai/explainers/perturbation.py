@@ -37,6 +37,10 @@ GRANULARITIES = ("draws", "clusters")
 FUSIONS = ("relation", "contrast")
 
 
+#: how :class:`NoPositiveMaskWarning`'s message ends (the callbacks, which show it once per run, drop it)
+WARNED_ONCE = " Warned once per explainer."
+
+
 class NoPositiveMaskWarning(UserWarning):
     """C2F's three-way decisions called no mask positive for some image and target, so the coarse map fell
     back to the top-scored mask. Issued once per explainer instance, at the user's call site."""
@@ -364,8 +368,7 @@ class C2FExplainer(_MaskExplainer):
                 warnings.warn(
                     "C2F: for some image and target no mask was decided positive, so the coarse map uses the "
                     "top-scored mask alone. If this happens often, lower the positive thresholds alpha_k of "
-                    "the option `thresholds` (default ((0.8, 0.2), (0.7, 0.3), (0.5, 0.5))). Warned once per "
-                    "explainer.",
+                    "the option `thresholds` (default ((0.8, 0.2), (0.7, 0.3), (0.5, 0.5)))." + WARNED_ONCE,
                     NoPositiveMaskWarning,
                     stacklevel=_user_stacklevel(),
                 )
