@@ -386,3 +386,42 @@ def test_probe_drawing_leaves_the_dataset_and_rng_alone(tmp_path):
     assert monitor.probe.indices == other.probe.indices and len(monitor.probe.indices) == 5
     images, _, masks = data.val_set.batch(monitor.probe.indices)
     assert torch.equal(monitor.probe.images, images) and torch.equal(monitor.probe.masks, masks)
+
+
+DDP_STOP_SCRIPT = """
+import os, sys, lightning.pytorch as pl
+sys.path.insert(0, {tests!r})
+from test_callbacks import TINY, datamodule
+from lightning_xai.callbacks import ExplanationMonitor
+from lightning_xai.demos import ViTClassifier
+
+class Ended(pl.Callback):
+    def on_fit_end(self, trainer, module):
+        with open(os.path.join({out!r}, f"rank{{trainer.global_rank}}_ended_epoch{{trainer.current_epoch}}"), "w"):
+            pass
+
+if __name__ == "__main__":
+    pl.seed_everything(0)
+    # a threshold below any map's statistic and patience 1: the alarm fires at the first event, on rank 0 only
+    monitor = ExplanationMonitor(methods=["rollout"], num_probes=4, targets="label", shortcut_threshold=0.01,
+                                 shortcut_patience=1, stop_on_shortcut=True)
+    trainer = pl.Trainer(max_epochs=4, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+                         enable_progress_bar=False, enable_checkpointing=False, default_root_dir={out!r},
+                         callbacks=[monitor, Ended()])
+    trainer.fit(ViTClassifier(**TINY), datamodule=datamodule())
+"""
+
+
+def test_ddp_stop_on_shortcut_stops_every_rank(tmp_path):
+    script = tmp_path / "ddp_stop.py"
+    script.write_text(DDP_STOP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path)))
+    env = {**os.environ, "PL_TORCH_DISTRIBUTED_BACKEND": "gloo"}
+    try:  # rank 0 stopping alone leaves rank 1 waiting in its next all-reduce: a hang, not an error
+        done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, timeout=240,
+                              capture_output=True, text=True)
+    except subprocess.TimeoutExpired as hang:
+        raise AssertionError(f"the two ranks did not stop together: {sorted(p.name for p in tmp_path.iterdir())}"
+                             ) from hang
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "shortcut alarm" in done.stderr
+    assert sorted(p.name for p in tmp_path.glob("rank*")) == ["rank0_ended_epoch1", "rank1_ended_epoch1"]

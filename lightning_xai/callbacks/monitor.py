@@ -1,15 +1,14 @@
 """``ExplanationMonitor``: explain a fixed probe batch at every validation and log the maps to every logger.
 
-It is glue that reads in one direction: the probes (:mod:`.probes`) go through the model and the explainers
-(:mod:`.runner`), the results become numbers (:mod:`.evolution`) and pictures (:mod:`.presentation`) in one
-:class:`Record` per event (:mod:`.record_builder`), which goes to every sink (:mod:`.sinks`). When to explain is
-:mod:`.schedule`'s business, what a failure does :mod:`.notices`'.
+It is glue: Lightning's hooks decide when (:mod:`.schedule`), and at each event the pipeline (:mod:`.pipeline`)
+reads in one direction: the probes (:mod:`.probes`) go through the model and the explainers (:mod:`.runner`),
+the results become numbers (:mod:`.evolution`) and pictures (:mod:`.presentation`) in one :class:`Record`
+(:mod:`.record_builder`), which goes to every sink (:mod:`.sinks`) under the names of :mod:`.keys`.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,14 +21,14 @@ from lightning_xai.callbacks import checks, keys, model_checks
 from lightning_xai.callbacks.batches import BatchTransform
 from lightning_xai.callbacks.evolution import EvolutionTracker
 from lightning_xai.callbacks.notices import Notices
+from lightning_xai.callbacks.pipeline import EventPipeline
 from lightning_xai.callbacks.presentation import Board
 from lightning_xai.callbacks.probes import Probe, ProbeSet
 from lightning_xai.callbacks.record_builder import RecordBuilder
-from lightning_xai.callbacks.rng import preserved_rng
 from lightning_xai.callbacks.runner import ProbeRunner
 from lightning_xai.callbacks.schedule import Schedule
 from lightning_xai.callbacks.shortcut import DEFAULT_PATIENCE, DEFAULT_THRESHOLD
-from lightning_xai.callbacks.sinks import Record, Sink, sinks_for, write_all
+from lightning_xai.callbacks.sinks import Record, sinks_for
 from lightning_xai.explainers import Explanation
 from lightning_xai.explainers.registry import resolve_methods
 from lightning_xai.handle import ForwardFn
@@ -108,10 +107,8 @@ class ExplanationMonitor(Callback):
         """The model side (the module, its ViT, the explainers), built when the run starts."""
         self.last_scalars: dict[str, float] = {}  # the latest event's scalars, {"xai/<method>/<name>": value}
         self.last_results: dict[str, Explanation] = {}  # the latest event's explanations, by method
-        self._sinks: list[Sink] = []
+        self.pipeline = EventPipeline(self.records, Notices(raise_errors=on_error == "raise"))
         self._trainer: pl.Trainer | None = None
-        self._probes_logged = False
-        self._notices = Notices(raise_errors=on_error == "raise")
 
     @property
     def probe(self) -> Probe | None:
@@ -134,16 +131,16 @@ class ExplanationMonitor(Callback):
     # -- set-up: every misconfiguration raises here or in _prepare, before the first epoch --------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if trainer is not self._trainer:  # a new run (a second fit with this instance): start afresh
-            self._trainer, self._probes_logged = trainer, False
+            self._trainer, self.pipeline.probes_logged = trainer, False
             for part in (self.probes, self.schedule, self.records):
                 part.reset()
-            self._notices.start(trainer)
+            self.pipeline.notices.start(trainer)
         self.runner = None
         model_checks.check_not_sharded(trainer)
         if stage == "fit" and self.stage == "validation":
             model_checks.check_validation_runs(trainer, pl_module)
         if trainer.is_global_zero:
-            self._sinks = sinks_for(trainer, trainer.loggers, self.save_raw)
+            self.pipeline.sinks = sinks_for(trainer, trainer.loggers, self.save_raw)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._prepare(trainer, pl_module)
@@ -167,7 +164,7 @@ class ExplanationMonitor(Callback):
         self.probes.load_state_dict(state_dict)
         self.schedule.load_state_dict(state_dict.get("schedule", {}))
         self.records.load_state_dict(state_dict, methods=list(self.methods))
-        self._probes_logged = bool(self.explained)
+        self.pipeline.probes_logged = bool(self.explained)
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         """Resuming with other ``methods`` (another state key): take the probes, and the history of the methods
@@ -182,50 +179,36 @@ class ExplanationMonitor(Callback):
     # -- hooks ------------------------------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.explain_at_fit_start and keys.logging_step(trainer) == 0 and not self.explained:
-            self._explain(trainer, pl_module, 0, within_epoch=True, scheduled=False)
-            self._flush()  # no metrics of Lightning's follow at step 0 for sure
+            self._explain(trainer, 0, within_epoch=True, scheduled=False)
+            self.pipeline.flush()  # no metrics of Lightning's follow at step 0 for sure
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._flush()  # after Lightning logged the previous epoch's metrics (stage="train")
+        self.pipeline.flush()  # after Lightning logged the previous epoch's metrics (stage="train")
 
     on_train_end = on_validation_end = on_train_epoch_start  # after Lightning logged this validation's metrics
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = keys.logging_step(trainer, train_epoch_end=True)
         if self.stage == "train" and self.schedule.due(trainer, step, validation=False):
-            self._explain(trainer, pl_module, step)
+            self._explain(trainer, step)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = keys.logging_step(trainer)
         if self.stage == "validation" and not trainer.sanity_checking and self.schedule.due(trainer, step, True):
-            self._explain(trainer, pl_module, step, self.schedule.within_epochs(trainer))
+            self._explain(trainer, step, self.schedule.within_epochs(trainer))
 
     # -- one explanation event --------------------------------------------------------------------------------
-    def _explain(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, within_epoch: bool = False,
-                 scheduled: bool = True) -> None:
-        """Probes -> model and explainers -> numbers and pictures -> every sink; failures go to ``on_error``."""
+    def _explain(self, trainer: pl.Trainer, step: int, within_epoch: bool = False, scheduled: bool = True) -> None:
+        """Rank 0 explains and logs; with ``stop_on_shortcut``, an alarm stops every rank (a collective: rank 0
+        stopping alone would leave the others waiting in their next gradient all-reduce)."""
         self.schedule.add(trainer, step, scheduled)
-        if not trainer.is_global_zero:
-            return
-        epoch = trainer.current_epoch
-        record = Record(epoch, step, *self.schedule.names(epoch, step, within_epoch, baseline=not scheduled))
-        fail = functools.partial(self._notices.failure, event=record.event)
-        warned = functools.partial(self._notices.method_warning, epoch=epoch, step=step)
-        what = "the model's forward on the probes"
-        try:  # an explanation failure must never lose the training run
-            with preserved_rng():
-                outcome = self.runner.run(lambda name, err: fail(err, f"explaining with {name!r}"), warned)
-                what = "computing the event's scalars and pictures"
-                alarms = self.records.fill(record, outcome, self.runner, probe_tiles=not self._probes_logged)
-        except Exception as err:  # noqa: BLE001
-            return fail(err, what)
-        for alarm in alarms:
-            self._notices.warn(f"lightning-xai: {alarm.message()}", RuntimeWarning)
-            trainer.should_stop = trainer.should_stop or self.records.stop_on_shortcut
-        self.last_scalars, self.last_results = dict(record.scalars), outcome.results
-        write_all(self._sinks, record, lambda sink, err: fail(err, f"logging to {type(sink).__name__}"))
-        self._probes_logged = True
-
-    def _flush(self) -> None:
-        write_all(self._sinks, None, lambda sink, err: self._notices.warn(
-            f"lightning-xai: flushing {type(sink).__name__} failed: {err}", RuntimeWarning))
+        alarms = None
+        if trainer.is_global_zero:
+            epoch = trainer.current_epoch
+            record = Record(epoch, step, *self.schedule.names(epoch, step, within_epoch, baseline=not scheduled))
+            alarms = self.pipeline.run(record, self.runner)
+            if alarms is not None:
+                self.last_scalars, self.last_results = dict(record.scalars), record.explanations
+        if self.records.stop_on_shortcut:
+            stop = trainer.strategy.reduce_boolean_decision(bool(alarms), all=False)
+            trainer.should_stop = trainer.should_stop or stop
