@@ -37,6 +37,23 @@ def tiny_vit() -> torch.nn.Module:
     return make_vit()
 
 
+@pytest.fixture
+def registered():
+    """``registered(cls)`` registers an explainer class for this test only (unregistered afterwards, so no test
+    sees another's methods)."""
+    from lightning_xai.explainers import register, unregister
+
+    names: list[str] = []
+
+    def add(cls):
+        names.append(register(cls).name)
+        return cls
+
+    yield add
+    for name in names:
+        unregister(name)
+
+
 def trained_architecture() -> dict:
     """The examples' small ViT (``lightning_xai.demos.SMALL_VIT``) at 32 px."""
     from lightning_xai.demos import SMALL_VIT

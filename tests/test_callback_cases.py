@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_xai.callbacks import ExplanationMonitor
 from lightning_xai.demos import ViTClassifier, create_vit
-from lightning_xai.explainers import Explainer, register
+from lightning_xai.explainers import Explainer
 from lightning_xai.explainers.perturbation import WARNED_ONCE
 
 
@@ -458,7 +458,6 @@ class NoPositiveMaskWarning(UserWarning):
     """Stands for C2F's warning (matched by class name)."""
 
 
-@register
 class _Warns(Explainer):
     name = "test_no_positive_mask"
 
@@ -473,7 +472,8 @@ class _Warns(Explainer):
                        logits.softmax(-1).gather(1, resolved))
 
 
-def test_no_positive_mask_warning_once_per_run_on_its_own_line(tmp_path, capsys):
+def test_no_positive_mask_warning_once_per_run_on_its_own_line(tmp_path, capsys, registered):
+    registered(_Warns)
     monitor = ExplanationMonitor(methods=["test_no_positive_mask"], num_probes=2)
     fit(tmp_path, [monitor], epochs=2, enable_progress_bar=True)
     out = capsys.readouterr()

@@ -25,7 +25,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lightning_xai.callbacks import C2FMonitor, ExplanationMonitor, GradTokenMonitor
 from lightning_xai.demos import SyntheticDataModule, ViTClassifier
-from lightning_xai.explainers import Explainer, register
+from lightning_xai.explainers import Explainer
 
 TINY = dict(model_name="vit_tiny_patch16_224", num_classes=4, image_size=32, patch_size=8, embed_dim=48, depth=2,
             num_heads=3)
@@ -244,7 +244,6 @@ def test_trainer_validate_runs_in_inference_mode(tmp_path):
     assert torch.isfinite(monitor.last_results["gradtoken"].maps).all()
 
 
-@register
 class _Failing(Explainer):
     name = "test_failing"
 
@@ -252,7 +251,8 @@ class _Failing(Explainer):
         raise RuntimeError("deliberate failure")
 
 
-def test_an_explanation_failure_warns_and_training_goes_on(tmp_path):
+def test_an_explanation_failure_warns_and_training_goes_on(tmp_path, registered):
+    registered(_Failing)
     monitor = ExplanationMonitor(methods=["test_failing", "gradtoken"], num_probes=2)
     with pytest.warns(RuntimeWarning, match=r"'test_failing' failed at epoch 0.*deliberate failure"):
         _, run = fit(tmp_path, [monitor], epochs=2)
