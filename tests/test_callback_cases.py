@@ -53,8 +53,8 @@ class DictSamples(Dataset):
 
 
 class DictClassifier(ViTClassifier):
-    def _step(self, batch, stage):
-        return super()._step((batch["pixel_values"], batch["labels"]), stage)
+    def shared_step(self, batch, stage):
+        return super().shared_step((batch["pixel_values"], batch["labels"]), stage)
 
 
 def test_case1_dict_batches_hugging_face_style(tmp_path):
@@ -72,8 +72,8 @@ class OddKeys(DictSamples):
 
 
 class OddClassifier(ViTClassifier):
-    def _step(self, batch, stage):
-        return super()._step((batch["img_tensor"], batch["cls"]), stage)
+    def shared_step(self, batch, stage):
+        return super().shared_step((batch["img_tensor"], batch["cls"]), stage)
 
 
 def test_case1_batch_transform_reads_what_the_defaults_cannot(tmp_path):
@@ -235,7 +235,7 @@ class FeaturesAndLogits(ViTClassifier):
         features = self.model.forward_head(self.model.forward_features(images), pre_logits=True)
         return features, self.model.head(features)
 
-    def _step(self, batch, stage):
+    def shared_step(self, batch, stage):
         images, labels = batch[0], batch[1]
         loss = torch.nn.functional.cross_entropy(self(images)[1], labels)
         self.log(f"{stage}_loss", loss)
@@ -246,7 +246,7 @@ class DictInput(ViTClassifier):
     def forward(self, batch):
         return self.model(batch["pixel_values"])
 
-    def _step(self, batch, stage):
+    def shared_step(self, batch, stage):
         loss = torch.nn.functional.cross_entropy(self({"pixel_values": batch[0]}), batch[1])
         self.log(f"{stage}_loss", loss)
         return loss

@@ -135,7 +135,7 @@ def test_vitcx_equals_direct_loop(model, images):
     masks, _ = vitcx_masks(record.norm1[-1], geom, 0.1)
     masks = masks[0]
     explainer = lx.create_explainer("vitcx", model, seed=7)
-    noise = explainer._scorer(images[:1], masks[None], torch.tensor([[2]]), clean.view(1, 1)).noise
+    noise = explainer.mask_scorer(images[:1], masks[None], torch.tensor([[2]]), clean.view(1, 1)).noise
     numerator = torch.zeros(32, 32)
     with torch.no_grad():
         for i, mask in enumerate(masks):
@@ -207,7 +207,7 @@ def one_stage_scores(model, images):
         probs = model(images).softmax(-1)
     targets = probs.argmax(-1, keepdim=True)
     masks, valid = vitcx_masks(record.norm1[-1], geom, 0.1)
-    scorer = explainer._scorer(images, masks, targets, probs.gather(1, targets))
+    scorer = explainer.mask_scorer(images, masks, targets, probs.gather(1, targets))
     scores = scorer(valid, torch.zeros(valid.shape, dtype=torch.long))[..., 0]
     return scores.masked_fill(~valid, float("nan"))
 

@@ -84,7 +84,9 @@ class ViTClassifier(pl.LightningModule):
         """``(B, C, H, W) -> (B, num_classes)`` logits."""
         return self.model(images)
 
-    def _step(self, batch: Any, stage: str) -> Tensor:
+    def shared_step(self, batch: Any, stage: str) -> Tensor:
+        """Loss of a ``(images, labels, ...)`` batch, logged with the accuracy as ``<stage>_loss``/``<stage>_acc``;
+        override it for batches of another layout (dicts, say)."""
         images, labels = batch[0], batch[1]
         logits = self(images)
         loss = F.cross_entropy(logits, labels)
@@ -94,10 +96,10 @@ class ViTClassifier(pl.LightningModule):
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
+        return self.shared_step(batch, "train")
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "val")
+        return self.shared_step(batch, "val")
 
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

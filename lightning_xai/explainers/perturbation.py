@@ -132,7 +132,9 @@ class _MaskExplainer(Explainer):
             _, record, resolved, probs = self.forward_captured(x, what, targets)
         return record, resolved, probs
 
-    def _scorer(self, x: Tensor, masks: Tensor, resolved: Tensor, probs: Tensor) -> MaskScorer:
+    def mask_scorer(self, x: Tensor, masks: Tensor, resolved: Tensor, probs: Tensor) -> MaskScorer:
+        """The causal scorer of ``masks`` ``(B, n, H, W)`` for images ``x`` ``(B, C, H, W)``, targets ``resolved``
+        ``(B, K)`` and their clean probabilities ``probs`` ``(B, K)``, with this explainer's seeded noise."""
         noise = NoiseBank(self.seed, self.noise_sigma, tuple(x.shape[1:]), x)
         return MaskScorer(self._probs, x, masks, resolved, probs.float(), noise, self.batch_size)
 
@@ -156,7 +158,7 @@ class ViTCX(_MaskExplainer):
     def compute(self, x: Tensor, targets: Any, geom: Geometry) -> RawMaps:
         record, resolved, probs = self._clean_pass(x, targets, ("norm1",))
         masks, valid = vitcx_masks(record.norm1[-1], geom, self.cluster_threshold)
-        scorer = self._scorer(x, masks, resolved, probs)
+        scorer = self.mask_scorer(x, masks, resolved, probs)
         scores = scorer(valid, torch.zeros(valid.shape, dtype=torch.long, device=valid.device))
         counted = valid.unsqueeze(-1).expand_as(scores)
         maps = coverage_corrected(scores, masks, counted) / valid.sum(1).view(-1, 1, 1, 1)
@@ -261,11 +263,11 @@ class C2FExplainer(_MaskExplainer):
         features = record.norm1[-1]
         if self.granularity == "draws":
             masks, valid = vitcx_masks(features, geom, self.cluster_threshold)
-            scorer = self._scorer(x, masks, resolved, probs)
+            scorer = self.mask_scorer(x, masks, resolved, probs)
             mean, decision = self._decide_by_draws(scorer, valid, probs)
         else:
             masks, valid, parents = self._granules(features, geom)
-            scorer = self._scorer(x, masks, resolved, probs)
+            scorer = self.mask_scorer(x, masks, resolved, probs)
             mean, decision = self._decide_by_clusters(scorer, valid, parents, probs)
         coarse_raw = self._coarse(mean, masks, decision)
         coarse = minmax(coarse_raw)
