@@ -348,6 +348,19 @@ def test_monitor_checks_the_shortcut_options():
     assert ExplanationMonitor(shortcut_alarm=False).records.tracker.shortcut is None
 
 
+def test_fixed_targets_with_the_alarm_on_warn_that_it_cannot_fire():
+    import warnings
+
+    from lightning_xai.callbacks import ExplanationMonitor
+
+    with pytest.warns(UserWarning, match=r"targets=\[1, 2\] explains every probe for the same class"):
+        ExplanationMonitor(targets=[1, 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for options in ({"targets": [1, 2], "shortcut_alarm": False}, {"targets": "pred"}, {"targets": "label"}):
+            ExplanationMonitor(**options)
+
+
 def test_evolution_tracker_logs_the_statistic_and_keeps_the_alarm_across_a_checkpoint():
     from lightning_xai.callbacks.evolution import EvolutionTracker
 

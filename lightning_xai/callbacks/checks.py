@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import matplotlib
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_xai.adapters import geometry
@@ -40,6 +41,16 @@ def check_arguments(
                          f"{stop_on_shortcut!r}")
     if stop_on_shortcut and not shortcut_alarm:
         raise ValueError("stop_on_shortcut=True needs shortcut_alarm=True (the alarm is what stops training)")
+
+
+def check_shortcut_targets(shortcut_alarm: bool, targets: str | int | list[int]) -> None:
+    """Warn when the shortcut alarm is on but can never fire: its statistic compares the maps of probes explained
+    for different classes, and fixed ``targets`` explain every probe for the same first class."""
+    if shortcut_alarm and not isinstance(targets, str):
+        rank_zero_warn(
+            f"targets={targets!r} explains every probe for the same class, so the shortcut alarm (which compares "
+            "the maps of probes explained for different classes) can never fire: use targets='pred' or 'label' "
+            "for it, or pass shortcut_alarm=False", category=UserWarning)
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:

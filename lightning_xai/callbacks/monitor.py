@@ -94,6 +94,7 @@ class ExplanationMonitor(Callback):
         )
         self.probes = ProbeSet(probe_images, probe_labels, probe_masks, num_probes=num_probes, split=probe_split,
                                seed=seed, batch_transform=batch_transform, targets=targets, top_k=top_k)
+        checks.check_shortcut_targets(shortcut_alarm, self.probes.targets)
         self.stage, self.explain_at_fit_start = stage, explain_at_fit_start
         self.schedule = Schedule(every_n_epochs, every_n_validations)
         self.save_raw = save_raw
