@@ -37,6 +37,24 @@ def tiny_vit() -> torch.nn.Module:
     return make_vit()
 
 
+def run_two_processes(script: str, folder, name: str, timeout: float = 300):
+    """Write ``script`` (formatted with ``tests`` = this folder and ``out`` = ``folder``) to ``folder/name`` and
+    run it with torch.distributed on gloo (for 2 CPU processes); returns the ``CompletedProcess`` (text output).
+
+    Raises:
+        subprocess.TimeoutExpired: it ran past ``timeout`` seconds (a hang between the ranks).
+    """
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = Path(folder) / name
+    path.write_text(script.format(tests=str(Path(__file__).parent), out=str(folder)))
+    env = {**os.environ, "PL_TORCH_DISTRIBUTED_BACKEND": "gloo"}
+    return subprocess.run([sys.executable, str(path)], cwd=folder, env=env, timeout=timeout, capture_output=True,
+                          text=True)
+
+
 @pytest.fixture
 def registered():
     """``registered(cls)`` registers an explainer class for this test only (unregistered afterwards, so no test

@@ -413,16 +413,9 @@ if __name__ == "__main__":
 
 
 def test_case14_sharded_strategy_is_refused_at_setup(tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from conftest import run_two_processes
 
-    script = tmp_path / "fsdp_run.py"
-    script.write_text(FSDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path)))
-    env = {**os.environ, "PL_TORCH_DISTRIBUTED_BACKEND": "gloo"}
-    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, timeout=300, capture_output=True,
-                          text=True)
+    done = run_two_processes(FSDP_SCRIPT, tmp_path, "fsdp_run.py")
     assert done.returncode != 0
     assert "cannot explain under CPUFSDP" in done.stderr and "strategy='ddp'" in done.stderr, done.stderr[-3000:]
 

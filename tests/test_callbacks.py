@@ -6,10 +6,8 @@ import gc
 import glob
 import io
 import json
-import os
 import random
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from conftest import wandb_history
+from conftest import run_two_processes, wandb_history
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from PIL import Image
@@ -363,11 +361,7 @@ if __name__ == "__main__":
 
 
 def test_ddp_two_processes_only_rank_zero_explains(tmp_path):
-    script = tmp_path / "ddp_run.py"
-    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path)))
-    env = {**os.environ, "PL_TORCH_DISTRIBUTED_BACKEND": "gloo"}
-    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, timeout=300, capture_output=True,
-                          text=True)
+    done = run_two_processes(DDP_SCRIPT, tmp_path, "ddp_run.py")
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.glob("rank*")) == ["rank0_epoch0", "rank0_epoch1"]
     assert sorted(p.name for p in (tmp_path / "xai" / "gradtoken").glob("*.png"))[:2] == ["epoch_0000.png",
@@ -413,12 +407,8 @@ if __name__ == "__main__":
 
 
 def test_ddp_stop_on_shortcut_stops_every_rank(tmp_path):
-    script = tmp_path / "ddp_stop.py"
-    script.write_text(DDP_STOP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path)))
-    env = {**os.environ, "PL_TORCH_DISTRIBUTED_BACKEND": "gloo"}
     try:  # rank 0 stopping alone leaves rank 1 waiting in its next all-reduce: a hang, not an error
-        done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, timeout=240,
-                              capture_output=True, text=True)
+        done = run_two_processes(DDP_STOP_SCRIPT, tmp_path, "ddp_stop.py", timeout=240)
     except subprocess.TimeoutExpired as hang:
         raise AssertionError(f"the two ranks did not stop together: {sorted(p.name for p in tmp_path.iterdir())}"
                              ) from hang
