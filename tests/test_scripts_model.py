@@ -207,6 +207,25 @@ def test_fit_of_a_compiled_lightning_module_explains_without_retracing_its_graph
         assert len(events.Images(f"xai/{method}/overlay")) == 2, method
 
 
+def test_a_module_compiled_in_place_is_explained_through_its_original_forward():
+    """``module.compile()`` (torch's in-place compile): explaining runs the original forward, so the compiled
+    graph is neither re-traced for the explainers' hooks nor left without them; it stays compiled."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    vit = make_vit(depth=2)
+    images = torch.randn(2, 3, 32, 32)
+    expected = {method: lx.explain(vit, images, method=method).raw for method in ("gradtoken", "c2f")}
+    counter = CompileCounterWithBackend("eager")
+    vit.compile(backend=counter)
+    with torch.no_grad():
+        vit(images)
+    traced = counter.frame_count
+    for method, maps in expected.items():
+        torch.testing.assert_close(lx.explain(vit, images, method=method).raw, maps)
+    assert counter.frame_count == traced > 0 and vit._compiled_call_impl is not None
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     not os.environ.get("LIGHTNING_XAI_TEST_INDUCTOR"),
