@@ -1,7 +1,8 @@
 """How the library runs a user's model: the module, the ViT inside it, how to call it and how to read logits.
 
 Explainers and the callbacks both go through one :class:`ModelHandle`, so a model whose forward takes a dict,
-returns ``(features, logits)``, or runs in another dtype is handled the same way everywhere.
+returns ``(features, logits)``, runs in another dtype, or changes its input before the ViT (a channel adapter,
+a resize, a conv stem) is handled the same way everywhere.
 """
 
 from __future__ import annotations
@@ -13,7 +14,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_xai.adapters import OutputTransform, ViTLocator, find_vit, unwrap_compiled
+from lightning_xai.adapters import (
+    Geometry,
+    OutputTransform,
+    ViTLocator,
+    find_vit,
+    geometry,
+    in_channels,
+    observe_input,
+    observed_geometry,
+    unwrap_compiled,
+    without_checkpointing,
+)
 from lightning_xai.validation import to_logits
 
 #: ``forward(model, images) -> output``: how to call a module whose forward does not take an image tensor,
@@ -25,9 +37,10 @@ class ModelHandle:
     """A user's model as the library runs it.
 
     A ``torch.compile``d model is run through its original module (``_orig_mod``), and compiled submodules
-    are swapped for their originals while :meth:`uncompiled` is active: the explainers' hooks must see every
-    forward, and compiled graphs do not run module hooks registered after compilation. Training keeps the
-    compiled modules.
+    (also modules compiled in place, and a LightningModule whose forward Lightning compiled for
+    ``trainer.fit(torch.compile(model))``) run their original forwards in :meth:`output` (see
+    :meth:`uncompiled`): the explainers' hooks must see every forward, and compiled graphs do not run module
+    hooks registered after compilation. Training keeps the compiled modules.
 
     Args:
         model: the module whose output logits are explained (a ViT, or a LightningModule holding one).
@@ -52,8 +65,13 @@ class ModelHandle:
             )
         self.model = unwrap_compiled(model)
         self.vit = find_vit(self.model, vit)
+        if any(p.is_meta for p in self.vit.parameters()):
+            raise ValueError("the ViT's parameters are on the meta device (never materialised): load or initialise "
+                             "its weights (e.g. in configure_model, or with model.to_empty(device=...) and a "
+                             "state dict) before explaining")
         self.output_transform = output_transform
         self.forward = forward
+        self._geometries: dict[tuple[int, ...], Geometry] = {}
 
     @contextlib.contextmanager
     def uncompiled(self) -> Iterator[None]:
@@ -65,13 +83,65 @@ class ModelHandle:
             for name, child in parent.named_children()
             if type(child).__name__ == "OptimizedModule"
         ]
+        in_place = [(m, m._compiled_call_impl) for m in self.model.modules()
+                    if getattr(m, "_compiled_call_impl", None) is not None]
+        # trainer.fit(torch.compile(module)): Lightning unwraps the module and compiles its forward in place
+        # (an instance attribute), keeping the original in module._compiler_ctx
+        lightning = [(m, vars(m)["forward"]) for m in self.model.modules()
+                     if isinstance(getattr(m, "_compiler_ctx", None), dict) and "forward" in vars(m)]
         try:
             for parent, name, child in swapped:
                 setattr(parent, name, unwrap_compiled(child))
+            for module, _ in in_place:
+                module._compiled_call_impl = None
+            for module, _ in lightning:
+                module.forward = module._compiler_ctx["original_forward"]
             yield
         finally:
             for parent, name, child in swapped:
                 setattr(parent, name, child)
+            for module, compiled in in_place:
+                module._compiled_call_impl = compiled
+            for module, compiled in lightning:
+                module.forward = compiled
+
+    @contextlib.contextmanager
+    def explaining(self) -> Iterator[None]:
+        """The model as the explainers run it: original (uncompiled) modules, the ViT's gradient checkpointing
+        off (see :func:`~lightning_xai.adapters.without_checkpointing`); all restored on exit."""
+        with self.uncompiled(), without_checkpointing(self.vit):
+            yield
+
+    def geometry(self, images: Tensor) -> Geometry:
+        """The ViT's token geometry for ``images`` ``(B, C, H, W)`` (prepared), mapped onto the images.
+
+        One forward of the first image (inside :meth:`explaining` and without gradients; call it with the model
+        in eval mode) records what the ViT receives: the module may change its input first (repeat a grayscale
+        channel, a 1x1 conv adapter, a resize, a conv stem; a timm hybrid's stem). The patch grid comes from that,
+        and maps are upsampled to ``(H, W)``. Cached per image shape.
+
+        Raises:
+            the module's own error when it rejects the images, with a hint (see :func:`forward_error`).
+        """
+        key = tuple(images.shape[1:])
+        if key not in self._geometries:
+            with self.explaining(), observe_input(self.vit) as seen, torch.no_grad():
+                try:
+                    self.output(images[:1])
+                except Exception as err:
+                    if self.model is self.vit and self.forward is None:
+                        geometry(self.vit, key[-2:])  # the images went straight in: the family's own message
+                    raise forward_error(err, self.model, self.forward, self.vit, tuple(images.shape)) from err
+            if len(seen.get("tokens", ())) != 3:
+                raise ValueError(
+                    f"the forward of {type(self.model).__name__} did not run the blocks of the ViT "
+                    f"({type(self.vit).__name__}), so there are no tokens to explain: pass vit= the ViT the forward "
+                    "runs"
+                )
+            # a forward that calls vit.forward_features(x) skips the ViT's own hooks: then it took the images
+            size = seen["input"][-2:] if len(seen.get("input", ())) == 4 else key[-2:]
+            self._geometries[key] = observed_geometry(self.vit, size, seen["tokens"][1], key[-2:])
+        return self._geometries[key]
 
     @property
     def parameter(self) -> Tensor:
@@ -84,8 +154,11 @@ class ModelHandle:
         return images.detach().clone().to(device=param.device, dtype=param.dtype)
 
     def output(self, images: Tensor) -> Any:
-        """The model's raw forward output for ``images`` (already prepared)."""
-        return self.model(images) if self.forward is None else self.forward(self.model, images)
+        """The model's raw forward output for ``images`` (already prepared), through the original (not compiled)
+        modules: the explainers' hooks must fire, and the probes' shapes and modes must not re-trace the user's
+        compiled graph (a recompilation per event with inductor)."""
+        with self.uncompiled():
+            return self.model(images) if self.forward is None else self.forward(self.model, images)
 
     def logits(self, images: Tensor) -> Tensor:
         """The whole model's output logits ``(B, num_classes)`` in float32, for prepared ``images``."""
@@ -95,3 +168,40 @@ class ModelHandle:
     def predict(self, images: Tensor) -> Tensor:
         """Float32 logits ``(B, num_classes)`` without a graph; ``images`` are prepared here."""
         return self.logits(self.prepare(images))
+
+
+def forward_error(err: Exception, module: nn.Module, forward: ForwardFn, vit: nn.Module | None = None,
+                  shape: tuple[int, ...] | None = None, what: str = "images") -> Exception:
+    """The error of a forward that rejected the images: the module's own error message, short, after a hint of
+    what to check. A ``ValueError`` when the images would not fit the ViT as given (its channels, its size: the
+    likely cause, named in the hint), else the module's own error type where it can be built from a message. A
+    message that quotes a whole module (Python's ``f(**x)`` error quotes the callable's repr) is cut to its first
+    and last lines."""
+    how = "forward(module, images)" if forward is not None else f"{type(module).__name__}.forward(images)"
+    if forward is not None:
+        hint = "check forward="
+    else:
+        hint = ("pass images as the module takes them in training; if its forward does not take an image tensor, "
+                "pass forward=lambda module, images: module(...)")
+    reasons = []
+    if vit is not None and shape is not None and len(shape) == 4:  # what fails if the images reach the ViT as given
+        channels = in_channels(vit)
+        if channels is not None and shape[1] != channels:
+            reasons.append(f"they have {shape[1]} channels but its patch embedding takes {channels}")
+        try:
+            geometry(vit, shape[-2:])
+        except ValueError as size_error:
+            reasons.append(str(size_error).rstrip("."))
+        if reasons:
+            hint += f" (if the images reach the ViT unchanged: {'; '.join(reasons)})"
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    text = lines[0] if len(lines) <= 1 else f"{lines[0].strip()} ... {lines[-1].strip()}"
+    text = text if len(text) <= 300 else f"{text[:150]} ... {text[-150:]}"
+    given = f" (shape {shape})" if shape is not None else ""
+    message = f"calling {how} on the {what} failed{given}: {hint}. The error was {type(err).__name__}: {text}"
+    if reasons:
+        return ValueError(message)
+    try:
+        return type(err)(message)
+    except Exception:  # noqa: BLE001 - an exception type with another constructor
+        return RuntimeError(message)

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from lightning_xai.adapters import OutputTransform, in_channels
 
 
-def check_images(images: Any, vit: nn.Module) -> None:
+def check_images(images: Any, vit: nn.Module | None = None) -> None:
     """Raise ``TypeError``/``ValueError`` unless ``images`` is a finite, non-empty ``(B, C, H, W)`` float
-    tensor with the channel count the ViT's patch embedding takes."""
+    tensor; with ``vit`` (pass it only when the images go straight into the ViT), also the channel count its
+    patch embedding takes. A module that changes its input before the ViT is checked by running it."""
     if not isinstance(images, Tensor):
         raise TypeError(f"images must be a torch.Tensor of shape (B, C, H, W), got {type(images).__name__}")
     if images.dim() != 4:
@@ -26,7 +29,7 @@ def check_images(images: Any, vit: nn.Module) -> None:
             f"images must be a floating-point tensor in the model's input space, got {images.dtype}: "
             "convert and normalise them as for training (e.g. images.float() / 255 then normalise)"
         )
-    channels = in_channels(vit)
+    channels = in_channels(vit) if vit is not None else None
     if channels is not None and images.shape[1] != channels:
         raise ValueError(f"images have {images.shape[1]} channels but the ViT takes {channels}")
     if not bool(torch.isfinite(images).all()):
@@ -37,21 +40,28 @@ def resolve_targets(targets: Any, logits: Tensor) -> Tensor:
     """Turn a user's ``targets`` into ``(B, K)`` int64 class indices on ``logits``' device.
 
     Args:
-        targets: ``None`` (predicted class), an int (same class for every image), a ``(B,)`` tensor or
-            sequence (one per image), or ``(B, K)`` (``K`` per image).
+        targets: ``None`` (predicted class), an int (same class for every image, numpy ints too), a ``(B,)``
+            tensor, array or sequence (one per image), or ``(B, K)`` (``K >= 1`` per image).
         logits: ``(B, num_classes)``.
+
+    Raises:
+        TypeError: not class indices; ``ValueError``: the wrong shape, no target for an image, or a class the
+            model does not have.
     """
     batch, num_classes = logits.shape
     if targets is None:
         resolved = logits.argmax(-1, keepdim=True)
     else:
-        if isinstance(targets, bool) or (
-            isinstance(targets, Tensor) and targets.dtype == torch.bool
+        if isinstance(targets, bool | np.bool_) or (
+            isinstance(targets, Tensor | np.ndarray) and targets.dtype in (torch.bool, np.bool_)
         ):
             raise TypeError("targets must be class indices (int), not booleans")
-        if isinstance(targets, int):
-            resolved = torch.full((batch, 1), targets, dtype=torch.long)
-        elif isinstance(targets, Tensor | Sequence) and not isinstance(targets, str):
+        if isinstance(targets, numbers.Integral):
+            resolved = torch.full((batch, 1), int(targets), dtype=torch.long)
+        elif isinstance(targets, Tensor | np.ndarray | Sequence) and not isinstance(targets, str):
+            if (targets.numel() if isinstance(targets, Tensor) else np.size(targets)) == 0:
+                raise ValueError(f"targets is empty: give at least one target per image ({batch} images), or "
+                                 "targets=None to explain each image's predicted class")
             try:
                 resolved = torch.as_tensor(targets)
             except (TypeError, ValueError, RuntimeError) as err:
@@ -67,6 +77,9 @@ def resolve_targets(targets: Any, logits: Tensor) -> Tensor:
                     f"targets must be None, an int, shape (B,) or (B, K) with B = {batch}; "
                     f"got shape {tuple(resolved.shape)}"
                 )
+            if resolved.shape[1] == 0:
+                raise ValueError(f"targets has shape {tuple(resolved.shape)}: give at least one target per image "
+                                 "(K >= 1), or targets=None to explain each image's predicted class")
         else:
             raise TypeError(f"targets must be None, an int, a sequence or a tensor, got {type(targets).__name__}")
         if resolved.numel() and (int(resolved.min()) < 0 or int(resolved.max()) >= num_classes):
@@ -92,7 +105,8 @@ def to_logits(output: Any, transform: OutputTransform = None) -> Tensor:
     """The ``(B, num_classes)`` logits in a model's output (``transform`` applied first when given).
 
     Without ``transform``: a tensor is taken as it is; a tuple or list whose only 2-D tensor is the logits gives
-    that tensor; a dict gives its ``"logits"`` entry, an object its ``.logits`` attribute (Hugging Face outputs).
+    that tensor; a dict gives its ``"logits"`` entry, an object (a dataclass, a namedtuple, a Hugging Face output)
+    its ``.logits`` attribute.
 
     Raises:
         TypeError: the logits cannot be told apart (a tuple ``(features, logits)`` holds two 2-D tensors) or are
@@ -101,6 +115,8 @@ def to_logits(output: Any, transform: OutputTransform = None) -> Tensor:
     original = output
     if transform is not None:
         output = transform(output)
+    elif isinstance(output, tuple) and isinstance(getattr(output, "logits", None), Tensor):  # a namedtuple
+        output = output.logits
     elif isinstance(output, tuple | list):
         matrices = [o for o in output if isinstance(o, Tensor) and o.dim() == 2]
         if len(matrices) > 1:

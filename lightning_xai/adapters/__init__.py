@@ -20,10 +20,12 @@ message naming the family. ``torch.compile``d modules are explained through thei
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import operator
 from collections.abc import Iterator, Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_xai.adapters.base import (
     CAPTURABLE,
@@ -35,6 +37,7 @@ from lightning_xai.adapters.base import (
     Readout,
     UnsupportedFamily,
     ViTLocator,
+    first_tensor,
 )
 from lightning_xai.adapters.timm import TimmFamily
 from lightning_xai.adapters.torchvision import TorchvisionFamily
@@ -58,9 +61,12 @@ __all__ = [
     "find_vit",
     "geometry",
     "in_channels",
+    "observe_input",
+    "observed_geometry",
     "readout",
     "register_family",
     "unwrap_compiled",
+    "without_checkpointing",
 ]
 
 _FAMILIES: list[Family] = [TimmFamily(), TorchvisionFamily(), TransformersFamily()]
@@ -240,3 +246,98 @@ def capture(
     with contextlib.ExitStack() as stack:
         family.attach(vit, record, what, stack)
         yield record
+
+
+@contextlib.contextmanager
+def observe_input(vit: nn.Module) -> Iterator[dict[str, tuple[int, ...]]]:
+    """Record what ``vit`` receives during the forwards run inside the context (hooks removed on exit).
+
+    Yields a dict that the first forward fills: ``"input"``, the shape of the ViT's input (its first tensor
+    argument, e.g. ``(B, C', H', W')``: the image after whatever the user's module did to it before the ViT), and
+    ``"tokens"``, the shape ``(B, T, D)`` of the token sequence entering its first block.
+    """
+    vit = unwrap_compiled(vit)
+    seen: dict[str, tuple[int, ...]] = {}
+
+    def record(key: str) -> object:
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            tensor = first_tensor(args, kwargs)
+            if isinstance(tensor, Tensor):
+                seen.setdefault(key, tuple(tensor.shape))
+        return hook
+
+    handles = [vit.register_forward_pre_hook(record("input"), with_kwargs=True),
+               family_of(vit).blocks(vit)[0].register_forward_pre_hook(record("tokens"), with_kwargs=True)]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def observed_geometry(
+    vit: nn.Module, vit_input_size: tuple[int, int], num_tokens: int, image_size: tuple[int, int]
+) -> Geometry:
+    """The token geometry of ``vit`` as one forward showed it, mapped onto the user's images.
+
+    Args:
+        vit_input_size: ``(H', W')`` of what the ViT received (the user's module may resize, or a hybrid's stem
+            may sit inside the ViT).
+        num_tokens: ``T``, the tokens entering the first block; the patch grid is ``N = T - P`` tokens laid out
+            like the ViT's input (a conv stem keeps the spatial layout), which covers hybrids whose stem
+            downsamples before the patch projection.
+        image_size: ``(H, W)`` of the images given to the user's module: maps are upsampled to it.
+
+    Raises:
+        ValueError: the ViT's input size does not fit it, or no ``h x w`` grid with the input's aspect ratio
+            has ``N`` patches.
+    """
+    geom = geometry(vit, vit_input_size)
+    patches = num_tokens - geom.num_prefix
+    if patches != geom.num_patches:
+        grid = _grid_for(patches, vit_input_size)
+        if grid is None:
+            raise ValueError(
+                f"the {geom.family} ({type(vit).__name__}) receives {vit_input_size[0]}x{vit_input_size[1]} inputs "
+                f"and makes {patches} patch tokens, which form no grid of that aspect ratio: lightning-xai cannot "
+                "place its patches on the image"
+            )
+        geom = dataclasses.replace(geom, grid=grid)
+    height, width = int(image_size[0]), int(image_size[1])
+    pixels = (-(-height // geom.grid[0]), -(-width // geom.grid[1]))
+    return dataclasses.replace(geom, image_size=(height, width), patch_size=pixels)
+
+
+def _grid_for(patches: int, size: tuple[int, int]) -> tuple[int, int] | None:
+    """The ``(h, w)`` with ``h * w = patches`` whose aspect ratio is closest to ``size``'s (within 25 %)."""
+    if patches < 1:
+        return None
+    aspect = size[0] / size[1]
+    best = min(((h, patches // h) for h in range(1, patches + 1) if patches % h == 0),
+               key=lambda hw: abs(math.log(hw[0] / hw[1] / aspect)))
+    return best if abs(math.log(best[0] / best[1] / aspect)) < math.log(1.25) else None
+
+
+@contextlib.contextmanager
+def without_checkpointing(vit: nn.Module) -> Iterator[None]:
+    """Gradient checkpointing off in ``vit`` inside the context (timm ``grad_checkpointing``, Hugging Face
+    ``gradient_checkpointing`` flags on any submodule), restored on exit.
+
+    Explanations differentiate with respect to attention captured in the forward; checkpointing recomputes the
+    forward during backward, where the capture's switches (timm's fused attention off) and hooks no longer hold
+    (torch's ``CheckpointError``), or detaches the captured tensors altogether (reentrant checkpointing).
+    The explanation pass is a forward and a backward of a few images, so the memory checkpointing saves is small.
+    """
+    flags = [
+        (module, name, getattr(module, name))
+        for module in unwrap_compiled(vit).modules()
+        for name in ("grad_checkpointing", "gradient_checkpointing")
+        if getattr(module, name, None) is True
+    ]
+    try:
+        for module, name, _ in flags:
+            setattr(module, name, False)
+        yield
+    finally:
+        for module, name, value in flags:
+            setattr(module, name, value)

@@ -164,10 +164,14 @@ def check_divisible(image_size: tuple[int, int], patch: tuple[int, int]) -> tupl
     return (height // patch[0], width // patch[1])
 
 
-def _first_tensor(args: tuple, kwargs: dict) -> Tensor:
+def first_tensor(args: tuple, kwargs: dict) -> Tensor:
+    """A hook's first positional argument, else ``hidden_states``/``pixel_values`` or the first keyword one."""
     if args:
         return args[0]
-    return kwargs.get("hidden_states", next(iter(kwargs.values())))
+    for key in ("hidden_states", "pixel_values"):
+        if key in kwargs:
+            return kwargs[key]
+    return next(iter(kwargs.values()), None)
 
 
 class Family:
@@ -222,7 +226,7 @@ class Family:
             block = blocks[index]
             if "tokens" in what:
                 handle = block.register_forward_pre_hook(
-                    lambda _m, args, kwargs: record.tokens.append(_first_tensor(args, kwargs)), with_kwargs=True
+                    lambda _m, args, kwargs: record.tokens.append(first_tensor(args, kwargs)), with_kwargs=True
                 )
                 stack.callback(handle.remove)
             if "norm1" in what:

@@ -33,8 +33,10 @@ class TimmFamily(Family):
         return vit.blocks
 
     def in_channels(self, vit: nn.Module) -> int | None:
-        proj = getattr(vit.patch_embed, "proj", None)
-        return getattr(proj, "in_channels", None)
+        backbone = getattr(vit.patch_embed, "backbone", None)  # a hybrid: the stem takes the image
+        first = vit.patch_embed if backbone is None else backbone
+        conv = next((m for m in first.modules() if isinstance(m, nn.Conv2d)), None)
+        return getattr(conv, "in_channels", None)
 
     def readout(self, vit: nn.Module) -> Readout:
         if getattr(vit, "head_dist", None) is not None:  # VisionTransformerDistilled: (head(x0) + head_dist(x1)) / 2

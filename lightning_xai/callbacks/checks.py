@@ -10,8 +10,9 @@ import matplotlib
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_xai.adapters import geometry
 from lightning_xai.callbacks.evolution import SIMILARITIES
+from lightning_xai.callbacks.rng import preserved_rng
+from lightning_xai.explainers.base import explanation_mode
 from lightning_xai.handle import ModelHandle
 from lightning_xai.validation import check_images
 
@@ -92,6 +93,8 @@ def check_callable(name: str, value: Any, signature: str) -> None:
 
 
 def check_probe_images(handle: ModelHandle, images: Tensor) -> None:
-    """The probe images ``(P, C, H, W)`` fit the ViT: float, its channel count, finite, a size it accepts."""
-    check_images(images, handle.vit)
-    geometry(handle.vit, tuple(images.shape[-2:]))
+    """The probe images ``(P, C, H, W)`` fit the model: float, finite, taken by its forward, and the ViT's token
+    grid (read from what the ViT receives in one forward) can be placed on them."""
+    check_images(images)
+    with preserved_rng(), explanation_mode(handle.model):
+        handle.geometry(handle.prepare(images[:1]))

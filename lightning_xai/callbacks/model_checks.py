@@ -43,20 +43,7 @@ def choose_vit(module: nn.Module, candidates: Mapping[str, nn.Module], logits_of
     Raises:
         ValueError: none or several qualify; the message lists the candidates and asks for ``vit=``.
     """
-    outputs: dict[str, Tensor] = {}
-    hooks = [
-        vit.register_forward_hook(lambda _m, _a, out, name=name: outputs.setdefault(name, out))
-        for name, vit in candidates.items()
-    ]
-    try:
-        with preserved_rng(), explanation_mode(module):
-            logits = logits_of()
-            ran = [name for name, out in outputs.items() if isinstance(out, Tensor) and out.requires_grad]
-            grads = torch.autograd.grad(logits.sum(), [outputs[n] for n in ran], allow_unused=True) if ran else []
-    finally:
-        for hook in hooks:
-            hook.remove()
-    used = [name for name, grad in zip(ran, grads, strict=True) if grad is not None]
+    _, used = _trace(module, candidates, logits_of)
     listed = ", ".join(repr(name) for name in candidates)
     if len(used) != 1:
         why = "none of them feeds" if not used else f"{len(used)} of them ({', '.join(map(repr, used))}) feed"
@@ -68,6 +55,57 @@ def choose_vit(module: nn.Module, candidates: Mapping[str, nn.Module], logits_of
     rank_zero_info(f"lightning-xai: explaining {used[0]!r}, the ViT your forward runs (also found {others}; "
                    "pass vit=... to choose another)")
     return candidates[used[0]]
+
+
+def check_named_vit(module: nn.Module, vit: Any, found: nn.Module, logits_of: Callable[[], Tensor]) -> None:
+    """Raise when the ViT the user named with ``vit=`` is not one the forward runs, or its output does not reach
+    the logits (a teacher or EMA copy): the same test as the automatic choice (:func:`choose_vit`). A ViT run
+    without gradients passes here (:func:`check_gradients` says what that means for the methods)."""
+    ran, used = _trace(module, {"named": found}, logits_of)
+    if used or (ran and not ran["named"]):
+        return
+    others = [name for name, vit in candidate_vits(module).items() if vit is not found]
+    where = f" (other ViTs in it: {', '.join(map(repr, others))})" if others else ""
+    why = ("the forward never runs it" if not ran else
+           "the forward runs it but its output does not reach the logits")
+    raise ValueError(
+        f"vit={vit!r} names a {type(found).__name__} in {type(module).__name__}, but {why} (a teacher or EMA "
+        f"copy?), so nothing could be explained: pass vit= the ViT whose output the forward uses{where}"
+    )
+
+
+def _trace(module: nn.Module, candidates: Mapping[str, nn.Module],
+           logits_of: Callable[[], Tensor]) -> tuple[dict[str, bool], list[str]]:
+    """Run ``logits_of()`` (one forward, inputs requiring grad) with a forward hook on every candidate.
+
+    Returns:
+        ``(ran, used)``: ``ran`` maps each candidate that ran to whether its output requires grad; ``used`` lists
+        those whose output is in the graph of the logits.
+    """
+    outputs: dict[str, Tensor] = {}
+    hooks = [
+        vit.register_forward_hook(lambda _m, _a, out, name=name: outputs.setdefault(name, _first_tensor(out)))
+        for name, vit in candidates.items()
+    ]
+    try:
+        with preserved_rng(), explanation_mode(module):
+            logits = logits_of()
+            ran = {name: out is not None and out.requires_grad for name, out in outputs.items()}
+            graded = [name for name, grad in ran.items() if grad]
+            grads = torch.autograd.grad(logits.sum(), [outputs[n] for n in graded], allow_unused=True) if graded else []
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return ran, [name for name, grad in zip(graded, grads, strict=True) if grad is not None]
+
+
+def _first_tensor(output: Any) -> Tensor | None:
+    """The first tensor in a ViT's output: the tensor itself, or the first of a tuple or of a Hugging Face
+    output (``last_hidden_state``)."""
+    if isinstance(output, Tensor):
+        return output
+    values = output.values() if isinstance(output, Mapping) else output if isinstance(output, tuple | list) else ()
+    return next((v for v in values if isinstance(v, Tensor)), None)
 
 
 def check_gradients(module: nn.Module, vit: nn.Module, explainers: Mapping[str, Explainer], images: Tensor,
@@ -131,15 +169,3 @@ def check_validation_runs(trainer: pl.Trainer, module: pl.LightningModule) -> No
             f"stage='validation' but this fit runs no validation loop ({', '.join(missing)}), so nothing would be "
             "explained: pass stage='train' to explain at the end of each training epoch, or add a validation loop"
         )
-
-
-def describe_forward_error(err: Exception, module: nn.Module, forward: Any) -> Exception:
-    """The error of a failed first forward on the probes, with the hint that fits it."""
-    how = "forward(module, images)" if forward is not None else f"{type(module).__name__}.forward(images)"
-    hint = ("check forward=" if forward is not None else
-            "if the forward does not take an image tensor, pass forward=lambda module, images: module(...)")
-    message = f"calling {how} on the probe images failed ({type(err).__name__}: {err}): {hint}"
-    try:
-        return type(err)(message)
-    except Exception:  # noqa: BLE001 - an exception type with another constructor
-        return RuntimeError(message)

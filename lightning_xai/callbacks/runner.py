@@ -18,7 +18,7 @@ from lightning_xai.callbacks.probes import ProbeSet, class_indices
 from lightning_xai.callbacks.rng import preserved_rng
 from lightning_xai.explainers import Explainer, Explanation, create_explainer
 from lightning_xai.explainers.base import explanation_mode
-from lightning_xai.handle import ForwardFn, ModelHandle
+from lightning_xai.handle import ForwardFn, ModelHandle, forward_error
 
 
 @dataclass
@@ -43,7 +43,9 @@ class ProbeRunner:
     """Runs the probe set through a module and the explainers of ``methods``.
 
     Built once the module is complete (after ``configure_model``). Checks on the way, with one-image forwards:
-    the probes fit the ViT and the forward; which ViT the forward runs when there are several (an EMA copy);
+    the probes fit the forward (the module's own error, with a hint, when it rejects them) and the ViT's token
+    grid can be placed on them; which ViT the forward runs when there are several (an EMA copy), or that the
+    one named by ``vit=`` is run and feeds the logits;
     that the ``targets`` are classes the model has; that the ViT runs with gradients where methods need them.
 
     Args:
@@ -70,21 +72,22 @@ class ProbeRunner:
         if not candidates:
             find_vit(module)  # raises the error that says how to point at the ViT
         handle = ModelHandle(module, vit=next(iter(candidates.values())), output_transform=output_transform,
-                             forward=forward)
-        if any(p.is_meta for p in handle.vit.parameters()):
-            raise ValueError("the ViT's parameters are on the meta device (never materialised): load or initialise "
-                             "its weights (e.g. in configure_model) before fit")
-        checks.check_probe_images(handle, images)
+                             forward=forward)  # refuses a ViT on the meta device
+        checks.check_images(images)
         one = handle.prepare(images[:1])
         try:
             with preserved_rng(), explanation_mode(module), torch.no_grad():
                 handle.output(one)
         except Exception as err:
-            raise model_checks.describe_forward_error(err, module, forward) from err
-        if len(candidates) > 1:
+            raise forward_error(err, module, forward, handle.vit, tuple(images.shape), "probe images") from err
+        if vit is not None:
+            model_checks.check_named_vit(module, vit, handle.vit,
+                                         lambda: self._logits(handle, one.clone().requires_grad_()))
+        elif len(candidates) > 1:
             vit = model_checks.choose_vit(module, candidates,
                                           lambda: self._logits(handle, one.clone().requires_grad_()))
             handle = ModelHandle(module, vit=vit, output_transform=output_transform, forward=forward)
+        checks.check_probe_images(handle, images)
         self.handle = handle
         with preserved_rng(), explanation_mode(module):
             logits = handle.predict(images[:1])
@@ -99,7 +102,7 @@ class ProbeRunner:
     @staticmethod
     def _logits(handle: ModelHandle, images: Tensor) -> Tensor:
         """Logits through the original (not ``torch.compile``d) modules, so that hooks on the ViT fire."""
-        with handle.uncompiled():
+        with handle.explaining():
             return handle.logits(images)
 
     def run(self, on_failure: Callable[[str, Exception], None],

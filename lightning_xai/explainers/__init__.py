@@ -18,12 +18,14 @@ Subclass :class:`Explainer`, set ``name``, implement ``compute`` and decorate th
 ``compute(x, targets, geom)`` receives:
 
 - ``x``: ``(B, C, H, W)``, validated, detached, on the ViT's device and in its dtype; the model is in eval
-  mode, gradients are enabled (also under ``inference_mode``), compiled submodules run uncompiled;
+  mode, gradients are enabled (also under ``inference_mode``), compiled submodules run uncompiled and the
+  ViT's gradient checkpointing is off;
 - ``targets``: the user's targets as given (``None``, an int, ``(B,)`` or ``(B, K)``); turn them into
   ``(B, K)`` class indices with the logits (``forward_captured`` does);
-- ``geom``: the :class:`Geometry` of this input size: ``num_prefix`` (``P``), ``grid`` (``(h, w)``),
-  ``image_size``, ``patch_size`` and ``readout`` (which rows the head reads; ``readout_weights()`` gives
-  ``w`` of shape ``(T,)``).
+- ``geom``: the :class:`Geometry` of this input size, read from what the ViT received in one forward (the
+  module may change its input first): ``num_prefix`` (``P``), ``grid`` (``(h, w)``), ``image_size`` (``x``'s
+  ``(H, W)``, onto which the grid is laid), ``patch_size`` (pixels of ``x`` per patch) and ``readout`` (which
+  rows the head reads; ``readout_weights()`` gives ``w`` of shape ``(T,)``).
 
 It records internals with :func:`capture` (``capture(vit, ("tokens", "norm1", "attn"), blocks)``, for any
 supported model family, tensors in the autograd graph) or ``self.forward_captured``, and returns

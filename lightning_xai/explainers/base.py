@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_xai.adapters import Capture, Geometry, OutputTransform, ViTLocator, capture, family_of, geometry, readout
+from lightning_xai.adapters import Capture, Geometry, OutputTransform, ViTLocator, capture, family_of, readout
 from lightning_xai.explainers.registry import methods_without_readout
 from lightning_xai.handle import ForwardFn, ModelHandle
 from lightning_xai.validation import check_images, resolve_targets
@@ -209,10 +209,10 @@ class Explainer:
         Returns:
             an :class:`Explanation` with ``maps`` ``(B, K, H, W)``.
         """
-        check_images(images, self.vit)
-        geom = geometry(self.vit, (images.shape[-2], images.shape[-1]))
-        with explanation_mode(self.model), self.handle.uncompiled():
+        check_images(images, self.vit if self.model is self.vit else None)
+        with explanation_mode(self.model), self.handle.explaining():
             x = self.handle.prepare(images)
+            geom = self.handle.geometry(x)  # what the ViT receives, mapped onto the images
             if isinstance(targets, Tensor):  # may be an inference tensor (trainer.validate); autograd saves it
                 targets = targets.detach().clone()
             out = self.compute(x, targets, geom)

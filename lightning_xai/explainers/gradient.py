@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -50,10 +51,28 @@ class GradientRollout(Explainer):
         batch, k = resolved.shape
         tokens = attn[0].shape[-1]
         relevance = torch.eye(tokens, device=x.device).expand(batch, k, tokens, tokens)
+        positive = torch.zeros(batch, k, dtype=torch.bool, device=x.device)
         for layer, grad in zip(attn, grads, strict=True):
             weighted = (grad * layer.unsqueeze(1)).clamp_min(0).mean(2)  # (B, K, T, T)
+            positive |= weighted.flatten(2).amax(-1) > 0
             relevance = relevance + weighted @ relevance
+        if not bool(positive.all()):
+            warn_no_positive_relevance(int((~positive).sum()), positive.numel())
         return RawMaps(query_row(relevance, geom), resolved, probs)
+
+
+class NoPositiveRelevanceWarning(UserWarning):
+    """GAE found no positive gradient-weighted attention for some maps, which are then constant."""
+
+
+def warn_no_positive_relevance(count: int, total: int) -> None:
+    warnings.warn(
+        f"gae: for {count} of {total} maps the gradient-weighted attention relu(dy/dA * A) is zero in every block "
+        "(no positive relevance: the target's gradients with respect to attention are zero or negative, as with a "
+        "zero-initialised head or an average-pooled ViT at initialisation), so those maps are the identity's, "
+        "constant, and all zero after normalisation. Explain later in training, or use gradtoken or rollout",
+        NoPositiveRelevanceWarning, stacklevel=4,
+    )
 
 
 def _check_layers(layers: Any) -> str | int | tuple[int, ...]:
