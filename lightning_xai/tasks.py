@@ -30,20 +30,21 @@ def check_task(task: Any) -> str:
     return task
 
 
-def is_multi_hot(labels: Tensor | None, num_classes: int) -> bool:
-    """Whether probe ``labels`` are multi-hot ``(P, num_classes)`` 0/1 rows with two or more positives in some row
-    (the one unambiguous sign of a multi-label task)."""
+def _zero_one_rows(labels: Tensor | None, num_classes: int) -> Tensor | None:
+    """The positives per row ``(P,)`` of ``labels`` that are ``(P, num_classes)`` 0/1 rows, else ``None``."""
     if labels is None or labels.dim() != 2 or labels.shape[1] != num_classes or num_classes < 2:
-        return False
-    binary = bool(((labels == 0) | (labels == 1)).all())
-    return binary and bool((labels.sum(-1) >= 2).any())
+        return None
+    return labels.sum(-1) if bool(((labels == 0) | (labels == 1)).all()) else None
 
 
 def resolve_task(task: str, num_logits: int, labels: Tensor | None = None) -> str:
     """The task for a model with ``num_logits`` outputs: ``task`` itself unless ``"auto"``, which is binary for one
-    logit, multilabel for multi-hot ``labels`` (see :func:`is_multi_hot`), multiclass otherwise.
+    logit, multilabel for multi-hot ``labels`` ``(P, num_logits)`` 0/1 with two or more positives in some row (the one
+    unambiguous sign), multiclass otherwise.
 
     Raises:
+        ValueError: ``"auto"`` with ``(P, num_logits)`` 0/1 labels that have empty rows and no row with two
+            positives (multi-hot or one-hot cannot be told): the message asks for ``task=``.
         ValueError: the task does not fit the number of logits (one logit but ``"multiclass"``/``"multilabel"``,
             or several with ``"binary"``); the message names the fix.
     """
@@ -51,7 +52,16 @@ def resolve_task(task: str, num_logits: int, labels: Tensor | None = None) -> st
     if task == "auto":
         if num_logits == 1:
             return "binary"
-        return "multilabel" if is_multi_hot(labels, num_logits) else "multiclass"
+        counts = _zero_one_rows(labels, num_logits)
+        if counts is not None and bool((counts >= 2).any()):
+            return "multilabel"
+        if counts is not None and bool((counts == 0).any()):
+            raise ValueError(
+                f"the probe labels are 0/1 rows of {num_logits} classes, some without any positive and none with two: "
+                "multi-hot (multi-label) or one-hot (multi-class) cannot be told from them: pass "
+                "task='multilabel' or task='multiclass'"
+            )
+        return "multiclass"
     check_logits(task, num_logits)
     return task
 

@@ -258,6 +258,19 @@ def test_explain_with_task_multilabel_scores_with_sigmoids(multilabel_run):
     assert not torch.allclose(told.raw, guessed.raw)
 
 
+def test_auto_task_asks_when_the_labels_cannot_tell():
+    """0/1 label rows with an empty row and none with two positives: multi-hot or one-hot? task="auto" asks."""
+    from lightning_xai.tasks import resolve_task
+
+    unclear = torch.tensor([[0, 1, 0], [0, 0, 0]])
+    with pytest.raises(ValueError, match="pass task='multilabel' or task='multiclass'"):
+        resolve_task("auto", 3, unclear)
+    assert resolve_task("multilabel", 3, unclear) == "multilabel"
+    assert resolve_task("auto", 3, torch.tensor([[0, 1, 0], [1, 0, 0]])) == "multiclass"  # one-hot
+    assert resolve_task("auto", 3, torch.tensor([[0, 1, 1], [0, 0, 0]])) == "multilabel"
+    assert resolve_task("auto", 1) == "binary"
+
+
 def test_two_named_monitors_of_one_stage_write_their_own_tags(multilabel_run):
     _, _, _, events = multilabel_run
     images, scalars = events.Tags()["images"], events.Tags()["scalars"]

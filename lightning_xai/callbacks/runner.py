@@ -93,8 +93,9 @@ class ProbeRunner:
         self.handle = handle
         with preserved_rng(), explanation_mode(module):
             logits = handle.predict(images[:1])  # resolves task="auto" from the number of logits
-        if task == "auto" and tasks.is_multi_hot(probes.probe.labels, logits.shape[-1]):
-            handle.task = "multilabel"
+        if task == "auto":  # the handle saw the logits; the probe labels may tell multi-label apart
+            handle.task = tasks.resolve_task(task, 1 if handle.task == "binary" else logits.shape[-1],
+                                             probes.probe.labels)
         self.task: str = handle.task
         self.num_classes: int = logits.shape[-1]
         """The number of classes (2 for a one-logit binary head)."""
