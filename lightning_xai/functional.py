@@ -20,7 +20,8 @@ def explain(
         method: registry name: ``"gradtoken"``, ``"c2f"``, ``"gae"``, ``"rollout"``, ``"raw_attention"``,
             ``"vitcx"`` (see :func:`lightning_xai.available_methods`).
         targets: ``None`` (predicted class), an int, ``(B,)`` or ``(B, K)`` class indices.
-        **options: the method's options, plus ``vit`` (where the ViT is) and ``output_transform``.
+        **options: the method's options, plus ``vit`` (where the ViT is), ``output_transform``, ``forward`` and
+            ``task`` (``"auto"``: one logit is binary, else multiclass; pass ``"multilabel"`` for sigmoid heads).
 
     Returns:
         an :class:`~lightning_xai.Explanation`; ``maps`` is ``(B, K, H, W)`` in ``[0, 1]``.

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_xai import tasks
 from lightning_xai.adapters import (
     Geometry,
     OutputTransform,
@@ -47,6 +48,8 @@ class ModelHandle:
         vit: where the ViT is inside ``model`` (see :func:`lightning_xai.adapters.find_vit`).
         output_transform: turns the forward's output into logits ``(B, num_classes)``.
         forward: ``forward(model, images) -> output``; default ``model(images)``.
+        task: what the logits mean (:mod:`lightning_xai.tasks`): ``"auto"`` (one logit: binary, otherwise
+            multiclass; resolved at the first forward), ``"multiclass"``, ``"binary"`` or ``"multilabel"``.
     """
 
     def __init__(
@@ -56,6 +59,7 @@ class ModelHandle:
         vit: ViTLocator = None,
         output_transform: OutputTransform = None,
         forward: ForwardFn = None,
+        task: str = "auto",
     ) -> None:
         if forward is not None and not callable(forward):
             raise TypeError(f"forward must be a callable (module, images) -> output, got {type(forward).__name__}")
@@ -72,11 +76,11 @@ class ModelHandle:
         self.output_transform = output_transform
         self.forward = forward
         self._geometries: dict[tuple[int, ...], Geometry] = {}
+        self.task = tasks.check_task(task)
 
-    @contextlib.contextmanager
-    def uncompiled(self) -> Iterator[None]:
-        """Within the context, every ``torch.compile``d submodule of the model is replaced by its original
-        module; the compiled ones are put back on exit (also on errors)."""
+    def _compiled_parts(self) -> tuple[list, list, list]:
+        """The model's compiled parts: ``OptimizedModule`` children ``(parent, name, child)``, modules compiled in
+        place ``(module, compiled call)`` and Lightning's in-place compiled forwards ``(module, forward)``."""
         swapped = [
             (parent, name, child)
             for parent in self.model.modules()
@@ -89,6 +93,18 @@ class ModelHandle:
         # (an instance attribute), keeping the original in module._compiler_ctx
         lightning = [(m, vars(m)["forward"]) for m in self.model.modules()
                      if isinstance(getattr(m, "_compiler_ctx", None), dict) and "forward" in vars(m)]
+        return swapped, in_place, lightning
+
+    @property
+    def compiled(self) -> bool:
+        """Whether any part of the model runs ``torch.compile``d code in training."""
+        return any(self._compiled_parts())
+
+    @contextlib.contextmanager
+    def uncompiled(self) -> Iterator[None]:
+        """Within the context, every ``torch.compile``d submodule of the model is replaced by its original
+        module; the compiled ones are put back on exit (also on errors)."""
+        swapped, in_place, lightning = self._compiled_parts()
         try:
             for parent, name, child in swapped:
                 setattr(parent, name, unwrap_compiled(child))
@@ -161,8 +177,21 @@ class ModelHandle:
             return self.model(images) if self.forward is None else self.forward(self.model, images)
 
     def logits(self, images: Tensor) -> Tensor:
-        """The whole model's output logits ``(B, num_classes)`` in float32, for prepared ``images``."""
-        return to_logits(self.output(images), self.output_transform).float()
+        """The class scores ``(B, num_classes)`` in float32 of the model's output for prepared ``images``: its
+        logits, or ``[-z, z]`` for a one-logit binary head (see :func:`lightning_xai.tasks.scores`)."""
+        logits = to_logits(self.output(images), self.output_transform).float()
+        if self.task == "auto":
+            self.task = tasks.resolve_task("auto", logits.shape[-1])
+        return tasks.scores(logits, self.task)
+
+    def probabilities(self, scores: Tensor) -> Tensor:
+        """Probabilities ``(B, num_classes)`` of class ``scores`` from :meth:`logits` (softmax for multiclass,
+        sigmoid for binary and multilabel)."""
+        return tasks.probabilities(scores, self.task)
+
+    def log_probabilities(self, scores: Tensor) -> Tensor:
+        """``log`` of :meth:`probabilities` (``log_softmax`` or ``logsigmoid``)."""
+        return tasks.log_probabilities(scores, self.task)
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> Tensor:

@@ -27,6 +27,7 @@ _BLUR_KERNEL_SIZE = 11
 _BLUR_SIGMA = 5.0
 
 ModelFn = Callable[[Tensor], Tensor]
+ProbabilityFn = Callable[[Tensor], Tensor]  # logits (N, classes) -> probabilities (N, classes)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -243,6 +244,7 @@ def _perturbed_scores(
     counts: Tensor,
     targets: Tensor,
     batch_size: int,
+    probabilities: ProbabilityFn | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Score every (image, step) pair, building perturbed images chunk by chunk.
 
@@ -253,9 +255,10 @@ def _perturbed_scores(
         counts: ``(S,)`` number of perturbed pixels per step.
         targets: ``(B,)`` target classes.
         batch_size: number of perturbed images per ``model_fn`` call.
+        probabilities: logits ``(n, classes)`` -> probabilities; default softmax.
 
     Returns:
-        ``(probability, correct)``, both ``(B, S)``: float32 softmax probability of the target and bool
+        ``(probability, correct)``, both ``(B, S)``: float32 probability of the target and bool
         ``argmax == target``.
     """
     if batch_size < 1:
@@ -281,7 +284,8 @@ def _perturbed_scores(
             if int(tgt.max()) >= logits.shape[1]:
                 raise ValueError(f"targets must be < number of classes ({logits.shape[1]})")
             logits = logits.float()
-            probs[flat] = logits.softmax(-1).gather(1, tgt.unsqueeze(1)).squeeze(1)
+            probs[flat] = (logits.softmax(-1) if probabilities is None else probabilities(logits)).gather(
+                1, tgt.unsqueeze(1)).squeeze(1)
             correct[flat] = logits.argmax(-1) == tgt
     return probs.view(b, s), correct.view(b, s)
 
@@ -294,14 +298,15 @@ def deletion_insertion(
     n_steps: int = 50,
     baseline: str = "blur",
     batch_size: int = 64,
+    probabilities: ProbabilityFn | None = None,
 ) -> dict[str, Tensor]:
     """RISE-style deletion and insertion curves.
 
     Pixels of each image are ranked by map value, descending (stable sort: ties keep row-major order). At step
     ``s`` in ``0..n_steps`` the first ``round(s / n_steps * H * W)`` ranked pixels are replaced by the baseline
-    (deletion), or copied from the image into the baseline (insertion). The score is the softmax probability of
-    the target class; all ``B * (n_steps + 1)`` perturbed images are built and evaluated in chunks of
-    ``batch_size`` under ``torch.no_grad()``.
+    (deletion), or copied from the image into the baseline (insertion). The score is the probability of the
+    target class (softmax, or ``probabilities(logits)`` for sigmoid heads); all ``B * (n_steps + 1)`` perturbed
+    images are built and evaluated in chunks of ``batch_size`` under ``torch.no_grad()``.
 
     Args:
         model_fn: maps ``(N, C, H, W)`` images to logits ``(N, classes)``.
@@ -311,6 +316,8 @@ def deletion_insertion(
         n_steps: number of steps (>= 1); curves have ``n_steps + 1`` points.
         baseline: baseline kind, see :func:`baseline_images`.
         batch_size: perturbed images per ``model_fn`` call.
+        probabilities: logits ``(N, classes)`` -> probabilities ``(N, classes)``; default softmax (pass
+            ``ModelHandle.probabilities`` for binary and multi-label heads).
 
     Returns:
         ``{"deletion": (B, n_steps + 1), "insertion": (B, n_steps + 1), "deletion_auc": (B,),
@@ -324,8 +331,8 @@ def deletion_insertion(
     ranks = _pixel_ranks(flat_maps, descending=True)
     n_pix = flat_maps.shape[1]
     counts = torch.round(torch.arange(n_steps + 1, dtype=torch.float64) / n_steps * n_pix).long()
-    deletion, _ = _perturbed_scores(model_fn, (images, base), ranks, counts, targets, batch_size)
-    insertion, _ = _perturbed_scores(model_fn, (base, images), ranks, counts, targets, batch_size)
+    deletion, _ = _perturbed_scores(model_fn, (images, base), ranks, counts, targets, batch_size, probabilities)
+    insertion, _ = _perturbed_scores(model_fn, (base, images), ranks, counts, targets, batch_size, probabilities)
     return {
         "deletion": deletion,
         "insertion": insertion,

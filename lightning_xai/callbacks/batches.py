@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -18,6 +19,8 @@ from lightning_xai.callbacks.rng import preserved_rng
 #: ``batch_transform(batch) -> (images, labels, masks)``: reads a batch of the user's data (as the dataloader's
 #: ``collate_fn`` makes it) into ``(P, C, H, W)`` float images and optional labels and masks (``None`` if absent).
 BatchTransform = Callable[[Any], tuple[Tensor, Tensor | None, Tensor | None]] | None
+#: ``hooks(batch) -> batch``: a collated batch as the ``*_step`` methods get it (see :func:`through_batch_hooks`).
+BatchHooks = Callable[[Any], Any] | None
 
 IMAGE_KEYS = ("image", "images", "pixel_values", "img", "input", "inputs", "x")
 LABEL_KEYS = ("label", "labels", "target", "targets", "class", "y")
@@ -127,10 +130,53 @@ def find_loader(trainer: pl.Trainer, split: str) -> DataLoader | None:
     return None
 
 
-def from_loader(loader: DataLoader, num_samples: int, seed: int, batch_transform: BatchTransform = None) -> Samples:
+def read_samples(batch: Any, batch_transform: BatchTransform = None) -> tuple[Any, Any, Any]:
+    """``(images, labels, masks)`` of a collated ``batch``: ``batch_transform(batch)`` or :func:`read_batch`.
+
+    Raises:
+        ValueError: ``batch_transform`` returned something other than three items; the message says what to return.
+    """
+    if batch_transform is None:
+        return read_batch(batch)
+    out = batch_transform(batch)
+    if not isinstance(out, tuple | list) or len(out) != 3:
+        got = f"{len(out)} items" if isinstance(out, tuple | list) else f"a {type(out).__name__}"
+        raise ValueError(f"batch_transform must return (images, labels, masks), three items (labels and masks may "
+                         f"be None), got {got}: e.g. batch_transform=lambda batch: (batch[0], batch[1], None)")
+    return tuple(out)
+
+
+def through_batch_hooks(trainer: pl.Trainer, split: str, dataloader_idx: int = 0) -> BatchHooks:
+    """``batch -> batch`` as the Trainer hands a ``split`` batch to a ``*_step``: the module's
+    ``on_before_batch_transfer``, ``transfer_batch_to_device`` (to the strategy's device) and
+    ``on_after_batch_transfer`` (where GPU/Kornia pipelines normalise), each with ``dataloader_idx``, while the
+    trainer is in that split's stage (``trainer.validating`` for ``"val"``: hooks that augment only while
+    ``trainer.training`` leave validation probes alone, as in validation)."""
+    module, device = trainer.lightning_module, trainer.strategy.root_device
+    stage = RunningStage.VALIDATING if split == "val" else RunningStage.TRAINING
+
+    def run(batch: Any) -> Any:
+        saved, trainer.state.stage = trainer.state.stage, stage
+        try:
+            batch = module.on_before_batch_transfer(batch, dataloader_idx)
+            batch = module.transfer_batch_to_device(batch, device, dataloader_idx)
+            return module.on_after_batch_transfer(batch, dataloader_idx)
+        finally:
+            trainer.state.stage = saved
+
+    return run
+
+
+def from_loader(loader: DataLoader, num_samples: int, seed: int, batch_transform: BatchTransform = None,
+                hooks: BatchHooks = None) -> Samples:
     """Draw ``num_samples`` samples of ``loader``'s dataset (all of them if it has fewer, with a warning) with a
-    private generator seeded by ``seed``; collate them with the loader's ``collate_fn`` and read them with
-    ``batch_transform`` (default :func:`read_batch`)."""
+    private generator seeded by ``seed``; collate them with the loader's ``collate_fn``, pass the batch through
+    ``hooks`` (the module's batch hooks, see :func:`through_batch_hooks`) and read it with ``batch_transform``
+    (default :func:`read_batch`).
+
+    Raises:
+        ValueError: the batch hooks fail on the probe batch (the message names ``probe_images``).
+    """
     dataset: Dataset = loader.dataset
     try:
         size = len(dataset)  # type: ignore[arg-type]
@@ -144,9 +190,18 @@ def from_loader(loader: DataLoader, num_samples: int, seed: int, batch_transform
         rank_zero_warn(f"num_probes={num_samples} but the dataset has {size} samples: explaining all {size}")
     indices = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:num_samples].sort().values.tolist()
     collate = loader.collate_fn or default_collate
-    with preserved_rng():  # a random transform in __getitem__ must not advance the user's RNG
+    with preserved_rng():  # a random transform in __getitem__ or a hook must not advance the user's RNG
         batch = collate([dataset[i] for i in indices])
-    images, labels, masks = (batch_transform or read_batch)(batch)
+        if hooks is not None:
+            try:
+                batch = hooks(batch)
+            except Exception as err:
+                raise ValueError(
+                    f"running the probe batch through your module's batch hooks (on_before_batch_transfer, "
+                    f"transfer_batch_to_device, on_after_batch_transfer) failed ({type(err).__name__}: {err}): pass "
+                    "probe_images=... already preprocessed as your model takes them"
+                ) from err
+    images, labels, masks = read_samples(batch, batch_transform)
     source = "batch_transform(batch)[0]" if batch_transform is not None else "the images read from the dataset"
     if isinstance(images, Tensor) and images.dim() == 4 and images.dtype == torch.uint8:
         source += " (uint8: pass batch_transform=... that converts and normalises them as for training)"
@@ -155,7 +210,9 @@ def from_loader(loader: DataLoader, num_samples: int, seed: int, batch_transform
 
 def draw_samples(trainer: pl.Trainer, split: str, num_samples: int, seed: int,
                  batch_transform: BatchTransform = None) -> Samples:
-    """Samples drawn from the trainer's ``split`` (``"val"`` or ``"train"``) dataloader (see :func:`from_loader`).
+    """Samples drawn from the trainer's ``split`` (``"val"`` or ``"train"``) dataloader (see :func:`from_loader`),
+    passed through the module's batch hooks on its device as the Trainer passes its batches (the first dataloader:
+    ``dataloader_idx=0``).
 
     Raises:
         ValueError: there is no such dataloader; the message names ``probe_images`` and the other split.
@@ -165,4 +222,5 @@ def draw_samples(trainer: pl.Trainer, split: str, num_samples: int, seed: int,
         other = "train" if split == "val" else "val"
         raise ValueError(f"no {split} dataloader to draw probes from: pass probe_images=... to the callback, or "
                          f"probe_split={other!r}")
-    return from_loader(loader, num_samples, seed, batch_transform)
+    hooks = through_batch_hooks(trainer, split)
+    return from_loader(loader, num_samples, seed, batch_transform, hooks)

@@ -3,10 +3,12 @@ with a message naming the cause and the fix, never in the middle of a run."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import matplotlib
+import numpy as np
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
@@ -14,6 +16,7 @@ from lightning_xai.callbacks.evolution import SIMILARITIES
 from lightning_xai.callbacks.rng import preserved_rng
 from lightning_xai.explainers.base import explanation_mode
 from lightning_xai.handle import ModelHandle
+from lightning_xai.tasks import check_task
 from lightning_xai.validation import check_images
 
 STAGES = ("validation", "train")
@@ -22,25 +25,31 @@ ON_ERROR = ("warn", "raise")
 
 def check_arguments(
     *, stage: Any, similarity: Any, on_error: Any, every_n_epochs: Any, every_n_validations: Any,
-    timeline_columns: Any, cmap: Any, alpha: Any, mean: Any, std: Any, class_names: Any, output_transform: Any,
-    forward: Any, shortcut_alarm: Any, stop_on_shortcut: Any,
+    timeline_columns: Any, cmap: Any, alpha: Any, class_names: Any, output_transform: Any,
+    forward: Any, flags: dict[str, Any], task: Any, name: Any,
 ) -> None:
-    """Check :class:`~lightning_xai.callbacks.ExplanationMonitor`'s arguments (all but ``methods`` and the probe
-    options, which have their own parsers: :func:`~lightning_xai.explainers.registry.resolve_methods` and
-    :class:`~lightning_xai.callbacks.probes.ProbeSet`); raise ``ValueError``/``TypeError`` naming the argument."""
+    """Check :class:`~lightning_xai.callbacks.ExplanationMonitor`'s arguments (all but ``methods``, ``mean``/``std``
+    (:func:`normalisation`) and the probe options, which have their own parsers:
+    :func:`~lightning_xai.explainers.registry.resolve_methods` and :class:`~lightning_xai.callbacks.probes.ProbeSet`);
+    ``flags``: the on/off options by name. Raise ``ValueError``/``TypeError`` naming the argument."""
+    for flag, value in flags.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"{flag} must be True or False, got {value!r} ({type(value).__name__})")
+    check_task(task)
+    if name is not None and (not isinstance(name, str) or not name or not all(
+            c.isalnum() or c in "-_." for c in name)):
+        raise ValueError(f"name must be None or a non-empty string of letters, digits, '-', '_' or '.' (it "
+                         f"becomes part of the logged tags and file names), got {name!r}")
     check_choice("stage", stage, STAGES)
     check_choice("similarity", similarity, SIMILARITIES)
     check_choice("on_error", on_error, ON_ERROR)
     for name, value in (("every_n_epochs", every_n_epochs), ("every_n_validations", every_n_validations),
                         ("timeline_columns", timeline_columns)):
         check_count(name, value)
-    check_look(cmap, alpha, mean, std, class_names)
+    check_look(cmap, alpha, class_names)
     check_callable("output_transform", output_transform, "output -> logits")
     check_callable("forward", forward, "(module, images) -> output")
-    if not isinstance(shortcut_alarm, bool) or not isinstance(stop_on_shortcut, bool):
-        raise ValueError(f"shortcut_alarm and stop_on_shortcut must be True or False, got {shortcut_alarm!r} and "
-                         f"{stop_on_shortcut!r}")
-    if stop_on_shortcut and not shortcut_alarm:
+    if flags.get("stop_on_shortcut") and not flags.get("shortcut_alarm"):
         raise ValueError("stop_on_shortcut=True needs shortcut_alarm=True (the alarm is what stops training)")
 
 
@@ -64,23 +73,39 @@ def check_count(name: str, value: Any, minimum: int = 1) -> None:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
-def check_look(cmap: Any, alpha: Any, mean: Any, std: Any, class_names: Any) -> None:
-    """The rendering options: a matplotlib colour map name, ``0 <= alpha <= 1``, ``mean``/``std`` given together
-    as sequences of numbers of one length, ``class_names`` a sequence of strings."""
-    if not isinstance(cmap, str) or cmap not in matplotlib.colormaps:
-        raise ValueError(f"cmap must be a matplotlib colour map name such as 'jet' or 'viridis', got {cmap!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 <= alpha <= 1:
-        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+def normalisation(mean: Any, std: Any) -> tuple[list[float] | None, list[float] | None]:
+    """``mean``/``std`` (the input normalisation, to show the probes in true colour) as lists of 1 or 3 floats:
+    given together, as sequences, tensors or numpy arrays of numbers; every ``std`` > 0.
+
+    Raises:
+        ValueError: naming the argument and what it accepts.
+    """
     if (mean is None) != (std is None):
         raise ValueError("mean and std go together: pass both (your input normalisation) or neither (min-max)")
+    out = []
     for name, value in (("mean", mean), ("std", std)):
+        if isinstance(value, Tensor | np.ndarray):
+            value = value.tolist() if value.ndim else [value.item()]
         if value is not None and (
             isinstance(value, str)
             or not isinstance(value, Sequence)
             or len(value) not in (1, 3)
-            or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+            or not all(isinstance(v, int | float | np.number) and not isinstance(v, bool | np.bool_) for v in value)
         ):
             raise ValueError(f"{name} must be 1 or 3 numbers (one per channel), got {value!r}")
+        out.append(None if value is None else [float(v) for v in value])
+    if std is not None and not all(math.isfinite(v) and v > 0 for v in out[1]):
+        raise ValueError(f"std must be positive numbers (the input normalisation divides by it), got {out[1]}")
+    return out[0], out[1]
+
+
+def check_look(cmap: Any, alpha: Any, class_names: Any) -> None:
+    """The rendering options: a matplotlib colour map name, ``0 <= alpha <= 1``, ``class_names`` a sequence of
+    strings."""
+    if not isinstance(cmap, str) or cmap not in matplotlib.colormaps:
+        raise ValueError(f"cmap must be a matplotlib colour map name such as 'jet' or 'viridis', got {cmap!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
     if class_names is not None and (
         isinstance(class_names, str) or not all(isinstance(n, str) for n in class_names)
     ):
@@ -98,3 +123,32 @@ def check_probe_images(handle: ModelHandle, images: Tensor) -> None:
     check_images(images)
     with preserved_rng(), explanation_mode(handle.model):
         handle.geometry(handle.prepare(images[:1]))
+
+
+def check_monitor_names(monitor: Any, monitors: Sequence[Any]) -> None:
+    """Refuse two monitors of one Trainer that would write the same tags and files: the same ``name`` (``None``
+    included) means the same ``xai/...`` tags (``xai/probes/<i>``, ``xai/target_probability``, the methods' tags)
+    at the same steps, each overwriting the other's pictures."""
+    same = [m for m in monitors if m is not monitor and m.name == monitor.name]
+    if same:
+        raise ValueError(
+            f"{len(same) + 1} explanation monitors in this Trainer have name={monitor.name!r}, so they would write "
+            f"the same tags (xai/probes, xai/target_probability, xai/<method>/...) and files and overwrite each other: "
+            "give each its own name=..., e.g. name='train' and name='val' (tags become xai/<name>/...)"
+        )
+
+
+def class_names_for(given: Sequence[str] | None, num_classes: int, found: list[str] | None) -> list[str] | None:
+    """The names shown for ``num_classes`` classes: the user's ``class_names`` (which must have that length),
+    else the model's own (Hugging Face ``config.id2label``, ``found``), else ``None`` (indices).
+
+    Raises:
+        ValueError: ``class_names`` of another length than the model's number of classes.
+    """
+    if given is None:
+        return found if found is not None and len(found) == num_classes else None
+    if len(given) != num_classes:
+        binary = " (a one-logit binary head has 2: negative, then positive)" if num_classes == 2 else ""
+        raise ValueError(f"class_names has {len(given)} names but the model has {num_classes} classes{binary}: "
+                         f"pass one name per class, in class index order")
+    return list(given)

@@ -73,11 +73,13 @@ def evolution_scalars(
 
 
 def faithfulness_scalars(
-    model_fn: Any, images: Tensor, maps: Tensor, targets: Tensor
+    model_fn: Any, images: Tensor, maps: Tensor, targets: Tensor, probabilities: Any = None
 ) -> dict[str, float]:
     """Mean deletion and insertion AUC of the first target's maps ``(P, K, H, W)`` for ``images`` ``(P, C, H, W)``;
-    ``model_fn(images) -> logits``. Costs about ``2 * 51`` forwards per probe."""
-    curves = deletion_insertion(model_fn, images, maps[:, 0].to(images), targets[:, 0])
+    ``model_fn(images) -> logits``, ``probabilities(logits)`` (default softmax). Costs about ``2 * 51`` forwards
+    per probe."""
+    curves = deletion_insertion(model_fn, images, maps[:, 0].to(images), targets[:, 0],
+                                probabilities=probabilities)
     return {name: float(curves[name].mean()) for name in ("deletion_auc", "insertion_auc")}
 
 

@@ -5,6 +5,9 @@ Images and scalars share one root, ``xai/``: ``xai/<method>/overlay``, ``xai/<me
 probes themselves, ``xai/probes/<i>`` for the probe images (logged once) and ``xai/table`` (W&B). They are logged
 at :func:`logging_step`, the step Lightning logs its own metrics at, so ``val_loss`` and ``xai/gradtoken/entropy``
 share one x axis.
+
+A monitor with ``name=...`` (two monitors in one run) logs under ``xai/<name>/...`` instead (:func:`named`), and
+its files go under ``xai/<name>/``.
 """
 
 from __future__ import annotations
@@ -14,6 +17,24 @@ import lightning.pytorch as pl
 ROOT = "xai"
 PROBES = f"{ROOT}/probes"
 TABLE = f"{ROOT}/table"
+
+
+def named(key: str, name: str | None) -> str:
+    """``key`` (``xai/...``) as the monitor called ``name`` logs it: ``xai/<name>/...``; unchanged for ``None``."""
+    if name is None or not key.startswith(f"{ROOT}/"):
+        return key
+    return f"{ROOT}/{name}/{key[len(ROOT) + 1:]}"
+
+
+def validate_label(count: int) -> str:
+    """Caption of the ``count``-th ``trainer.validate()`` event of a run: ``"validate 2"`` (it names no epoch: a
+    validation after ``fit`` comes after the last epoch, and a fresh model's has none)."""
+    return f"validate {count}"
+
+
+def validate_stem(count: int) -> str:
+    """File stem of the ``count``-th ``trainer.validate()`` event: ``validate_0002``."""
+    return f"validate_{count:04d}"
 
 
 def image_key(method: str, kind: str) -> str:

@@ -1,14 +1,32 @@
 """One-method shortcuts of :class:`~lightning_xai.callbacks.ExplanationMonitor`, with the method's options as
-keyword arguments."""
+keyword arguments: every option the method's explainer takes (its :meth:`~lightning_xai.explainers.Explainer.
+option_names`) reaches it; one that is also a monitor option (C2F's ``seed``) goes to both."""
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from typing import Any, ClassVar
 
 from lightning_xai.callbacks.monitor import ExplanationMonitor
+from lightning_xai.explainers.registry import get_explainer
+
+MONITOR_OPTIONS = frozenset(inspect.signature(ExplanationMonitor.__init__).parameters) - {"self", "methods"}
 
 
-class GradTokenMonitor(ExplanationMonitor):
+class OneMethodMonitor(ExplanationMonitor):
+    """:class:`ExplanationMonitor` for the one method :attr:`method`; its options are keyword arguments here
+    (the explainer's defaults apply to those not given)."""
+
+    method: ClassVar[str] = ""
+
+    def __init__(self, **kwargs: Any) -> None:
+        names = get_explainer(self.method).option_names()
+        options = {name: kwargs[name] for name in names if name in kwargs}
+        monitor = {key: value for key, value in kwargs.items() if key not in options or key in MONITOR_OPTIONS}
+        super().__init__(methods={self.method: options}, **monitor)
+
+
+class GradTokenMonitor(OneMethodMonitor):
     """:class:`ExplanationMonitor` for GradToken only; GradToken's options are keyword arguments here.
 
     Example:
@@ -16,21 +34,16 @@ class GradTokenMonitor(ExplanationMonitor):
         >>> monitor = GradTokenMonitor(layers="all", targets="topk", top_k=2)
     """
 
-    def __init__(self, *, layers: Any = "all", per_layer_norm: bool = False, objective: str = "logit", **kwargs: Any):
-        options = {"layers": layers, "per_layer_norm": per_layer_norm, "objective": objective}
-        super().__init__(methods={"gradtoken": options}, **kwargs)
+    method = "gradtoken"
 
 
-class C2FMonitor(ExplanationMonitor):
-    """:class:`ExplanationMonitor` for C2F-Explainer only; C2F's options are keyword arguments here.
+class C2FMonitor(OneMethodMonitor):
+    """:class:`ExplanationMonitor` for C2F-Explainer only; every C2F option (``granularity``, ``thresholds``,
+    ``fusion``, ``seed`` of its noise, ...) is a keyword argument here. ``seed`` also seeds the probe draw.
 
     Example:
         >>> from lightning_xai.callbacks import C2FMonitor
-        >>> monitor = C2FMonitor(granularity="clusters", num_probes=4)
+        >>> monitor = C2FMonitor(granularity="clusters", fusion="contrast", num_probes=4)
     """
 
-    def __init__(self, *, granularity: str = "draws", batch_size: int = 64, **kwargs: Any):
-        names = ("thresholds", "draws", "levels", "noise_sigma", "cluster_threshold")
-        options = {"granularity": granularity, "batch_size": batch_size}
-        options.update({name: kwargs.pop(name) for name in names if name in kwargs})
-        super().__init__(methods={"c2f": options}, **kwargs)
+    method = "c2f"

@@ -9,26 +9,29 @@ the results become numbers (:mod:`.evolution`) and pictures (:mod:`.presentation
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_xai.adapters import OutputTransform, ViTLocator
 from lightning_xai.callbacks import checks, keys, model_checks
-from lightning_xai.callbacks.batches import BatchTransform
+from lightning_xai.callbacks.batches import BatchTransform, read_samples
 from lightning_xai.callbacks.evolution import EvolutionTracker
 from lightning_xai.callbacks.notices import Notices
 from lightning_xai.callbacks.pipeline import EventPipeline
-from lightning_xai.callbacks.presentation import Board
+from lightning_xai.callbacks.presentation import Board, class_labels
 from lightning_xai.callbacks.probes import Probe, ProbeSet
 from lightning_xai.callbacks.record_builder import RecordBuilder
 from lightning_xai.callbacks.runner import ProbeRunner
 from lightning_xai.callbacks.schedule import Schedule
 from lightning_xai.callbacks.shortcut import DEFAULT_PATIENCE, DEFAULT_THRESHOLD
 from lightning_xai.callbacks.sinks import Record, sinks_for
+from lightning_xai.callbacks.step_inputs import StepInputCheck
 from lightning_xai.explainers import Explanation
 from lightning_xai.explainers.registry import resolve_methods
 from lightning_xai.handle import ForwardFn
@@ -75,6 +78,8 @@ class ExplanationMonitor(Callback):
         cmap: str = "jet",
         alpha: float = 0.5,
         class_names: Sequence[str] | None = None,
+        task: str = "auto",
+        name: str | None = None,
         vit: ViTLocator = None,
         output_transform: OutputTransform = None,
         forward: ForwardFn = None,
@@ -86,12 +91,17 @@ class ExplanationMonitor(Callback):
     ) -> None:
         super().__init__()
         self.methods = resolve_methods(methods)
+        flags = dict(explain_at_fit_start=explain_at_fit_start, deletion_insertion=deletion_insertion,
+                     save_raw=save_raw, shortcut_alarm=shortcut_alarm, stop_on_shortcut=stop_on_shortcut)
         checks.check_arguments(
             stage=stage, similarity=similarity, on_error=on_error, every_n_epochs=every_n_epochs,
             every_n_validations=every_n_validations, timeline_columns=timeline_columns, cmap=cmap, alpha=alpha,
-            mean=mean, std=std, class_names=class_names, output_transform=output_transform, forward=forward,
-            shortcut_alarm=shortcut_alarm, stop_on_shortcut=stop_on_shortcut,
+            class_names=class_names, output_transform=output_transform, forward=forward, flags=flags, task=task,
+            name=name,
         )
+        mean, std = checks.normalisation(mean, std)
+        self.task, self.name = task, name
+        self.class_names = None if class_names is None else list(class_names)
         self.probes = ProbeSet(probe_images, probe_labels, probe_masks, num_probes=num_probes, split=probe_split,
                                seed=seed, batch_transform=batch_transform, targets=targets, top_k=top_k)
         checks.check_shortcut_targets(shortcut_alarm, self.probes.targets)
@@ -109,6 +119,7 @@ class ExplanationMonitor(Callback):
         self.last_scalars: dict[str, float] = {}  # the latest event's scalars, {"xai/<method>/<name>": value}
         self.last_results: dict[str, Explanation] = {}  # the latest event's explanations, by method
         self.pipeline = EventPipeline(self.records, Notices(raise_errors=on_error == "raise"))
+        self.step_inputs = StepInputCheck()
         self._trainer: pl.Trainer | None = None
 
     @property
@@ -127,24 +138,30 @@ class ExplanationMonitor(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(stage=self.stage, methods=tuple(self.methods))
+        named = {} if self.name is None else {"name": self.name}
+        return self._generate_state_key(stage=self.stage, methods=tuple(self.methods), **named)
 
     # -- set-up: every misconfiguration raises here or in _prepare, before the first epoch --------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if trainer is not self._trainer:  # a new run (a second fit with this instance): start afresh
             self._trainer, self.pipeline.probes_logged = trainer, False
-            for part in (self.probes, self.schedule, self.records):
+            for part in (self.probes, self.schedule, self.records, self.step_inputs):
                 part.reset()
             self.pipeline.notices.start(trainer)
         self.runner = None
         model_checks.check_not_sharded(trainer)
+        checks.check_monitor_names(self, [cb for cb in trainer.callbacks if isinstance(cb, ExplanationMonitor)])
         if stage == "fit" and self.stage == "validation":
             model_checks.check_validation_runs(trainer, pl_module)
-        if trainer.is_global_zero:
-            self.pipeline.sinks = sinks_for(trainer, trainer.loggers, self.save_raw)
+        if trainer.is_global_zero:  # under fast_dev_run nothing is written, as Lightning's own loggers do
+            self.pipeline.sinks = [] if trainer.fast_dev_run else sinks_for(trainer, trainer.loggers, self.save_raw,
+                                                                            self.name)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._prepare(trainer, pl_module)
+        why = self.schedule.never_explains(trainer, self.stage)
+        if why is not None:
+            rank_zero_warn(f"lightning-xai: this fit will never explain: {why}.", category=UserWarning)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.runner is None and self.stage == "validation":  # trainer.validate(): no on_fit_start
@@ -154,11 +171,13 @@ class ExplanationMonitor(Callback):
         """Draw the probes, then find the ViT (the module is built by now), build the explainers, check."""
         self.probes.draw(trainer)
         self.runner = ProbeRunner(pl_module, self.methods, self.probes, vit=self.vit,
-                                  output_transform=self.output_transform, forward=self.forward)
+                                  output_transform=self.output_transform, forward=self.forward, task=self.task)
+        self.records.board.class_names = checks.class_names_for(self.class_names, self.runner.num_classes,
+                                                                class_labels(pl_module, self.runner.handle.vit))
 
     # -- state ------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {**self.probes.state_dict(), "stage": self.stage, "methods": list(self.methods),
+        return {**self.probes.state_dict(), "stage": self.stage, "name": self.name, "methods": list(self.methods),
                 "schedule": self.schedule.state_dict(), **self.records.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -169,11 +188,12 @@ class ExplanationMonitor(Callback):
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         """Resuming with other ``methods`` (another state key): take the probes, and the history of the methods
-        still explained, from the checkpoint's one monitor state of the same stage."""
+        still explained, from the checkpoint's one monitor state of the same stage and name."""
         states = checkpoint.get("callbacks") or {}
         if self.state_key in states:
             return  # load_state_dict gets it
-        same = [s for s in states.values() if isinstance(s, dict) and s.get("stage") == self.stage and "probe" in s]
+        same = [s for s in states.values()
+                if isinstance(s, dict) and s.get("stage") == self.stage and s.get("name") == self.name and "probe" in s]
         if len(same) == 1:
             self.load_state_dict(copy.deepcopy(same[0]))
 
@@ -193,6 +213,19 @@ class ExplanationMonitor(Callback):
         if self.stage == "train" and self.schedule.due(trainer, step, validation=False):
             self._explain(trainer, step)
 
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                                  batch_idx: int, dataloader_idx: int = 0) -> None:
+        if trainer.is_global_zero and self.runner is not None and not self.step_inputs.done:
+            self.step_inputs.start(self.runner.handle)
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        if trainer.is_global_zero and self.runner is not None and not self.step_inputs.done:
+            reader = functools.partial(read_samples, batch_transform=self.probes.batch_transform)
+            warning = self.step_inputs.finish(self.runner.handle, batch, reader)
+            if warning is not None:
+                self.pipeline.notices.warn(warning, once_key="step-inputs")
+
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = keys.logging_step(trainer)
         if self.stage == "validation" and not trainer.sanity_checking and self.schedule.due(trainer, step, True):
@@ -205,8 +238,8 @@ class ExplanationMonitor(Callback):
         self.schedule.add(trainer, step, scheduled)
         alarms = None
         if trainer.is_global_zero:
-            epoch = trainer.current_epoch
-            record = Record(epoch, step, *self.schedule.names(epoch, step, within_epoch, baseline=not scheduled))
+            names = self.schedule.names(trainer, step, within_epoch, baseline=not scheduled)
+            record = Record(trainer.current_epoch, step, *names)
             alarms = self.pipeline.run(record, self.runner)
             if alarms is not None:
                 self.last_scalars, self.last_results = dict(record.scalars), record.explanations

@@ -7,7 +7,7 @@ uint8 maps that also go into checkpoints.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -182,3 +182,20 @@ class Board:
             for m, h in state.get("history", {}).items()
             if methods is None or m in methods
         }
+
+
+def class_labels(*modules: Any) -> list[str] | None:
+    """Class names a model carries itself: the first Hugging Face ``config.id2label`` among ``modules`` (and their
+    submodules) that is not the default ``LABEL_<i>``, as a list in class index order; ``None`` if there is none."""
+    for module in modules:
+        for sub in module.modules():
+            labels = getattr(getattr(sub, "config", None), "id2label", None)
+            if not isinstance(labels, Mapping) or not labels:
+                continue
+            try:
+                ordered = [str(labels[i]) if i in labels else str(labels[str(i)]) for i in range(len(labels))]
+            except KeyError:
+                continue
+            if ordered != [f"LABEL_{i}" for i in range(len(ordered))]:
+                return ordered
+    return None

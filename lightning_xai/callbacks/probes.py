@@ -11,6 +11,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_xai.callbacks.batches import BatchTransform, draw_samples
@@ -125,10 +126,10 @@ class ProbeSet:
             self.probe.indices = samples.indices
         return self.probe
 
-    def select(self, logits: Tensor) -> Tensor:
-        """The classes ``(P, K)`` to explain given the probes' logits ``(P, num_classes)`` (see
+    def select(self, logits: Tensor, task: str = "multiclass") -> Tensor:
+        """The classes ``(P, K)`` to explain given the probes' class scores ``(P, num_classes)`` of a ``task`` (see
         :func:`select_targets`); raises ``ValueError`` for classes the model does not have."""
-        return select_targets(self.targets, self.top_k, logits, self.probe.labels)
+        return select_targets(self.targets, self.top_k, logits, self.probe.labels, task)
 
     def state_dict(self) -> dict[str, Any]:
         return {"probe": None if self.probe is None else self.probe.state_dict(), "targets": self.targets}
@@ -186,12 +187,31 @@ def class_indices(labels: Tensor, num_classes: int) -> Tensor:
     return labels.argmax(-1) if one_hot else labels.long()
 
 
-def select_targets(targets: str | int | list[int], top_k: int, logits: Tensor, labels: Tensor | None) -> Tensor:
-    """The classes ``(P, K)`` explained at one event, from the probes' logits ``(P, num_classes)``.
+def positive_classes(positive: Tensor, scores: Tensor) -> Tensor:
+    """Every class of a row where ``positive`` ``(P, C)`` is set, highest score first, as ``(P, K)`` indices with
+    ``K`` the largest count of a row; a row with fewer repeats its first class in the remaining columns (a repeat
+    of a valid class, never an invented one); a row with none gets its highest-scoring class."""
+    positive = positive.to(scores.device) | (~positive.to(scores.device).any(-1, keepdim=True)
+                                             & F.one_hot(scores.argmax(-1), scores.shape[-1]).bool())
+    counts = positive.sum(-1, keepdim=True)
+    ranked = scores.masked_fill(~positive, float("-inf")).argsort(-1, descending=True)[:, : int(counts.max())]
+    columns = torch.arange(ranked.shape[1], device=ranked.device)
+    return torch.where(columns < counts, ranked, ranked[:, :1])
+
+
+def select_targets(targets: str | int | list[int], top_k: int, logits: Tensor, labels: Tensor | None,
+                   task: str = "multiclass") -> Tensor:
+    """The classes ``(P, K)`` explained at one event, from the probes' class scores ``(P, num_classes)``.
 
     ``"pred"``: the predicted class; ``"topk"``: the ``top_k`` predicted classes; ``"label"``: the probe labels
-    (see :func:`class_indices`); an int or a list: those classes for every probe.
+    (see :func:`class_indices`); an int or a list: those classes for every probe. For a ``"multilabel"`` task,
+    ``"pred"`` explains every class with sigmoid >= 0.5 (at least the top one) and ``"label"`` every positive
+    label of multi-hot labels ``(P, num_classes)`` (see :func:`positive_classes` for rows with fewer or none).
     """
+    if task == "multilabel" and targets == "pred":
+        return positive_classes(logits >= 0, logits)
+    if task == "multilabel" and targets == "label" and labels is not None and tuple(labels.shape) == logits.shape:
+        return positive_classes(labels > 0.5, logits)
     if targets == "pred":
         return logits.argmax(-1, keepdim=True)
     if targets == "topk":

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_xai import tasks
 from lightning_xai.adapters import OutputTransform, ViTLocator, find_vit
 from lightning_xai.callbacks import checks, keys, model_checks
 from lightning_xai.callbacks.evolution import faithfulness_scalars
@@ -27,8 +28,9 @@ class Outcome:
 
     Attributes:
         images: ``(P, C, H, W)`` the probes as the model took them (its device and dtype).
-        logits: ``(P, num_classes)`` float32.
-        targets: ``(P, K)`` the classes explained; ``probs``: ``(P, K)`` their softmax probabilities.
+        logits: ``(P, num_classes)`` float32 class scores (``[-z, z]`` for a one-logit binary head).
+        targets: ``(P, K)`` the classes explained; ``probs``: ``(P, K)`` their probabilities (softmax, or sigmoid
+            for binary and multi-label tasks).
         results: each method's explanation (methods that failed are missing).
     """
 
@@ -53,6 +55,8 @@ class ProbeRunner:
         methods: ``{registry name: options}`` (from :func:`~lightning_xai.explainers.registry.resolve_methods`).
         probes: the probe set, drawn, and which of their classes to explain.
         vit, output_transform, forward: as for :class:`~lightning_xai.handle.ModelHandle`.
+        task: what the logits mean (:mod:`lightning_xai.tasks`); ``"auto"`` is resolved here from the number of
+            logits and the probe labels (:func:`~lightning_xai.tasks.resolve_task`), see :attr:`task`.
     """
 
     def __init__(
@@ -64,6 +68,7 @@ class ProbeRunner:
         vit: ViTLocator = None,
         output_transform: OutputTransform = None,
         forward: ForwardFn = None,
+        task: str = "auto",
     ) -> None:
         if probes.probe is None:
             raise ValueError("the probes are not drawn yet: call probes.draw(trainer) first")
@@ -72,7 +77,7 @@ class ProbeRunner:
         if not candidates:
             find_vit(module)  # raises the error that says how to point at the ViT
         handle = ModelHandle(module, vit=next(iter(candidates.values())), output_transform=output_transform,
-                             forward=forward)  # refuses a ViT on the meta device
+                             forward=forward, task=task)  # refuses a ViT on the meta device
         checks.check_images(images)
         one = handle.prepare(images[:1])
         try:
@@ -86,15 +91,22 @@ class ProbeRunner:
         elif len(candidates) > 1:
             vit = model_checks.choose_vit(module, candidates,
                                           lambda: self._logits(handle, one.clone().requires_grad_()))
-            handle = ModelHandle(module, vit=vit, output_transform=output_transform, forward=forward)
+            handle = ModelHandle(module, vit=vit, output_transform=output_transform, forward=forward, task=task)
         checks.check_probe_images(handle, images)
         self.handle = handle
         with preserved_rng(), explanation_mode(module):
-            logits = handle.predict(images[:1])
-        probes.select(logits.expand(len(images), -1))  # raises for classes the model does not have
+            logits = handle.predict(images[:1])  # resolves task="auto" from the number of logits
+        if task == "auto":  # the handle saw the logits; the probe labels may tell multi-label apart
+            handle.task = tasks.resolve_task(task, 1 if handle.task == "binary" else logits.shape[-1],
+                                             probes.probe.labels)
+        self.task: str = handle.task
+        self.num_classes: int = logits.shape[-1]
+        """The number of classes (2 for a one-logit binary head)."""
+        """The task explained: ``"multiclass"``, ``"binary"`` or ``"multilabel"``."""
+        probes.select(logits.expand(len(images), -1), self.task)  # raises for classes the model does not have
         self.explainers: dict[str, Explainer] = {
             name: create_explainer(name, module, vit=handle.vit, output_transform=output_transform, forward=forward,
-                                   **options)
+                                   task=self.task, **options)
             for name, options in methods.items()
         }
         model_checks.check_gradients(module, handle.vit, self.explainers, one, lambda x: self._logits(handle, x))
@@ -116,8 +128,8 @@ class ProbeRunner:
         if not bool(torch.isfinite(logits).all()):
             raise FloatingPointError("the model's outputs on the probes are NaN or infinite (weights diverged?): "
                                      "no maps logged for this event")
-        targets = self.probes.select(logits)
-        outcome = Outcome(images, logits, targets, logits.softmax(-1).gather(1, targets))
+        targets = self.probes.select(logits, self.task)
+        outcome = Outcome(images, logits, targets, self.handle.probabilities(logits).gather(1, targets))
         for name, explainer in self.explainers.items():
             try:
                 with warnings.catch_warnings(record=True) as caught:
@@ -134,17 +146,30 @@ class ProbeRunner:
         return outcome
 
     def probe_scalars(self, outcome: Outcome) -> dict[str, float]:
-        """``xai/target_probability`` and, with one label per probe, ``xai/probe_accuracy``."""
+        """``xai/target_probability`` (the mean probability of the explained classes) and, with labels:
+        ``xai/probe_accuracy`` (multiclass: argmax = label; binary: ``z > 0`` = label) or, multi-label with
+        multi-hot labels ``(P, C)``, ``xai/probe_exact_match`` (every label of a probe right: sigmoid >= 0.5 iff
+        positive) and ``xai/probe_label_accuracy`` (the share of right (probe, class) decisions)."""
         out = {keys.scalar_key("target_probability"): float(outcome.probs.mean())}
-        if self.probes.probe.labels is not None:
-            labels = class_indices(self.probes.probe.labels, outcome.logits.shape[-1])
-            if labels.dim() == 1:
-                accuracy = (outcome.logits.argmax(-1).cpu() == labels).float().mean()
-                out[keys.scalar_key("probe_accuracy")] = float(accuracy)
+        labels, scores = self.probes.probe.labels, outcome.logits.cpu()
+        if labels is None:
+            return out
+        if self.task == "multilabel":
+            if tuple(labels.shape) == scores.shape:
+                right = (scores >= 0) == (labels > 0.5)
+                out[keys.scalar_key("probe_exact_match")] = float(right.all(-1).float().mean())
+                out[keys.scalar_key("probe_label_accuracy")] = float(right.float().mean())
+            return out
+        labels = class_indices(labels, scores.shape[-1])
+        if self.task == "binary" and labels.dim() == 2 and labels.shape[1] == 1:
+            labels = labels[:, 0]  # BCE targets (P, 1)
+        if labels.dim() == 1:
+            predicted = (scores[:, 1] > 0).long() if self.task == "binary" else scores.argmax(-1)
+            out[keys.scalar_key("probe_accuracy")] = float((predicted == labels).float().mean())
         return out
 
     def faithfulness(self, outcome: Outcome, method: str) -> dict[str, float]:
         """Deletion and insertion AUC of ``method``'s maps (about ``2 * 51`` forwards per probe)."""
         with explanation_mode(self.module):
             return faithfulness_scalars(self.handle.logits, outcome.images, outcome.results[method].maps,
-                                        outcome.targets)
+                                        outcome.targets, self.handle.probabilities)

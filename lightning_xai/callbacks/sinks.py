@@ -74,7 +74,17 @@ class Record:
 
 
 class Sink:
-    """Base class: receives one :class:`Record` per explanation event."""
+    """Base class: receives one :class:`Record` per explanation event.
+
+    Attributes:
+        name: the monitor's ``name`` (``None``: none): every tag goes under ``xai/<name>/`` (:meth:`tag`).
+    """
+
+    name: str | None = None
+
+    def tag(self, key: str) -> str:
+        """``key`` as this monitor logs it (see :func:`.keys.named`)."""
+        return keys.named(key, self.name)
 
     def write(self, record: Record) -> None:
         raise NotImplementedError
@@ -97,6 +107,7 @@ class TensorBoardSink(Sink):
         """Log a uint8 ``(H, W, 3)`` image. With torch's ``SummaryWriter`` the PNG is encoded here, at our fast
         compression level, and written as the same image summary ``add_image`` writes (which would first
         round-trip the array through float32 and encode at PIL's slow default); other writers get ``add_image``."""
+        tag = self.tag(tag)
         if not isinstance(self.experiment, SummaryWriter):
             self.experiment.add_image(tag, image, step, dataformats="HWC")
             return
@@ -116,9 +127,9 @@ class TensorBoardSink(Sink):
         for tag, image in record.images.items():
             self._image(tag, image, record.step)
         for tag, value in record.scalars.items():
-            self.experiment.add_scalar(tag, value, record.step)
+            self.experiment.add_scalar(self.tag(tag), value, record.step)
         for tag, text in record.alerts:
-            self.experiment.add_text(tag, text, record.step)
+            self.experiment.add_text(self.tag(tag), text, record.step)
         self.experiment.flush()
 
 
@@ -150,7 +161,7 @@ class WandbSink(Sink):
             payload[tag] = image(extra, caption=f"{tag}, {record.label}")
         for tag, text in record.alerts:
             payload[tag] = text  # the note in the run's history, also where alerts cannot be sent (offline)
-            self._alert(tag, text)
+            self._alert(self.tag(tag), text)
         if record.rows:
             methods = list(record.rows[0][4])
             columns = ["epoch", "step", "probe", "target", "target_name", "probability", *methods]
@@ -159,6 +170,7 @@ class WandbSink(Sink):
                 cells = (image(tiles[m]) for m in methods)
                 table.add_data(record.epoch, record.step, probe, target, name, prob, *cells)
             payload[keys.TABLE] = table
+        payload = {self.tag(key): value for key, value in payload.items()}
         # Staged, not committed: Lightning's own metrics of this validation (logged right after the callback hook,
         # at the same trainer/global_step) complete the same W&B row, so both share one `_step` too.
         step = getattr(self.experiment, "step", None)
@@ -184,11 +196,12 @@ class WandbSink(Sink):
 
 
 class PngSink(Sink):
-    """PNG files under ``root/xai/<method>/`` plus ``root/xai/metrics.csv``; scalars also to ``logger``."""
+    """PNG files under ``root/xai/<method>/`` plus ``root/xai/metrics.csv`` (``root/xai/<name>/...`` for a named
+    monitor); scalars also to ``logger``."""
 
-    def __init__(self, root: Path, logger: Any = None) -> None:
-        self.root = Path(root) / "xai"
-        self.logger = logger
+    def __init__(self, root: Path, logger: Any = None, name: str | None = None) -> None:
+        self.root = Path(root) / "xai" / (name or "")
+        self.logger, self.name = logger, name
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -214,7 +227,8 @@ class PngSink(Sink):
                                   for tag, text in record.alerts)
         self._append_csv(record, record.scalars)
         if self.logger is not None and record.scalars:
-            self.logger.log_metrics({**record.scalars, "epoch": record.epoch}, step=record.step)
+            scalars = {self.tag(key): value for key, value in record.scalars.items()}
+            self.logger.log_metrics({**scalars, "epoch": record.epoch}, step=record.step)
 
     def _append_csv(self, record: Record, scalars: Mapping[str, float]) -> None:
         path = self.root / "metrics.csv"
@@ -223,16 +237,16 @@ class PngSink(Sink):
             writer = csv.writer(handle)
             if new:
                 writer.writerow(["epoch", "step", "name", "value"])
-            writer.writerows([record.epoch, record.step, name, value] for name, value in scalars.items())
+            writer.writerows([record.epoch, record.step, self.tag(name), value] for name, value in scalars.items())
 
 
 class RawMapSink(Sink):
     """``save_raw``: each event's unnormalised maps, targets and probabilities as
-    ``root/xai/raw/<method>/<stem>.pt`` (``torch.load`` gives ``{"raw": (P, K, H, W), "targets": (P, K),
-    "probs": (P, K), "epoch": int, "step": int}``)."""
+    ``root/xai/raw/<method>/<stem>.pt`` (``root/xai/<name>/raw/...`` for a named monitor; ``torch.load`` gives
+    ``{"raw": (P, K, H, W), "targets": (P, K), "probs": (P, K), "epoch": int, "step": int}``)."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root) / "xai" / "raw"
+    def __init__(self, root: Path, name: str | None = None) -> None:
+        self.root = Path(root) / "xai" / (name or "") / "raw"
 
     def write(self, record: Record) -> None:
         for method, result in record.explanations.items():
@@ -268,9 +282,11 @@ def _log_root(logger: Any, trainer: pl.Trainer) -> Path:
     return Path(trainer.default_root_dir)
 
 
-def sinks_for(trainer: pl.Trainer, loggers: Sequence[Any], save_raw: bool = False) -> list[Sink]:
+def sinks_for(trainer: pl.Trainer, loggers: Sequence[Any], save_raw: bool = False,
+              name: str | None = None) -> list[Sink]:
     """One sink per logger in ``loggers``; a PNG sink under the run directory when there are none; with
-    ``save_raw`` a :class:`RawMapSink` beside the first PNG sink (or under the trainer's log directory)."""
+    ``save_raw`` a :class:`RawMapSink` beside the first PNG sink (or under the trainer's log directory); all
+    writing under the monitor's ``name`` (see :func:`.keys.named`)."""
     sinks: list[Sink] = []
     for logger in loggers:
         kind = _kind(logger)
@@ -279,10 +295,13 @@ def sinks_for(trainer: pl.Trainer, loggers: Sequence[Any], save_raw: bool = Fals
         elif kind == "wandb":
             sinks.append(WandbSink(logger))
         else:
-            sinks.append(PngSink(_log_root(logger, trainer), logger))
+            sinks.append(PngSink(_log_root(logger, trainer), logger, name))
     if not sinks:
-        sinks.append(PngSink(_log_root(None, trainer)))
+        sinks.append(PngSink(_log_root(None, trainer), name=name))
     if save_raw:
-        png_roots = [sink.root.parent for sink in sinks if isinstance(sink, PngSink)]
-        sinks.append(RawMapSink(png_roots[0] if png_roots else Path(trainer.log_dir or trainer.default_root_dir)))
+        png_roots = [_log_root(sink.logger, trainer) for sink in sinks if isinstance(sink, PngSink)]
+        sinks.append(RawMapSink(png_roots[0] if png_roots else Path(trainer.log_dir or trainer.default_root_dir),
+                                name))
+    for sink in sinks:
+        sink.name = name
     return sinks

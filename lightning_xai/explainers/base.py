@@ -34,7 +34,8 @@ class Explanation:
         raw: ``(B, K, H, W)`` float32, the same maps before normalisation (strength comparable across
             epochs and images).
         targets: ``(B, K)`` int64 class indices explained.
-        probs: ``(B, K)`` float32 softmax probability of each target on the clean image.
+        probs: ``(B, K)`` float32 probability of each target on the clean image (softmax; sigmoid for binary
+            and multi-label tasks).
         options: the method's options as used.
         patch_maps: ``(B, K, h, w)`` raw patch-level maps for patch-level methods, else ``None``.
         coarse: C2F only: ``(B, K, H, W)`` normalised coarse (S3WM) map.
@@ -128,6 +129,9 @@ class Explainer:
             tuple/list and the ``"logits"`` entry of a dict.
         forward: ``forward(model, images) -> output`` for a module whose forward does not take an image
             tensor (e.g. ``lambda m, x: m(pixel_values=x)``); default ``model(images)``.
+        task: what the logits mean: ``"auto"`` (one logit: binary, otherwise multiclass), ``"multiclass"``,
+            ``"binary"`` (one logit ``z``: class 1 scores ``z``, class 0 ``-z``) or ``"multilabel"`` (sigmoid per
+            class); see :mod:`lightning_xai.tasks`.
     """
 
     name: ClassVar[str] = ""
@@ -135,7 +139,7 @@ class Explainer:
     #: rows"); such a method cannot explain a pooling that no attention row expresses (attention pooling)
     needs_readout: ClassVar[bool] = False
     #: keyword arguments every explainer takes besides its method-specific options
-    COMMON_OPTIONS: ClassVar[tuple[str, ...]] = ("vit", "output_transform", "forward")
+    COMMON_OPTIONS: ClassVar[tuple[str, ...]] = ("vit", "output_transform", "forward", "task")
 
     def __init__(
         self,
@@ -144,8 +148,9 @@ class Explainer:
         vit: ViTLocator = None,
         output_transform: OutputTransform = None,
         forward: ForwardFn = None,
+        task: str = "auto",
     ):
-        self.handle = ModelHandle(model, vit=vit, output_transform=output_transform, forward=forward)
+        self.handle = ModelHandle(model, vit=vit, output_transform=output_transform, forward=forward, task=task)
         self.model = self.handle.model
         self.vit = self.handle.vit
         self.output_transform = output_transform
@@ -240,7 +245,7 @@ class Explainer:
 
     # -- helpers for subclasses -----------------------------------------------------------------------
     def logits(self, x: Tensor) -> Tensor:
-        """The whole model's output logits ``(B, num_classes)`` in float32."""
+        """The whole model's class scores ``(B, num_classes)`` in float32 (see :meth:`ModelHandle.logits`)."""
         return self.handle.logits(x)
 
     def forward_captured(
@@ -250,7 +255,7 @@ class Explainer:
         with capture(self.vit, what, blocks) as record:
             logits = self.logits(x)
         resolved = resolve_targets(targets, logits)
-        probs = logits.softmax(-1).gather(1, resolved)
+        probs = self.handle.probabilities(logits).gather(1, resolved)
         return logits, record, resolved, probs
 
     def attention_gradients(
@@ -267,7 +272,7 @@ class Explainer:
         """
         x = x.requires_grad_(True)
         logits, record, resolved, probs = self.forward_captured(x, ("attn",), targets, blocks)
-        score = logits if objective == "logit" else logits.log_softmax(-1)
+        score = logits if objective == "logit" else self.handle.log_probabilities(logits)
         onehot = F.one_hot(resolved, score.shape[-1]).to(score.dtype).permute(1, 0, 2)  # (K, B, C)
         if onehot.shape[0] == 1:
             grads = torch.autograd.grad(score, record.attn, grad_outputs=onehot[0])

@@ -125,7 +125,7 @@ class _MaskExplainer(Explainer):
 
     def _probs(self, x: Tensor) -> Tensor:
         with torch.no_grad():
-            return self.logits(x).softmax(-1)
+            return self.handle.probabilities(self.logits(x))
 
     def _clean_pass(self, x: Tensor, targets: Any, what: tuple[str, ...]) -> tuple[Capture, Tensor, Tensor]:
         with torch.no_grad():
