@@ -255,6 +255,38 @@ def grid(tiles: np.ndarray, ncols: int, pad: int = 2, pad_value: int = 255) -> n
     return grids(tiles[None], ncols, pad, pad_value)[0]
 
 
+#: Frame colour of the tiles of a wrongly predicted probe (:func:`mark`).
+WRONG_COLOUR = (230, 30, 30)
+
+
+def mark(tiles: np.ndarray, flags: Sequence[bool] | np.ndarray, width: int = 3,
+         colour: tuple[int, int, int] = WRONG_COLOUR) -> np.ndarray:
+    """A copy of uint8 tiles ``(N, ..., h, w, 3)`` where each tile of an entry whose flag is set (``flags``
+    ``(N,)``) gets a ``width``-pixel frame of ``colour`` (e.g. the row of a wrongly predicted probe)."""
+    flags = np.asarray(flags, dtype=bool)
+    if flags.shape != tiles.shape[:1]:
+        raise ValueError(f"mark needs one flag per entry: {tiles.shape[0]} entries, flags of shape {flags.shape}")
+    out = tiles.copy()
+    marked = out[flags]
+    for edge in (np.s_[..., :width, :, :], np.s_[..., -width:, :, :], np.s_[..., :width, :], np.s_[..., -width:, :]):
+        marked[edge] = colour
+    out[flags] = marked
+    return out
+
+
+def stride_columns(count: int, max_columns: int) -> list[int]:
+    """Indices of the frames a timeline shows when it should change rarely: every ``s``-th frame from the first,
+    ``s`` the smallest power of two that leaves at most ``max_columns``. Unlike :func:`timeline_columns` (which
+    always shows the newest, so its choice changes with every frame), the choice changes only when a frame lands
+    on the stride or the stride doubles: about ``max_columns / 2`` times per doubling of ``count``."""
+    if count < 1 or max_columns < 1:
+        raise ValueError(f"need count >= 1 and max_columns >= 1, got {count}, {max_columns}")
+    stride = 1
+    while -(-count // stride) > max_columns:
+        stride *= 2
+    return list(range(0, count, stride))
+
+
 def timeline_columns(count: int, max_columns: int) -> list[int]:
     """Indices of the frames a timeline shows: all if ``count <= max_columns``, else evenly spaced ones that
     always include the first and the last."""

@@ -130,14 +130,20 @@ class ProbeRunner:
                 on_failure(name, err)
         return outcome
 
+    def label_indices(self, outcome: Outcome) -> Tensor | None:
+        """The probes' labels as class indices ``(P,)``, or ``None`` when they have none or several each."""
+        if self.probes.probe.labels is None:
+            return None
+        labels = class_indices(self.probes.probe.labels, outcome.logits.shape[-1])
+        return labels if labels.dim() == 1 else None
+
     def probe_scalars(self, outcome: Outcome) -> dict[str, float]:
         """``xai/target_probability`` and, with one label per probe, ``xai/probe_accuracy``."""
         out = {keys.scalar_key("target_probability"): float(outcome.probs.mean())}
-        if self.probes.probe.labels is not None:
-            labels = class_indices(self.probes.probe.labels, outcome.logits.shape[-1])
-            if labels.dim() == 1:
-                accuracy = (outcome.logits.argmax(-1).cpu() == labels).float().mean()
-                out[keys.scalar_key("probe_accuracy")] = float(accuracy)
+        labels = self.label_indices(outcome)
+        if labels is not None:
+            accuracy = (outcome.logits.argmax(-1).cpu() == labels).float().mean()
+            out[keys.scalar_key("probe_accuracy")] = float(accuracy)
         return out
 
     def faithfulness(self, outcome: Outcome, method: str) -> dict[str, float]:
