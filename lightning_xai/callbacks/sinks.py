@@ -28,6 +28,8 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.compat.proto.tensor_pb2 import TensorProto
+from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
 from tensorboard.plugins.scalar import metadata as scalar_metadata
 from torch.utils.tensorboard import SummaryWriter
 
@@ -119,16 +121,19 @@ class TensorBoardSink(Sink):
         self.experiment._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=png)]), step)
 
     def _scalar(self, tag: str, value: float, step: int) -> None:
-        """``add_scalar``; the first value of each tag carries the tag's description (TensorBoard shows the metadata
-        of a tag's first summary), written as the scalar summary ``add_scalar`` writes, plus that metadata."""
+        """``add_scalar``; before the first value of each tag, the same value as a tensor summary carrying the tag's
+        description. TensorBoard keeps the metadata of a tag's first summary, and its fast loader (the Rust data
+        server, its default) reads metadata from tensor summaries only; the plain value written right after, at
+        the same step, replaces the tensor's point there and keeps the tag readable as a scalar by
+        ``EventAccumulator.Scalars``."""
         text = descriptions.description(tag)
-        if tag in self._described or not text or not isinstance(self.experiment, SummaryWriter):
-            self.experiment.add_scalar(tag, value, step)
-            return
-        meta = scalar_metadata.create_summary_metadata(display_name=tag, description=text)
-        summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(value), metadata=meta)])
-        self.experiment._get_file_writer().add_summary(summary, step)
-        self._described.add(tag)
+        if tag not in self._described and text and isinstance(self.experiment, SummaryWriter):
+            meta = scalar_metadata.create_summary_metadata(display_name=tag, description=text)
+            tensor = TensorProto(dtype="DT_FLOAT", float_val=[float(value)], tensor_shape=TensorShapeProto())
+            summary = Summary(value=[Summary.Value(tag=tag, tensor=tensor, metadata=meta)])
+            self.experiment._get_file_writer().add_summary(summary, step)
+            self._described.add(tag)
+        self.experiment.add_scalar(tag, value, step)
 
     def _layout(self, tags: Sequence[str]) -> None:
         """The Custom Scalars layout of ``tags`` (see :func:`~lightning_xai.callbacks.descriptions.scalar_layout`),
