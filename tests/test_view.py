@@ -129,26 +129,31 @@ def test_layout_draws_the_shortcut_rate_and_its_threshold_in_one_chart():
     assert descriptions.describe("val_loss") is None
 
 
-def board_rows(labels, predictions):
+def board_rows(labels, predictions, targets=((0,), (1,))):
     board = Board(class_names=["a", "b"], mean=(0.5,) * 3, std=(0.5,) * 3)
     images = torch.zeros(2, 3, 32, 32)
     result = Explanation(method="gradtoken", maps=torch.rand(2, 1, 32, 32), raw=torch.rand(2, 1, 32, 32),
-                         targets=torch.tensor([[0], [1]]), probs=torch.tensor([[0.9], [0.6]]))
+                         targets=torch.tensor(targets), probs=torch.tensor([[0.9], [0.6]]))
     tiles = board.overlays(images, result.maps)
     return board.probe_rows(images, result, tiles, "ep 1", labels, predictions)
 
 
-def test_probe_captions_show_true_and_predicted_class_and_wrong_rows_are_framed():
+def test_probe_captions_show_true_and_predicted_class_and_wrong_rows_are_marked():
     rows = board_rows(torch.tensor([0, 0]), torch.tensor([0, 1]))  # probe 1 is predicted 'b', its label is 'a'
     band = render.band_height(3)
-    texts = ["#0 ep 1\ntrue a\npred a", "#1 ep 1\ntrue a\npred b"]
-    expected = render.caption(np.zeros((2, 96, 96, 3), np.uint8), texts, lines=3)[:, :band]
-    np.testing.assert_array_equal(rows[0, 0, :band], expected[0])  # the right row is not framed
+    texts = ["#0 ep 1\ntrue a", "#1 ep 1\ntrue a"]  # probe 1's overlay names its prediction, 'b'
+    blank = np.zeros((2, 96, 96, 3), np.uint8)
+    expected = render.caption(blank, texts, lines=3, backgrounds=[None, render.WRONG_BAND])[:, :band]
+    np.testing.assert_array_equal(rows[:, 0, :band], expected)  # the wrong row's captions are red
+    assert (rows[1, 1, :band] == expected[1]).all(axis=-1).mean() > 0.8  # its overlay's caption too
     red = np.array(render.WRONG_COLOUR, np.uint8)
-    assert (rows[1, :, :3] == red).all() and (rows[1, :, -3:] == red).all()  # every tile of the wrong row
-    assert (rows[1, :, :, :3] == red).all() and (rows[1, :, :, -3:] == red).all()
-    np.testing.assert_array_equal(rows[1, 0, 3:band, 3:-3], expected[1, 3:, 3:-3])
-    assert not (rows[0, :, :, :3] == red).all(axis=-1).any()
+    pictures = rows[:, :, band:]
+    for edge in (pictures[1, :, :2], pictures[1, :, -2:], pictures[1, :, :, :2], pictures[1, :, :, -2:]):
+        assert (edge == red).all()  # a frame round every picture of the wrong row
+    assert not (pictures[0] == red).all(axis=-1).any()
+    explained_label = board_rows(torch.tensor([0, 1]), torch.tensor([0, 0]), targets=[[0], [1]])
+    expected = render.caption(blank[:1], ["#1 ep 1\ntrue b\npred a"], lines=3, backgrounds=[render.WRONG_BAND])
+    np.testing.assert_array_equal(explained_label[1, 0, :band], expected[0, :band])  # no overlay names 'a'
     unlabelled = board_rows(None, None)
     assert unlabelled.shape[2] == render.band_height(2) + 96  # two caption lines without labels, as before
 

@@ -110,24 +110,34 @@ class Board:
     def probe_rows(self, images: Tensor, result: Explanation, tiles: np.ndarray, label: str,
                    labels: Tensor | None = None, predictions: Tensor | None = None) -> np.ndarray:
         """uint8 ``(P, K + 1, h, w, 3)``: per probe, the probe image captioned with ``#<i> <label>`` (and, with
-        ``labels``/``predictions`` ``(P,)`` class indices, ``true <name>`` and ``pred <name>``), then its ``K``
+        ``labels``/``predictions`` ``(P,)`` class indices, ``true <name>``, plus ``pred <name>`` when the prediction
+        is neither the label nor the first overlay's class, which its caption already names), then its ``K``
         overlays ``tiles`` ``(P, K, h, w, 3)`` captioned with the class name and probability; every tile of a
-        probe whose prediction is not its label gets a red frame (:func:`lightning_xai.render.mark`)."""
+        probe whose prediction is not its label gets a red frame (:func:`lightning_xai.render.mark`) and a red
+        caption band."""
         count, k = result.targets.shape
         texts = [
             f"{self.class_name(int(t))} p={float(p):.2f}"
             for t, p in zip(result.targets.flatten(), result.probs.flatten(), strict=True)
         ]
         known = labels is not None and predictions is not None
-        lines = render.CAPTION_LINES + (1 if known else 0)  # the third line: the predicted class
+        lines = render.CAPTION_LINES + (1 if known else 0)  # a class name such as "vertical_stripes" needs a line
         firsts = [f"#{i} {label}" for i in range(count)]
         if known:
-            firsts = [f"{first}\ntrue {self.class_name(int(truth))}\npred {self.class_name(int(guess))}"
-                      for first, truth, guess in zip(firsts, labels.tolist(), predictions.tolist(), strict=True)]
-        captioned = render.caption(tiles.reshape(-1, *tiles.shape[2:]), texts, lines)
+            shown = result.targets[:, 0].cpu().tolist()
+            firsts = [f"{first}\ntrue {self.class_name(truth)}"
+                      + (f"\npred {self.class_name(guess)}" if guess not in (truth, target) else "")
+                      for first, truth, guess, target in zip(firsts, labels.tolist(), predictions.tolist(), shown,
+                                                             strict=True)]
+        wrong = (labels != predictions).numpy() if known else np.zeros(count, bool)
+        images = render.mark(self.probe_tiles(images), wrong)  # frames around the pictures, red captions above
+        tiles = render.mark(tiles, wrong)
+        bands = [render.WRONG_BAND if flag else None for flag in wrong]
+        captioned = render.caption(tiles.reshape(-1, *tiles.shape[2:]), texts, lines,
+                                   [band for band in bands for _ in range(k)])
         captioned = captioned.reshape(count, k, *captioned.shape[1:])
-        rows = np.concatenate([render.caption(self.probe_tiles(images), firsts, lines)[:, None], captioned], axis=1)
-        return render.mark(rows, (labels != predictions).numpy()) if known else rows
+        firsts = render.caption(images, firsts, lines, bands)
+        return np.concatenate([firsts[:, None], captioned], axis=1)
 
     def grid_pages(self, rows: np.ndarray) -> list[np.ndarray]:
         """The overlay grid of ``rows`` ``(P, K + 1, h, w, 3)`` (from :meth:`probe_rows`), at most
