@@ -6,10 +6,10 @@
 Each configuration is one real ``fit`` of an untrained small ViT (the main example's, at ``--image-size``) with a
 ``TensorBoardLogger`` and ``ExplanationMonitor(methods=["gradtoken", "c2f"], num_probes=P)``, one training batch
 and one explanation event per epoch, ``--events`` epochs (plus the fit-start baseline). Measured per event: the
-wall time of the monitor's event (explaining, rendering, writing; the hook alone, not the training step) and the
-growth of the run's event files. Per-probe timelines are logged only at the events where their columns change,
-so the late events write fewer bytes than the first eight; both the mean over all events and the mean over the
-events after the eighth are printed.
+wall and CPU time of the monitor's event (explaining, rendering, writing; the hook alone, not the training step;
+on a shared machine the CPU time is the steadier figure) and the growth of the run's event files. Per-probe
+timelines are logged only at the events where their columns change, so the late events write fewer bytes than the
+first eight; both the mean over all events and the mean over the events after the eighth are printed.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ class EventCost(pl.Callback):
     def __init__(self, monitor: ExplanationMonitor, log_dir: Path) -> None:
         self.monitor, self.log_dir = monitor, log_dir
         self.seconds: list[float] = []
+        self.cpu_seconds: list[float] = []
         self.bytes: list[int] = []
 
     def setup(self, trainer, pl_module, stage) -> None:
@@ -40,11 +41,12 @@ class EventCost(pl.Callback):
         original = pipeline.run
 
         def timed(record, runner):
-            before, start = self._size(), time.perf_counter()
+            before, start, cpu = self._size(), time.perf_counter(), time.process_time()
             try:
                 return original(record, runner)
             finally:
                 self.seconds.append(time.perf_counter() - start)
+                self.cpu_seconds.append(time.process_time() - cpu)
                 self.bytes.append(self._size() - before)
 
         pipeline.run = timed
@@ -79,16 +81,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"GradToken + C2F, {args.image_size} px, {args.events} epochs + baseline, {args.threads} thread(s)")
-    print(f"{'probes':>6}  {'s/event':>8}  {'s/probe/event':>13}  {'KiB/event':>9}  {'KiB/probe/event':>15}  "
-          f"{'KiB/probe/event after 8':>23}")
+    print(f"{'probes':>6}  {'s/event':>8}  {'CPU s/event':>11}  {'CPU s/probe/event':>17}  {'KiB/event':>9}  "
+          f"{'KiB/probe/event':>15}  {'KiB/probe/event after 8':>23}")
     with tempfile.TemporaryDirectory() as folder:
         for probes in args.probes:
             cost = measure(probes, args.events, args.image_size, Path(folder))
-            seconds = statistics.median(cost.seconds)
+            seconds, cpu = statistics.median(cost.seconds), statistics.median(cost.cpu_seconds)
             kib = statistics.mean(cost.bytes) / 1024
             late = statistics.mean(cost.bytes[8:]) / 1024 if len(cost.bytes) > 8 else float("nan")
-            print(f"{probes:>6}  {seconds:>8.2f}  {seconds / probes:>13.3f}  {kib:>9.0f}  {kib / probes:>15.1f}  "
-                  f"{late / probes:>23.1f}", flush=True)
+            print(f"{probes:>6}  {seconds:>8.2f}  {cpu:>11.2f}  {cpu / probes:>17.3f}  {kib:>9.0f}  "
+                  f"{kib / probes:>15.1f}  {late / probes:>23.1f}", flush=True)
 
 
 if __name__ == "__main__":
