@@ -187,3 +187,12 @@ def test_wandb_table_has_the_label_and_the_config_the_descriptions(tmp_path, mon
     described = described.get("value", described)
     assert described["xai/gradtoken/entropy"] == descriptions.description("xai/gradtoken/entropy")
     assert described["xai/gradtoken/similarity_prev"].startswith("**similarity to the previous event**")
+
+
+def test_png_sink_writes_one_file_per_grid_page(tmp_path):
+    from lightning_xai.callbacks.sinks import PngSink, Record
+
+    pages = [np.full((10, 12, 3), value, np.uint8) for value in (0, 100)]
+    PngSink(tmp_path).write(Record(epoch=3, step=40, label="ep 3", stem="epoch_0003", grids={"gradtoken": pages}))
+    written = sorted(p.name for p in (tmp_path / "xai" / "gradtoken").glob("*.png"))
+    assert written == ["epoch_0003.png", "epoch_0003_page_2.png"]
