@@ -10,7 +10,7 @@ What it runs (from the repository root, in this Python environment):
 2. TensorBoard on those logs with exactly the README's command (``demos.cli.tensorboard_command``, plus a port),
    and headless Chromium (``apt-get install chromium``) at 1600 px width for the screenshots of its Images, Time
    Series, Scalars and Custom Scalars tabs (``docs/tensorboard_*.png``), driven through the DevTools protocol so
-   that it waits for the lazily loaded cards;
+   that it waits for the lazily loaded cards (``pip install -e ".[docs]"`` for its websocket client, aiohttp);
 3. the shortcut example (``examples/shortcut.py``), which writes ``docs/shortcut_timeline.png`` itself.
 
 The manifest holds, per picture, the SHA-256 of its generator (the command and options below, see
