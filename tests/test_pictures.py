@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 def make_pictures():
     spec = importlib.util.spec_from_file_location("make_pictures", DOCS / "make_pictures.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["make_pictures"] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
