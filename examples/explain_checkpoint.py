@@ -7,10 +7,12 @@ it stores the class names, so predictions are printed by name):
     python examples/train_vit.py                     # prints "Checkpoint (with the class names): ..."
     python examples/explain_checkpoint.py --checkpoint runs/texture-vit_tiny_patch16_224/version_0/checkpoints/last.ckpt
     python examples/explain_checkpoint.py --checkpoint model.ckpt --images my_pictures/ --methods gradtoken gae
-    python examples/explain_checkpoint.py --checkpoint model.ckpt --target-class 2 --output explanations/class2
+    python examples/explain_checkpoint.py --checkpoint model.ckpt --target-class 2 --output /tmp/class2
 
 Without ``--images``, 8 generated sample images (the training data's kind) are written to ``<output>/inputs/``
-first and explained. Each image gives ``<output>/<method>/<stem>.png``: the original next to its overlay.
+first and explained. Each image gives ``<output>/<method>/<stem>.png``: the original next to its overlay. The
+default ``<output>`` is ``explanations/`` in the checkpoint's run folder (beside its ``checkpoints/`` folder), not
+the current folder.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from PIL import Image
 
 import lightning_xai
 from lightning_xai.demos import MEAN, STD, SyntheticObjects, ViTClassifier
-from lightning_xai.demos.cli import HelpFormatter
+from lightning_xai.demos.cli import HelpFormatter, print_path
 from lightning_xai.render import caption, grid, overlay, save_png
 
 #: File types read from ``--images`` (matched case-insensitively, searched recursively).
@@ -46,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="class to explain: 'pred' (the predicted class) or a class index")
     parser.add_argument("--target-class", type=int, default=None,
                         help="explain this class index for every image (same as --targets N; default: as --targets)")
-    parser.add_argument("--output", default="explanations", help="where the PNG files go")
+    parser.add_argument("--output", default=None,
+                        help="where the PNG files go (default: explanations/ in the checkpoint's run folder)")
     parser.add_argument("--batch-size", type=int, default=16, help="images explained at once")
     parser.add_argument("--class-names", default=None,
                         help="comma-separated class names (default: from the checkpoint if it has them, else indices)")
@@ -83,6 +86,13 @@ def load_model(path: str | Path) -> ViTClassifier:
         raise SystemExit(f"error: checkpoint not found: {path}")
     model = ViTClassifier.load_from_checkpoint(str(path), map_location="cpu")
     return model.eval()
+
+
+def default_output(checkpoint: str | Path) -> Path:
+    """``<run folder>/explanations``: the folder above ``checkpoints/`` when the checkpoint lies in one (as
+    Lightning saves them), else the checkpoint's own folder."""
+    folder = Path(checkpoint).resolve().parent
+    return (folder.parent if folder.name == "checkpoints" else folder) / "explanations"
 
 
 def image_size(model: ViTClassifier) -> tuple[int, int]:
@@ -157,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     names = resolve_class_names(args, model)
     if args.targets is not None and not 0 <= args.targets < len(names):
         raise SystemExit(f"error: target class {args.targets} is out of range for a model with {len(names)} classes")
-    output = Path(args.output)
+    output = Path(args.output) if args.output is not None else default_output(args.checkpoint)
     if args.images is None:
         files = write_samples(output / "inputs", size, args.family, len(names), args.seed)
         print(f"No --images given: wrote {len(files)} generated {args.family} samples to "
@@ -195,9 +205,9 @@ def main(argv: list[str] | None = None) -> None:
     for path, (name, prob) in summary.items():
         print(f"{shown[path]:<{width}}  {name:<{name_width}}  {prob:.3f}")
     explained = "predicted class" if args.targets is None else f"class {names[args.targets]}"
-    print(f"\nExplained the {explained} of {len(files)} image(s) with {', '.join(args.methods)}; overlays in:")
+    print(f"\nExplained the {explained} of {len(files)} image(s) with {', '.join(args.methods)}.")
     for method in args.methods:
-        print(f"  {(output / method).resolve()}")
+        print_path(f"{method} overlays", output / method)
 
 
 if __name__ == "__main__":

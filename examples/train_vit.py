@@ -21,13 +21,12 @@ import shutil
 from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 from lightning_xai.callbacks import ExplanationMonitor
 from lightning_xai.demos import MEAN, SMALL_VIT, STD, SyntheticDataModule, ViTClassifier
-from lightning_xai.demos.cli import HelpFormatter, tensorboard_command
+from lightning_xai.demos.cli import HelpFormatter, add_training_arguments, print_path, tensorboard_command, use_threads
 from lightning_xai.explainers import available_methods
 from lightning_xai.render import save_png
 
@@ -35,19 +34,11 @@ from lightning_xai.render import save_png
 def build_parser() -> argparse.ArgumentParser:
     """The command line of this example (``--help`` shows every option with its default)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    parser.add_argument("--epochs", type=int, default=10, help="training epochs")
     parser.add_argument("--model", default="vit_tiny_patch16_224", help="timm model name")
     parser.add_argument("--pretrained", action="store_true", help="start from the hub's weights (needs network)")
-    parser.add_argument("--image-size", type=int, default=32, help="side of the generated images")
     parser.add_argument("--patch-size", type=int, default=None,
                         help="patch size (default: 4 for images up to 64 px from scratch, else the model's own)")
-    parser.add_argument("--family", choices=["shape", "texture"], default="texture",
-                        help="class family of the data (a small ViT from scratch learns textures in minutes)")
-    parser.add_argument("--num-classes", type=int, default=4, help="number of classes of the family used (2-6)")
-    parser.add_argument("--num-train", type=int, default=3072, help="generated training images")
-    parser.add_argument("--num-val", type=int, default=256, help="generated validation images")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per training step")
-    parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
+    add_training_arguments(parser)
     parser.add_argument("--augment", action="store_true", help="random flips and shifts on the training set")
     parser.add_argument("--methods", nargs="+", default=["gradtoken", "c2f"], choices=available_methods(),
                         help="explanation methods to log")
@@ -102,7 +93,7 @@ def build_logger(args: argparse.Namespace, name: str):
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     pl.seed_everything(args.seed, workers=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    use_threads(args.threads)
     name = args.name or f"{args.family}-{args.model}" + ("-aug" if args.augment else "")
     data = SyntheticDataModule(family=args.family, num_classes=args.num_classes, image_size=args.image_size,
                                num_train=args.num_train, num_val=args.num_val, batch_size=args.batch_size,
@@ -129,17 +120,17 @@ def main(argv: list[str] | None = None) -> None:
         scores = {key.rsplit("/", 1)[-1]: value for key, value in monitor.last_scalars.items()
                   if key.startswith(f"xai/{method}/")}
         summary = ", ".join(f"{key} {scores[key]:.3f}" for key in ("iou", "energy_pointing_game") if key in scores)
-        print(f"{method}: {summary}; timeline of the probe maps: {path.resolve()}")
-    print(f"Checkpoint (with the class names): {Path(checkpoint.last_model_path).resolve()}")
-    print(f"  explain it on other images: python examples/explain_checkpoint.py --checkpoint "
-          f"{Path(checkpoint.last_model_path).resolve()}")
+        print_path(f"{method}: {summary}; timeline of the probe maps", path)
+    checkpoint_path = print_path("Checkpoint (with the class names)", checkpoint.last_model_path)
+    print(f"  explain it on other images: python {Path(__file__).resolve().parent / 'explain_checkpoint.py'} "
+          f"--checkpoint {checkpoint_path}")
     if args.logger == "tensorboard":
-        print(f"TensorBoard logs: {log_dir.resolve()}")
+        print_path("TensorBoard logs", log_dir)
         print("View them with:")
         print(f"  {tensorboard_command(Path(args.output_dir).resolve())}")
     else:
         logger.experiment.finish()  # close the run, so that its folder is complete for `wandb sync`
-        print(f"W&B run directory: {log_dir.resolve()}")
+        print_path("W&B run directory", log_dir)
         if os.environ.get("WANDB_MODE") == "offline":
             print(f"Offline run; upload it later with:  wandb sync {log_dir.resolve()}")
             print(f"  (the xai/table images are staged in {staging_dir()}: keep that folder until you have synced)")

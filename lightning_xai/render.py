@@ -205,11 +205,11 @@ def fit_caption(text: str, width: int, lines: int = CAPTION_LINES) -> list[str]:
 
 
 @functools.lru_cache(maxsize=4096)
-def _text_band(text: str, width: int, lines: int = 1, fill: int = 32) -> np.ndarray:
-    """uint8 ``(band_height(lines), width, 3)`` dark band with ``text`` in white, wrapped and shortened by
-    :func:`fit_caption` (cached: labels repeat every epoch; the array is read-only)."""
+def _text_band(text: str, width: int, lines: int = 1, fill: int | tuple[int, int, int] = 32) -> np.ndarray:
+    """uint8 ``(band_height(lines), width, 3)`` dark band (grey level or RGB ``fill``) with ``text`` in white,
+    wrapped and shortened by :func:`fit_caption` (cached: labels repeat every epoch; the array is read-only)."""
     pitch = line_height()
-    band = Image.new("RGB", (width, band_height(lines)), (fill, fill, fill))
+    band = Image.new("RGB", (width, band_height(lines)), fill if isinstance(fill, tuple) else (fill, fill, fill))
     draw = ImageDraw.Draw(band)
     for row, line in enumerate(fit_caption(text, width, lines)):
         draw.text((1, row * pitch), _spaced(line), fill=(255, 255, 255), font=_font())
@@ -218,14 +218,19 @@ def _text_band(text: str, width: int, lines: int = 1, fill: int = 32) -> np.ndar
     return out
 
 
-def caption(tiles: np.ndarray, texts: Sequence[str], lines: int = CAPTION_LINES) -> np.ndarray:
+def caption(tiles: np.ndarray, texts: Sequence[str], lines: int = CAPTION_LINES,
+            backgrounds: Sequence[tuple[int, int, int] | None] | None = None) -> np.ndarray:
     """Put a text band of ``lines`` lines on top of each tile: uint8 ``(N, h, w, 3)`` -> ``(N, band_height(lines)
-    + h, w, 3)``. Texts are wrapped at spaces (and at ``"\\n"``); see :func:`fit_caption` for what is shortened."""
+    + h, w, 3)``. Texts are wrapped at spaces (and at ``"\\n"``); see :func:`fit_caption` for what is shortened.
+    ``backgrounds``: per tile, an RGB colour for its band (``None``: the usual dark grey)."""
     if len(texts) != len(tiles):
         raise ValueError(f"caption needs one text per tile: {len(tiles)} tiles, {len(texts)} texts")
+    if backgrounds is not None and len(backgrounds) != len(tiles):
+        raise ValueError(f"caption needs one background per tile: {len(tiles)} tiles, {len(backgrounds)} given")
     width = tiles.shape[2]
+    fills = [32 if colour is None else tuple(colour) for colour in (backgrounds or [None] * len(texts))]
     if len(texts):
-        bands = np.stack([_text_band(text, width, lines) for text in texts])
+        bands = np.stack([_text_band(text, width, lines, fill) for text, fill in zip(texts, fills, strict=True)])
     else:
         bands = np.zeros((0, band_height(lines), width, 3), np.uint8)
     return np.concatenate([bands, tiles], axis=1)
@@ -253,6 +258,39 @@ def grid(tiles: np.ndarray, ncols: int, pad: int = 2, pad_value: int = 255) -> n
     if tiles.ndim != 4 or len(tiles) == 0:
         raise ValueError(f"tiles must be a non-empty (N, h, w, 3) array, got shape {tiles.shape}")
     return grids(tiles[None], ncols, pad, pad_value)[0]
+
+
+#: Frame colour of the tiles of a wrongly predicted probe (:func:`mark`), and the background of their captions.
+WRONG_COLOUR = (230, 30, 30)
+WRONG_BAND = (140, 20, 20)
+
+
+def mark(tiles: np.ndarray, flags: Sequence[bool] | np.ndarray, width: int = 2,
+         colour: tuple[int, int, int] = WRONG_COLOUR) -> np.ndarray:
+    """A copy of uint8 tiles ``(N, ..., h, w, 3)`` where each tile of an entry whose flag is set (``flags``
+    ``(N,)``) gets a ``width``-pixel frame of ``colour`` (e.g. the row of a wrongly predicted probe)."""
+    flags = np.asarray(flags, dtype=bool)
+    if flags.shape != tiles.shape[:1]:
+        raise ValueError(f"mark needs one flag per entry: {tiles.shape[0]} entries, flags of shape {flags.shape}")
+    out = tiles.copy()
+    marked = out[flags]
+    for edge in (np.s_[..., :width, :, :], np.s_[..., -width:, :, :], np.s_[..., :width, :], np.s_[..., -width:, :]):
+        marked[edge] = colour
+    out[flags] = marked
+    return out
+
+
+def stride_columns(count: int, max_columns: int) -> list[int]:
+    """Indices of the frames a timeline shows when it should change rarely: every ``s``-th frame from the first,
+    ``s`` the smallest power of two that leaves at most ``max_columns``. Unlike :func:`timeline_columns` (which
+    always shows the newest, so its choice changes with every frame), the choice changes only when a frame lands
+    on the stride or the stride doubles: about ``max_columns / 2`` times per doubling of ``count``."""
+    if count < 1 or max_columns < 1:
+        raise ValueError(f"need count >= 1 and max_columns >= 1, got {count}, {max_columns}")
+    stride = 1
+    while -(-count // stride) > max_columns:
+        stride *= 2
+    return list(range(0, count, stride))
 
 
 def timeline_columns(count: int, max_columns: int) -> list[int]:

@@ -119,7 +119,7 @@ def test_case3_every_validation_within_epochs_named_by_step(tmp_path):
     events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     val_steps = [e.step for e in events.Scalars("val_loss")]
-    assert [e.step for e in events.Images("xai/rollout/overlay")] == val_steps == [1, 3, 5, 7]
+    assert [e.step for e in events.Images("xai/rollout/overlay/1")] == val_steps == [1, 3, 5, 7]
     every_other = ExplanationMonitor(methods=["rollout"], num_probes=2, every_n_validations=2)
     fit(tmp_path / "b", [every_other], epochs=2, val_check_interval=0.5)
     assert every_other.explained == [(0, 3), (1, 7)]

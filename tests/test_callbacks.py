@@ -70,10 +70,13 @@ def test_tensorboard_images_per_epoch_with_expected_sizes(tensorboard_run):
     val_steps = [e.step for e in events.Scalars("val_loss")]
     assert val_steps == [3, 7, 11]
     for method in ("gradtoken", "c2f"):
-        overlays = events.Images(f"xai/{method}/overlay")
-        assert [e.step for e in overlays] == [0, *val_steps]
-        # 4 probes as rows, probe image + 1 target as columns; tiles are upscaled 32 -> 96 px plus a caption
-        assert overlays[0].width >= 2 * 96 and overlays[0].height >= 4 * 96
+        # one picture per probe (a grid of all probes is a squeezed strip in Time Series): the probe image and
+        # 1 target as columns; tiles are upscaled 32 -> 96 px plus a caption
+        assert f"xai/{method}/overlay" not in tags["images"] and f"xai/{method}/overlay/4" not in tags["images"]
+        for probe in range(4):
+            overlays = events.Images(f"xai/{method}/overlay/{probe}")
+            assert [e.step for e in overlays] == [0, *val_steps]
+            assert 2 * 96 <= overlays[0].width < 3 * 96 and 96 < overlays[0].height < 2 * 96
         # the timeline as one small picture per probe (the whole-run picture is too wide for TensorBoard's cards)
         assert f"xai/{method}/timeline" not in tags["images"] and f"xai/{method}/timeline/4" not in tags["images"]
         for probe in range(4):
@@ -145,8 +148,8 @@ def test_wandb_offline_run_holds_images_and_tables(tmp_path, monkeypatch):
     tables = sorted(files.rglob("*.table.json"))
     assert len(tables) == 2
     table = json.loads(tables[-1].read_text())
-    assert table["columns"] == ["epoch", "step", "probe", "target", "target_name", "probability", "gradtoken",
-                                "rollout"]
+    assert table["columns"] == ["epoch", "step", "probe", "target", "target_name", "probability", "label",
+                                "gradtoken", "rollout"]
     assert len(table["data"]) == 3 and table["data"][0][:2] == [1, 7]
     # one step axis in W&B too: each explanation shares the W&B row (and so `_step`) of the validation's metrics,
     # at the trainer/global_step Lightning logs val_loss at

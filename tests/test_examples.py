@@ -56,7 +56,7 @@ def test_train_vit_logs_to_tensorboard_and_saves_timelines(example_run):
     run_dir = next(out.rglob("events.out.tfevents.*")).parent
     events = EventAccumulator(str(run_dir), size_guidance={"images": 0})
     events.Reload()
-    assert {"xai/gradtoken/overlay", "xai/c2f/overlay"} <= set(events.Tags()["images"])
+    assert {"xai/gradtoken/overlay/0", "xai/c2f/overlay/2"} <= set(events.Tags()["images"])
     assert any(tag.startswith("xai/gradtoken/timeline") for tag in events.Tags()["images"])
     assert (run_dir / "xai" / "timeline_gradtoken.png").exists() and (run_dir / "xai" / "timeline_c2f.png").exists()
 
@@ -85,6 +85,31 @@ def test_explain_checkpoint_writes_overlays_and_names_the_classes(example_run, t
     assert len(rows) == 8 and all(row[1] in class_names("texture", 4) for row in rows), text
     with pytest.raises(SystemExit):
         load("explain_checkpoint").main(["--checkpoint", str(tmp_path / "missing.ckpt")])
+
+
+def printed_paths(text: str) -> list[str]:
+    """Every path-like word the example printed (containing a ``/``, not a URL or a ``key/name`` tag)."""
+    words = [word.strip(",;:()") for line in text.splitlines() for word in line.split()]
+    return [word for word in words if "/" in word and "://" not in word and not word.startswith(("xai/", "<"))
+            and (word.startswith((".", "/")) or "." in Path(word).name or word.endswith("/"))]
+
+
+def test_examples_print_absolute_paths(example_run):
+    _, printed = example_run
+    paths = printed_paths(printed)
+    assert paths and all(Path(path).is_absolute() for path in paths), paths
+
+
+def test_explain_checkpoint_writes_under_the_run_folder_by_default(example_run, tmp_path, monkeypatch):
+    _, printed = example_run
+    checkpoint = printed_path(printed, "Checkpoint (with the class names):")
+    monkeypatch.chdir(tmp_path)
+    text = run_main("explain_checkpoint", ["--checkpoint", str(checkpoint), "--methods", "rollout"])
+    assert not list(tmp_path.iterdir()), "it wrote into the current folder"
+    written = checkpoint.parent.parent / "explanations" / "rollout"
+    assert len(list(written.glob("*.png"))) == 8
+    assert printed_path(text, "rollout overlays:") == written.resolve()
+    assert all(Path(path).is_absolute() for path in printed_paths(text))
 
 
 def test_class_names_must_match_the_number_of_classes():

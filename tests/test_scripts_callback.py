@@ -276,7 +276,7 @@ def test_two_named_monitors_of_one_stage_write_their_own_tags(multilabel_run):
     images, scalars = events.Tags()["images"], events.Tags()["scalars"]
     val_steps = [e.step for e in events.Scalars("val_loss")]
     for name in ("label", "pred"):
-        assert [e.step for e in events.Images(f"xai/{name}/gradtoken/overlay")] == val_steps
+        assert [e.step for e in events.Images(f"xai/{name}/gradtoken/overlay/0")] == val_steps
         assert f"xai/{name}/probes/0" in images and f"xai/{name}/target_probability" in scalars
     assert not [tag for tag in images + scalars if tag.startswith("xai/gradtoken") or tag == "xai/probes/0"]
 
@@ -292,8 +292,8 @@ def test_train_and_validation_monitors_named_apart(tmp_path):
     events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     val_steps = [e.step for e in events.Scalars("val_loss")]
-    assert [e.step for e in events.Images("xai/val/gradtoken/overlay")] == val_steps == [1, 3]
-    assert [e.step for e in events.Images("xai/train/gradtoken/overlay")] == [1, 3]  # each epoch's last batch
+    assert [e.step for e in events.Images("xai/val/gradtoken/overlay/0")] == val_steps == [1, 3]
+    assert [e.step for e in events.Images("xai/train/gradtoken/overlay/0")] == [1, 3]  # each epoch's last batch
     assert on_train.state_key != on_val.state_key and "name" in on_val.state_key
 
 

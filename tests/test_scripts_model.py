@@ -162,7 +162,7 @@ def test_a_1x1_channel_adapter_trains_and_logs_maps_of_the_gray_images(tmp_path)
     events = EventAccumulator(run.logger.log_dir, size_guidance={"images": 0})
     events.Reload()
     for method in ("gradtoken", "c2f"):
-        assert len(events.Images(f"xai/{method}/overlay")) == 1
+        assert len(events.Images(f"xai/{method}/overlay/0")) == 1
     outcome = monitor.runner.run(on_failure=lambda name, err: pytest.fail(f"{name}: {err}"))
     assert outcome.images.shape[1] == 1
     assert {name: tuple(r.maps.shape) for name, r in outcome.results.items()} == {
@@ -204,7 +204,7 @@ def test_fit_of_a_compiled_lightning_module_explains_without_retracing_its_graph
     _, events = fit_compiled(tmp_path, counted, monitor)
     assert counted.frame_count == without.frame_count > 0
     for method in monitor.methods:
-        assert len(events.Images(f"xai/{method}/overlay")) == 2, method
+        assert len(events.Images(f"xai/{method}/overlay/0")) == 2, method
 
 
 def test_a_module_compiled_in_place_is_explained_through_its_original_forward():
@@ -238,7 +238,7 @@ def test_fit_of_an_inductor_compiled_lightning_module_logs_the_default_methods(t
     monitor = ExplanationMonitor(num_probes=2)
     _, events = fit_compiled(tmp_path, "inductor", monitor)
     for method in monitor.methods:
-        assert len(events.Images(f"xai/{method}/overlay")) == 2, method
+        assert len(events.Images(f"xai/{method}/overlay/0")) == 2, method
 
 
 # -- 3: gradient checkpointing ------------------------------------------------------------------------------------

@@ -1,12 +1,14 @@
 """What a user sees in TensorBoard, through a real TensorBoard server on 127.0.0.1 started with exactly the flags
 the README prints, on the logs of a short real fit with ``ExplanationMonitor``: every image tag serves every step it
-was logged at (the Images tab and Time Series), the explanations sit at the explained steps, and the ``xai/``
-scalars share the step axis of Lightning's own ``val_loss``.
+was logged at (the Images tab and Time Series), the explanations sit at the explained steps (one overlay picture
+per probe; the per-probe timelines at the events where their columns change), the ``xai/`` scalars share the step
+axis of Lightning's own ``val_loss``, carry their descriptions, and the Custom Scalars tab groups them per method.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -22,7 +24,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from readme_commands import tensorboard_command, with_logdir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_xai.callbacks import ExplanationMonitor
+from lightning_xai import render
+from lightning_xai.callbacks import ExplanationMonitor, descriptions
 from lightning_xai.demos import MEAN, STD, SyntheticDataModule, ViTClassifier
 
 pytestmark = pytest.mark.slow
@@ -170,6 +173,46 @@ def test_explanations_and_xai_scalars_share_the_step_axis_of_val_loss(server, fi
 
     image_tags = explanation_image_tags(server.get("/data/plugin/images/tags")[run])
     assert image_tags and not [tag for tag in image_tags if tag.endswith("_init")], image_tags
+    assert {"xai/gradtoken/overlay/0", "xai/gradtoken/overlay/1"} <= set(image_tags)  # one per probe
+    assert "xai/gradtoken/overlay" not in image_tags
+    # the per-probe timelines change (and are logged) only when a new column joins them: 12 events, 8 columns
+    changed = [step for count, step in enumerate(explained, 1)
+               if render.stride_columns(count, 8) != render.stride_columns(max(1, count - 1), 8) or count == 1]
+    assert len(changed) == 10
     for tag in image_tags:
         steps = [image["step"] for image in server.get("/data/plugin/images/images", run=run, tag=tag)]
-        assert steps == explained, f"{tag} is served at steps {steps}, the explanations were at {explained}"
+        expected = changed if "/timeline/" in tag else explained
+        assert steps == expected, f"{tag} is served at steps {steps}, expected {expected}"
+
+
+def test_scalars_carry_their_descriptions_and_the_custom_scalars_layout_groups_them(server, fit_logs):
+    run_dir = next(fit_logs.rglob("events.out.tfevents.*")).parent
+    run = run_dir.relative_to(fit_logs).as_posix()
+
+    def xai_tags():
+        tags = server.get("/data/plugin/scalars/tags").get(run, {})
+        return tags if "xai/gradtoken/similarity_prev" in tags else None
+
+    tags = server.wait_for(xai_tags, f"the xai scalars of {run}")
+    ours = {tag: info for tag, info in tags.items() if tag.startswith("xai/")}
+    assert ours and {"xai/gradtoken/entropy", "xai/target_probability", "xai/probe_accuracy"} <= set(ours)
+    for tag, info in ours.items():  # the description TensorBoard shows beside the chart, rendered as HTML
+        title = descriptions.describe(tag).title
+        assert f"<strong>{title}</strong>" in info["description"], (tag, info)
+    assert not tags["val_loss"]["description"]  # Lightning's own scalars are left as they are
+
+    layout = server.wait_for(lambda: server.get("/data/plugin/custom_scalars/layout"), "the Custom Scalars layout")
+    categories = {category["title"]: category["chart"] for category in layout["category"]}
+    assert list(categories) == ["xai", "xai/gradtoken"]
+    charted = set()
+    for charts in categories.values():
+        for chart in charts:
+            regex = chart["multiline"]["tag"][0]
+            matched = [tag for tag in ours if re.fullmatch(regex, tag)]
+            assert matched, f"chart {chart['title']!r} ({regex}) matches no logged tag"
+            charted.update(matched)
+    assert charted == set(ours)  # every xai scalar has its chart
+    entropy = next(chart for chart in categories["xai/gradtoken"] if chart["title"].startswith("gradtoken/entropy"))
+    served = server.get("/data/plugin/custom_scalars/scalars", run=run, tag=entropy["multiline"]["tag"][0])
+    steps = [step for _, step, _ in served["tag_to_events"]["xai/gradtoken/entropy"]]
+    assert steps[0] == 0 and len(steps) == EPOCHS + 1  # the chart draws every explained step

@@ -1,10 +1,10 @@
 """Every name the callbacks log under, and the step they log at, built in one place.
 
 Images and scalars share one root, ``xai/``: ``xai/<method>/overlay``, ``xai/<method>/timeline`` (in TensorBoard
-``xai/<method>/timeline/<i>``, one per probe), ``xai/<method>/<scalar>``, ``xai/<scalar>`` for numbers about the
-probes themselves, ``xai/probes/<i>`` for the probe images (logged once) and ``xai/table`` (W&B). They are logged
-at :func:`logging_step`, the step Lightning logs its own metrics at, so ``val_loss`` and ``xai/gradtoken/entropy``
-share one x axis.
+``xai/<method>/overlay/<i>`` and ``xai/<method>/timeline/<i>``, one per probe), ``xai/<method>/<scalar>``,
+``xai/<scalar>`` for numbers about the probes themselves, ``xai/probes/<i>`` for the probe images (logged once)
+and ``xai/table`` (W&B). They are logged at :func:`logging_step`, the step Lightning logs its own metrics at, so
+``val_loss`` and ``xai/gradtoken/entropy`` share one x axis.
 
 A monitor with ``name=...`` (two monitors in one run) logs under ``xai/<name>/...`` instead (:func:`named`), and
 its files go under ``xai/<name>/``.
@@ -45,6 +45,11 @@ def image_key(method: str, kind: str) -> str:
 def scalar_key(name: str, method: str | None = None) -> str:
     """``xai/<method>/<name>`` for a method's number, ``xai/<name>`` for one about the probes."""
     return f"{ROOT}/{name}" if method is None else f"{ROOT}/{method}/{name}"
+
+
+def probe_overlay_key(method: str, index: int) -> str:
+    """``xai/<method>/overlay/<index>``: one probe's overlays (TensorBoard logs one per probe)."""
+    return f"{ROOT}/{method}/overlay/{index}"
 
 
 def probe_timeline_key(method: str, index: int) -> str:

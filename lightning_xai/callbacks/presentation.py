@@ -21,6 +21,7 @@ from lightning_xai.explainers import Explanation
 
 HISTORY_LIMIT = 48  # timeline frames kept per method; older ones are thinned, first and newest always kept
 HISTORY_SIDE = 64  # history maps are stored with their longer side at most this many pixels
+PAGE_PROBES = 16  # probes per page of an overlay grid (W&B, PNG): 64 probes made one grid 9,922 px tall
 
 
 @dataclass
@@ -28,18 +29,24 @@ class Pictures:
     """One event's pictures.
 
     Attributes:
-        grids: per method, uint8 ``(H, W, 3)``: rows = probes; columns = the probe, then one captioned overlay
-            per target (class name and probability).
+        grids: per method, the pages of the overlay grid, uint8 ``(H, W, 3)`` each, at most :data:`PAGE_PROBES`
+            probes a page: rows = probes; columns = the probe (captioned with the event and, when the probes
+            have labels, the true and the predicted class), then one captioned overlay per target (class name and
+            probability). A wrongly predicted probe's row is framed in red.
+        probe_overlays: per method, uint8 ``(P, H, W, 3)``: each probe's row of the grid as a picture of its own.
         timelines: per method, uint8 ``(H, W, 3)``: rows = probes, columns = explanation events so far.
         probe_timelines: per method, uint8 ``(P, H, W, 3)``: one small picture per probe of its maps over the
-            events so far (see :func:`lightning_xai.render.probe_timelines`), sized for TensorBoard's cards.
-        rows: one table row per probe and target: ``(probe, target, target name, probability, {method: tile})``.
+            events so far (see :meth:`Board.probe_timelines`), sized for TensorBoard's cards; only for the methods
+            whose picture changed since the last event.
+        rows: one table row per probe and target: ``(probe, target, target name, probability, {method: tile},
+            label name or None)``.
     """
 
-    grids: dict[str, np.ndarray] = field(default_factory=dict)
+    grids: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    probe_overlays: dict[str, np.ndarray] = field(default_factory=dict)
     timelines: dict[str, np.ndarray] = field(default_factory=dict)
     probe_timelines: dict[str, np.ndarray] = field(default_factory=dict)
-    rows: list[tuple[int, int, str, float, dict[str, np.ndarray]]] = field(default_factory=list)
+    rows: list[tuple[int, int, str, float, dict[str, np.ndarray], str | None]] = field(default_factory=list)
 
 
 def _history_maps(maps: Tensor) -> np.ndarray:
@@ -78,6 +85,7 @@ class Board:
         self.timeline_columns = timeline_columns
         self._history: dict[str, list[tuple[str, np.ndarray]]] = {}
         self._images: Tensor | None = None
+        self._shown: dict[str, list[str]] = {}  # per method, the columns of the probe timelines drawn last
 
     def class_name(self, target: int) -> str:
         if self.class_names is not None and 0 <= target < len(self.class_names):
@@ -99,18 +107,43 @@ class Board:
                                mean=self.mean, std=self.std)
         return tiles.reshape(count, k, *tiles.shape[1:])
 
-    def grid(self, images: Tensor, result: Explanation, tiles: np.ndarray, label: str) -> np.ndarray:
-        """Rows = probes; columns = the probe image (captioned with the event ``label``), then one overlay per
-        target captioned with the class name and its probability."""
+    def probe_rows(self, images: Tensor, result: Explanation, tiles: np.ndarray, label: str,
+                   labels: Tensor | None = None, predictions: Tensor | None = None) -> np.ndarray:
+        """uint8 ``(P, K + 1, h, w, 3)``: per probe, the probe image captioned with ``#<i> <label>`` (and, with
+        ``labels``/``predictions`` ``(P,)`` class indices, ``true <name>``, plus ``pred <name>`` when the prediction
+        is neither the label nor the first overlay's class, which its caption already names), then its ``K``
+        overlays ``tiles`` ``(P, K, h, w, 3)`` captioned with the class name and probability; every tile of a
+        probe whose prediction is not its label gets a red frame (:func:`lightning_xai.render.mark`) and a red
+        caption band."""
         count, k = result.targets.shape
         texts = [
             f"{self.class_name(int(t))} p={float(p):.2f}"
             for t, p in zip(result.targets.flatten(), result.probs.flatten(), strict=True)
         ]
-        captioned = render.caption(tiles.reshape(-1, *tiles.shape[2:]), texts).reshape(count, k, -1, *tiles.shape[3:])
-        firsts = render.caption(self.probe_tiles(images), [f"#{i} {label}" for i in range(count)])
-        rows = np.concatenate([firsts[:, None], captioned], axis=1)
-        return render.grid(rows.reshape(-1, *rows.shape[2:]), ncols=k + 1)
+        known = labels is not None and predictions is not None
+        lines = render.CAPTION_LINES + (1 if known else 0)  # a class name such as "vertical_stripes" needs a line
+        firsts = [f"#{i} {label}" for i in range(count)]
+        if known:
+            shown = result.targets[:, 0].cpu().tolist()
+            firsts = [f"{first}\ntrue {self.class_name(truth)}"
+                      + (f"\npred {self.class_name(guess)}" if guess not in (truth, target) else "")
+                      for first, truth, guess, target in zip(firsts, labels.tolist(), predictions.tolist(), shown,
+                                                             strict=True)]
+        wrong = (labels != predictions).numpy() if known else np.zeros(count, bool)
+        images = render.mark(self.probe_tiles(images), wrong)  # frames around the pictures, red captions above
+        tiles = render.mark(tiles, wrong)
+        bands = [render.WRONG_BAND if flag else None for flag in wrong]
+        captioned = render.caption(tiles.reshape(-1, *tiles.shape[2:]), texts, lines,
+                                   [band for band in bands for _ in range(k)])
+        captioned = captioned.reshape(count, k, *captioned.shape[1:])
+        firsts = render.caption(images, firsts, lines, bands)
+        return np.concatenate([firsts[:, None], captioned], axis=1)
+
+    def grid_pages(self, rows: np.ndarray) -> list[np.ndarray]:
+        """The overlay grid of ``rows`` ``(P, K + 1, h, w, 3)`` (from :meth:`probe_rows`), at most
+        :data:`PAGE_PROBES` probes a page: a list of uint8 ``(H, W, 3)``."""
+        return [render.grid(rows[start:start + PAGE_PROBES].reshape(-1, *rows.shape[2:]), ncols=rows.shape[1])
+                for start in range(0, len(rows), PAGE_PROBES)]
 
     def add_frame(self, method: str, label: str, maps: Tensor) -> None:
         """Append ``method``'s first-target maps ``(P, H, W)`` as the timeline column ``label``."""
@@ -126,48 +159,75 @@ class Board:
         return render.timeline(list(frames), labels, max_columns=len(labels),
                                row_labels=[f"#{i}" for i in range(frames.shape[1])])
 
+    def probe_timeline_columns(self, method: str) -> list[str]:
+        """The events (labels) :meth:`probe_timelines` shows: every ``s``-th of ``method``'s history from the
+        first, at most ``render.PROBE_TIMELINE_FRAMES`` (:func:`lightning_xai.render.stride_columns`), so the
+        pictures change, and are logged again, only now and then."""
+        history = self._history.get(method, [])
+        if not history:
+            return []
+        most = min(self.timeline_columns, render.PROBE_TIMELINE_FRAMES)
+        return [history[i][0] for i in render.stride_columns(len(history), most)]
+
     def probe_timelines(self, method: str) -> np.ndarray:
-        """uint8 ``(P, H, W, 3)``: per probe, ``method``'s maps over at most ``render.PROBE_TIMELINE_FRAMES``
-        events (evenly spaced, always the first and the newest), in reading order, captioned with the event."""
-        labels, frames = self._frames(method, min(self.timeline_columns, render.PROBE_TIMELINE_FRAMES))
+        """uint8 ``(P, H, W, 3)``: per probe, ``method``'s maps at the events of :meth:`probe_timeline_columns`,
+        in reading order, captioned with the event (epoch and step on two lines when validation runs within
+        epochs)."""
+        history = self._history.get(method, [])
+        most = min(self.timeline_columns, render.PROBE_TIMELINE_FRAMES)
+        labels, frames = self._frames(method, most, render.stride_columns(max(1, len(history)), most))
         return render.probe_timelines(list(frames), [label.replace(" · ", "\n") for label in labels])
 
-    def _frames(self, method: str, most: int) -> tuple[list[str], np.ndarray]:
-        """Labels and overlays ``(C, P, h, w, 3)`` of at most ``most`` events of ``method``'s history."""
+    def _frames(self, method: str, most: int, chosen: list[int] | None = None) -> tuple[list[str], np.ndarray]:
+        """Labels and overlays ``(C, P, h, w, 3)`` of at most ``most`` events of ``method``'s history (``chosen``
+        indices, or evenly spaced ones with the first and the newest)."""
         history = self._history.get(method)
         if not history or self._images is None:
             raise KeyError(f"no explanations of {method!r} yet; explained so far: {sorted(self._history)}")
-        chosen = render.timeline_columns(len(history), most)
+        chosen = render.timeline_columns(len(history), most) if chosen is None else chosen
         maps = torch.from_numpy(np.stack([history[i][1] for i in chosen])).float() / 255  # (C, P, h, w)
         frames = self.overlays(self._images, maps.transpose(0, 1)).transpose(1, 0, 2, 3, 4)  # (C, P, h, w, 3)
         return [history[i][0] for i in chosen], frames
 
-    def rows(self, targets: Tensor, probs: Tensor, tiles: dict[str, np.ndarray]):
-        """Table rows, one per probe and target: ``(probe, target, name, probability, {method: tile})``."""
+    def rows(self, targets: Tensor, probs: Tensor, tiles: dict[str, np.ndarray], labels: Tensor | None = None):
+        """Table rows, one per probe and target: ``(probe, target, name, probability, {method: tile}, label name)``
+        (label name ``None`` without ``labels`` ``(P,)``)."""
         targets, probs = targets.cpu(), probs.cpu()
+        names = [None] * targets.shape[0] if labels is None else [self.class_name(int(c)) for c in labels.tolist()]
         return [
             (p, int(targets[p, k]), self.class_name(int(targets[p, k])), float(probs[p, k]),
-             {method: t[p, k] for method, t in tiles.items()})
+             {method: t[p, k] for method, t in tiles.items()}, names[p])
             for p in range(targets.shape[0])
             for k in range(targets.shape[1])
         ]
 
-    def draw(self, images: Tensor, label: str, targets: Tensor, probs: Tensor,
-             results: dict[str, Explanation]) -> Pictures:
-        """All pictures of one event: ``images`` ``(P, C, H, W)``, ``targets``/``probs`` ``(P, K)``."""
+    def draw(self, images: Tensor, label: str, targets: Tensor, probs: Tensor, results: dict[str, Explanation],
+             labels: Tensor | None = None, predictions: Tensor | None = None) -> Pictures:
+        """All pictures of one event: ``images`` ``(P, C, H, W)``, ``targets``/``probs`` ``(P, K)``; ``labels`` and
+        ``predictions`` ``(P,)`` class indices when each probe has one label (shown, and wrong rows marked)."""
         self._images = images.detach().float().cpu()
+        if labels is not None and predictions is not None:
+            labels, predictions = labels.cpu().long(), predictions.cpu().long()
+        else:
+            labels = predictions = None
         tiles = {name: self.overlays(images, result.maps) for name, result in results.items()}
-        pictures = Pictures(rows=self.rows(targets, probs, tiles))
+        pictures = Pictures(rows=self.rows(targets, probs, tiles, labels))
         for name, result in results.items():
-            pictures.grids[name] = self.grid(images, result, tiles[name], label)
+            rows = self.probe_rows(images, result, tiles[name], label, labels, predictions)
+            pictures.grids[name] = self.grid_pages(rows)
+            pictures.probe_overlays[name] = render.grids(rows, ncols=rows.shape[1])
             self.add_frame(name, label, result.maps[:, 0])
             pictures.timelines[name] = self.timeline(name)
-            pictures.probe_timelines[name] = self.probe_timelines(name)
+            columns = self.probe_timeline_columns(name)
+            if columns != self._shown.get(name):  # re-logging an unchanged picture costs bytes and time
+                pictures.probe_timelines[name] = self.probe_timelines(name)
+                self._shown[name] = columns
         return pictures
 
     # -- state ------------------------------------------------------------------------------------------------
     def reset(self) -> None:
         self._history.clear()
+        self._shown.clear()
 
     def state_dict(self) -> dict[str, Any]:
         """The timeline history: per method, the column labels and uint8 maps ``(P, h, w)`` (tensors, so that

@@ -56,9 +56,12 @@ class RecordBuilder:
             if alerts:
                 fired.append(self.tracker.alarms[name])
         record.explanations = outcome.results
-        pictures = self.board.draw(outcome.images, record.label, outcome.targets, outcome.probs, outcome.results)
+        labels = runner.label_indices(outcome)
+        predictions = outcome.logits.argmax(-1) if labels is not None else None
+        pictures = self.board.draw(outcome.images, record.label, outcome.targets, outcome.probs, outcome.results,
+                                   labels=labels, predictions=predictions)
         record.grids, record.timelines, record.rows = pictures.grids, pictures.timelines, pictures.rows
-        record.probe_timelines = pictures.probe_timelines
+        record.probe_overlays, record.probe_timelines = pictures.probe_overlays, pictures.probe_timelines
         if probe_tiles:
             record.probe_tiles = self.board.probe_tiles(outcome.images)
         return fired

@@ -145,27 +145,32 @@ class ProbeRunner:
                 on_failure(name, err)
         return outcome
 
-    def probe_scalars(self, outcome: Outcome) -> dict[str, float]:
-        """``xai/target_probability`` (the mean probability of the explained classes) and, with labels:
-        ``xai/probe_accuracy`` (multiclass: argmax = label; binary: ``z > 0`` = label) or, multi-label with
-        multi-hot labels ``(P, C)``, ``xai/probe_exact_match`` (every label of a probe right: sigmoid >= 0.5 iff
-        positive) and ``xai/probe_label_accuracy`` (the share of right (probe, class) decisions)."""
-        out = {keys.scalar_key("target_probability"): float(outcome.probs.mean())}
-        labels, scores = self.probes.probe.labels, outcome.logits.cpu()
-        if labels is None:
-            return out
-        if self.task == "multilabel":
-            if tuple(labels.shape) == scores.shape:
-                right = (scores >= 0) == (labels > 0.5)
-                out[keys.scalar_key("probe_exact_match")] = float(right.all(-1).float().mean())
-                out[keys.scalar_key("probe_label_accuracy")] = float(right.float().mean())
-            return out
-        labels = class_indices(labels, scores.shape[-1])
+    def label_indices(self, outcome: Outcome) -> Tensor | None:
+        """The probes' labels as class indices ``(P,)`` (a binary head's ``(P, 1)`` BCE targets included), or
+        ``None`` when they have none, or several each (multi-label)."""
+        labels = self.probes.probe.labels
+        if labels is None or self.task == "multilabel":
+            return None
+        labels = class_indices(labels, outcome.logits.shape[-1])
         if self.task == "binary" and labels.dim() == 2 and labels.shape[1] == 1:
             labels = labels[:, 0]  # BCE targets (P, 1)
-        if labels.dim() == 1:
-            predicted = (scores[:, 1] > 0).long() if self.task == "binary" else scores.argmax(-1)
-            out[keys.scalar_key("probe_accuracy")] = float((predicted == labels).float().mean())
+        return labels if labels.dim() == 1 else None
+
+    def probe_scalars(self, outcome: Outcome) -> dict[str, float]:
+        """``xai/target_probability`` (the mean probability of the explained classes) and, with labels:
+        ``xai/probe_accuracy`` (multiclass: argmax = label; binary: ``z > 0`` = label, the argmax of the scores
+        ``[-z, z]``) or, multi-label with multi-hot labels ``(P, C)``, ``xai/probe_exact_match`` (every label of a
+        probe right: sigmoid >= 0.5 iff positive) and ``xai/probe_label_accuracy`` (the share of right
+        (probe, class) decisions)."""
+        out = {keys.scalar_key("target_probability"): float(outcome.probs.mean())}
+        labels, scores = self.probes.probe.labels, outcome.logits.cpu()
+        if labels is not None and self.task == "multilabel" and tuple(labels.shape) == scores.shape:
+            right = (scores >= 0) == (labels > 0.5)
+            out[keys.scalar_key("probe_exact_match")] = float(right.all(-1).float().mean())
+            out[keys.scalar_key("probe_label_accuracy")] = float(right.float().mean())
+        indices = self.label_indices(outcome)
+        if indices is not None:
+            out[keys.scalar_key("probe_accuracy")] = float((scores.argmax(-1) == indices).float().mean())
         return out
 
     def faithfulness(self, outcome: Outcome, method: str) -> dict[str, float]:

@@ -3,9 +3,12 @@
 Every sink writes one :class:`Record` per explanation event at ``record.step``, the step Lightning logs its own
 metrics at (see :func:`lightning_xai.callbacks.keys.logging_step`), so the maps and ``val_loss`` share one axis.
 
-- TensorBoard: ``add_image``/``add_scalar`` at ``record.step``; the timeline as one small picture per probe
-  (``xai/<method>/timeline/<probe>``), which its Images and Time Series cards show at full size.
-- Weights & Biases: ``wandb.Image`` (uint8), a per-event ``wandb.Table``, probe images uploaded once, all with
+- TensorBoard: ``add_image``/``add_scalar`` at ``record.step``; the overlays and the timeline as one small picture
+  per probe (``xai/<method>/overlay/<probe>``, ``xai/<method>/timeline/<probe>``, the timeline only at the events
+  where its columns change), which its Images and Time Series cards show at full size; each scalar's description
+  (:mod:`~lightning_xai.callbacks.descriptions`) with its first value, and once per run a Custom Scalars layout.
+- Weights & Biases: ``wandb.Image`` (uint8), a per-event ``wandb.Table``, probe images uploaded once, the scalars'
+  descriptions in the run config (``xai_descriptions``), all with
   ``trainer/global_step = record.step`` (the x axis ``WandbLogger`` defines), in the same W&B row as Lightning's
   metrics of that step (see :meth:`WandbSink.write`).
 - Any other logger, or none: PNG files under the run's log directory (one folder per method) and a
@@ -25,9 +28,12 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.compat.proto.tensor_pb2 import TensorProto
+from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
+from tensorboard.plugins.scalar import metadata as scalar_metadata
 from torch.utils.tensorboard import SummaryWriter
 
-from lightning_xai.callbacks import keys
+from lightning_xai.callbacks import descriptions, keys
 from lightning_xai.explainers import Explanation
 from lightning_xai.render import encode_png, save_png
 
@@ -41,11 +47,15 @@ class Record:
         step: the logging step (``trainer.global_step`` for one optimizer; 0 for the fit-start baseline).
         label: the event's name in captions: ``"ep 3"`` or ``"ep 3 · step 120"``.
         stem: its file name stem: ``"epoch_0003"`` or ``"epoch_0003_step_000120"``.
-        grids: per method, a uint8 ``(H, W, 3)`` grid of probe overlays.
+        grids: per method, the pages of the overlay grid: uint8 ``(H, W, 3)`` each, at most
+            ``presentation.PAGE_PROBES`` probes a page (W&B and PNG).
+        probe_overlays: per method, uint8 ``(P, H, W, 3)``: each probe's row of the grid alone (TensorBoard's).
         timelines: per method, a uint8 timeline image (rows = probes, columns = events).
-        probe_timelines: per method, uint8 ``(P, H, W, 3)``: one small timeline per probe (TensorBoard's).
+        probe_timelines: per method, uint8 ``(P, H, W, 3)``: one small timeline per probe (TensorBoard's), only at
+            the events where its columns change.
         scalars: flat ``{"xai/<method>/<name>": value}``.
-        rows: per-probe table rows: ``(probe id, target, target name, probability, {method: tile})``.
+        rows: per-probe table rows: ``(probe id, target, target name, probability, {method: tile}, label name)``
+            (label name ``None`` when the probes have no single label).
         probe_tiles: uint8 ``(P, h, w, 3)`` probe images, set only on the first event (uploaded once).
         explanations: per method, the event's :class:`~lightning_xai.explainers.Explanation`.
         images: further uint8 ``(H, W, 3)`` images by full tag, e.g. ``xai/<method>/shortcut_region``.
@@ -57,11 +67,12 @@ class Record:
     step: int
     label: str
     stem: str
-    grids: dict[str, np.ndarray] = field(default_factory=dict)
+    grids: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    probe_overlays: dict[str, np.ndarray] = field(default_factory=dict)
     timelines: dict[str, np.ndarray] = field(default_factory=dict)
     probe_timelines: dict[str, np.ndarray] = field(default_factory=dict)
     scalars: dict[str, float] = field(default_factory=dict)
-    rows: list[tuple[int, int, str, float, dict[str, np.ndarray]]] = field(default_factory=list)
+    rows: list[tuple[int, int, str, float, dict[str, np.ndarray], str | None]] = field(default_factory=list)
     probe_tiles: np.ndarray | None = None
     explanations: dict[str, Explanation] = field(default_factory=dict)
     images: dict[str, np.ndarray] = field(default_factory=dict)
@@ -94,8 +105,13 @@ class Sink:
 
 
 class TensorBoardSink(Sink):
+    """Images per probe, scalars with their descriptions, and the Custom Scalars layout (once per run: per sink,
+    which lives for one ``fit``; a resumed run writes it again into its new event file)."""
+
     def __init__(self, logger: Any) -> None:
         self.experiment = logger.experiment
+        self._described: set[str] = set()
+        self._layout_written = False
         if not callable(getattr(self.experiment, "add_image", None)):
             raise TypeError(
                 f"{type(logger).__name__}'s writer ({type(self.experiment).__name__}) has no add_image, so it "
@@ -115,9 +131,37 @@ class TensorBoardSink(Sink):
         png = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=encode_png(image))
         self.experiment._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=png)]), step)
 
+    def _scalar(self, tag: str, value: float, step: int) -> None:
+        """``add_scalar``; before the first value of each tag, the same value as a tensor summary carrying the tag's
+        description. TensorBoard keeps the metadata of a tag's first summary, and its fast loader (the Rust data
+        server, its default) reads metadata from tensor summaries only; the plain value written right after, at
+        the same step, replaces the tensor's point there and keeps the tag readable as a scalar by
+        ``EventAccumulator.Scalars``."""
+        text, tag = descriptions.description(tag), self.tag(tag)
+        if tag not in self._described and text and isinstance(self.experiment, SummaryWriter):
+            meta = scalar_metadata.create_summary_metadata(display_name=tag, description=text)
+            tensor = TensorProto(dtype="DT_FLOAT", float_val=[float(value)], tensor_shape=TensorShapeProto())
+            summary = Summary(value=[Summary.Value(tag=tag, tensor=tensor, metadata=meta)])
+            self.experiment._get_file_writer().add_summary(summary, step)
+            self._described.add(tag)
+        self.experiment.add_scalar(tag, value, step)
+
+    def _layout(self, tags: Sequence[str]) -> None:
+        """The Custom Scalars layout of ``tags`` (unprefixed; written under the monitor's name, see
+        :func:`~lightning_xai.callbacks.descriptions.scalar_layout`),
+        once per sink."""
+        add = getattr(self.experiment, "add_custom_scalars", None)
+        if self._layout_written or not callable(add):
+            return
+        layout = descriptions.scalar_layout(tags, self.name)
+        if layout:
+            add(layout)
+        self._layout_written = True
+
     def write(self, record: Record) -> None:
-        for method, grid in record.grids.items():
-            self._image(keys.image_key(method, "overlay"), grid, record.step)
+        for method, images in record.probe_overlays.items():  # one per probe: a grid of all probes is squeezed
+            for index, image in enumerate(images):  # into a strip by Time Series
+                self._image(keys.probe_overlay_key(method, index), image, record.step)
         for method, images in record.probe_timelines.items():  # one per probe: the whole-run picture is
             for index, image in enumerate(images):  # too wide for TensorBoard's cards
                 self._image(keys.probe_timeline_key(method, index), image, record.step)
@@ -126,8 +170,9 @@ class TensorBoardSink(Sink):
                 self._image(keys.probe_key(index), tile, record.step)
         for tag, image in record.images.items():
             self._image(tag, image, record.step)
+        self._layout(list(record.scalars))
         for tag, value in record.scalars.items():
-            self.experiment.add_scalar(self.tag(tag), value, record.step)
+            self._scalar(tag, value, record.step)
         for tag, text in record.alerts:
             self.experiment.add_text(self.tag(tag), text, record.step)
         self.experiment.flush()
@@ -146,13 +191,30 @@ class WandbSink(Sink):
         self.wandb = wandb
         self.experiment = logger.experiment
         self._staged_at: int | None = None
+        self._described: set[str] = set()
+
+    def _describe(self, tags: Sequence[str]) -> None:
+        """Put the descriptions of ``tags`` not described yet into the run config (``xai_descriptions``)."""
+        new = {self.tag(tag): descriptions.description(tag) for tag in tags}
+        new = {tag: text for tag, text in new.items() if tag not in self._described}
+        new = {tag: text for tag, text in new.items() if text}
+        config = getattr(self.experiment, "config", None)
+        if not new or config is None:
+            return
+        self._described.update(new)
+        known = dict(config.get(descriptions.CONFIG_KEY) or {}) if hasattr(config, "get") else {}
+        config.update({descriptions.CONFIG_KEY: {**known, **new}}, allow_val_change=True)
 
     def write(self, record: Record) -> None:
         image = self.wandb.Image
         payload: dict[str, Any] = {"epoch": record.epoch, "trainer/global_step": record.step}
         payload.update(record.scalars)
-        for method, grid in record.grids.items():
-            payload[keys.image_key(method, "overlay")] = image(grid, caption=f"{method}, {record.label}")
+        self._describe(list(record.scalars))
+        for method, pages in record.grids.items():
+            captions = [f"{method}, {record.label}" + (f", page {i + 1}/{len(pages)}" if len(pages) > 1 else "")
+                        for i in range(len(pages))]
+            images = [image(page, caption=text) for page, text in zip(pages, captions, strict=True)]
+            payload[keys.image_key(method, "overlay")] = images[0] if len(images) == 1 else images
         for method, timeline in record.timelines.items():
             payload[keys.image_key(method, "timeline")] = image(timeline, caption=f"{method} up to {record.label}")
         if record.probe_tiles is not None:
@@ -164,11 +226,11 @@ class WandbSink(Sink):
             self._alert(self.tag(tag), text)
         if record.rows:
             methods = list(record.rows[0][4])
-            columns = ["epoch", "step", "probe", "target", "target_name", "probability", *methods]
+            columns = ["epoch", "step", "probe", "target", "target_name", "probability", "label", *methods]
             table = self.wandb.Table(columns=columns)
-            for probe, target, name, prob, tiles in record.rows:
+            for probe, target, name, prob, tiles, label in record.rows:
                 cells = (image(tiles[m]) for m in methods)
-                table.add_data(record.epoch, record.step, probe, target, name, prob, *cells)
+                table.add_data(record.epoch, record.step, probe, target, name, prob, label, *cells)
             payload[keys.TABLE] = table
         payload = {self.tag(key): value for key, value in payload.items()}
         # Staged, not committed: Lightning's own metrics of this validation (logged right after the callback hook,
@@ -211,8 +273,10 @@ class PngSink(Sink):
             ) from None
 
     def write(self, record: Record) -> None:
-        for method, grid in record.grids.items():
-            save_png(grid, self.root / method / f"{record.stem}.png")
+        for method, pages in record.grids.items():
+            for number, page in enumerate(pages):  # epoch_0003.png, then epoch_0003_page_2.png, ...
+                suffix = f"_page_{number + 1}" if number else ""
+                save_png(page, self.root / method / f"{record.stem}{suffix}.png")
         for method, image in record.timelines.items():
             save_png(image, self.root / method / "timeline.png")
         if record.probe_tiles is not None:
