@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from lightning_xai.adapters.base import Family, Geometry, Readout, check_divisible, pair
+from lightning_xai.adapters.qkv import QKVRecord, attach_timm_attention
 
 
 class TimmFamily(Family):
@@ -87,3 +88,12 @@ class TimmFamily(Family):
             stack.callback(setattr, attn, "fused_attn", fused)
         handle = attn.attn_drop.register_forward_pre_hook(lambda _m, args: sink.append(args[0]))
         stack.callback(handle.remove)
+
+    def attach_qkv(self, vit: nn.Module, block: nn.Module, record: QKVRecord, stack: contextlib.ExitStack) -> bool:
+        """timm's own ``Attention`` (ViT, DeiT, registers, any pooling) records ``q, k, v, o`` under its fused
+        kernel. Kept on the recorded-attention path: BEiT (relative position bias) and EVA (rotary embedding),
+        whose attention classes add terms these recordings do not see, and models with gradient checkpointing
+        on (the recomputed forward would record a second time)."""
+        if getattr(vit, "grad_checkpointing", False):
+            return False
+        return attach_timm_attention(block.attn, record, stack)
