@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 
 
@@ -86,3 +87,71 @@ def attach_timm_attention(attn: nn.Module, record: QKVRecord, stack: contextlib.
     for hook in hooks:
         stack.callback(hook.remove)
     return True
+
+
+#: Hugging Face attention classes whose forward is ``q_proj/k_proj/v_proj``, the configured attention
+#: function (eager or SDPA, ``scaling = head_dim ** -0.5``), then ``o_proj``; BEiT's adds a relative position
+#: bias inside its forward, which these recordings do not see, so it keeps the recorded-attention path.
+HF_QKV_CLASSES = ("ViTAttention", "DeiTAttention", "Dinov2Attention", "Dinov2WithRegistersAttention")
+
+
+def _heads_first(heads: int):
+    """``(B, T, H * d) -> (B, H, T, d)``, detached: a forward hook's output into a record list."""
+    return lambda out: out.detach().unflatten(-1, (heads, out.shape[-1] // heads)).transpose(1, 2)
+
+
+def attach_hf_attention(attn: nn.Module, record: QKVRecord, stack: contextlib.ExitStack) -> bool:
+    """Record ``q, k, v, o`` of a Hugging Face ViT/DeiT/DINOv2 attention (transformers 5 layout) under the
+    model's configured attention implementation; ``False`` for other classes and layouts (BEiT, transformers 4's
+    ``attention.attention.query``)."""
+    if type(attn).__name__ not in HF_QKV_CLASSES or not all(
+        hasattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "num_attention_heads")
+    ):
+        return False
+    split = _heads_first(attn.num_attention_heads)
+    record.scale.append(float(attn.scaling))
+
+    def check_mask(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
+        if mask is not None:
+            raise TypeError(f"{type(attn).__name__} was called with an attention mask: lightning-xai explains "
+                            "unmasked self-attention only")
+
+    hooks = [
+        attn.register_forward_pre_hook(check_mask, with_kwargs=True),
+        attn.q_proj.register_forward_hook(lambda _m, _a, out: record.q.append(split(out))),
+        attn.k_proj.register_forward_hook(lambda _m, _a, out: record.k.append(split(out))),
+        attn.v_proj.register_forward_hook(lambda _m, _a, out: record.v.append(split(out))),
+        attn.o_proj.register_forward_pre_hook(lambda _m, args: record.o.append(args[0])),
+    ]
+    for hook in hooks:
+        stack.callback(hook.remove)
+    return True
+
+
+def fused_mha_forward(mha: nn.MultiheadAttention, record: QKVRecord):
+    """A ``forward`` for torchvision's ``nn.MultiheadAttention`` (self-attention, ``batch_first``, one
+    ``in_proj_weight``) that computes what ``F.multi_head_attention_forward`` computes with
+    ``need_weights=False``: the in-projection, ``F.scaled_dot_product_attention`` (the fused kernel), the
+    out-projection; and appends ``q, k, v`` (detached) and the attention output ``o`` ``(B, T, D)`` to
+    ``record``. Returns ``(output (B, T, D), None)``: probabilities are never formed."""
+    heads = mha.num_heads
+    split = _heads_first(heads)
+
+    def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if key is not query or value is not query or key_padding_mask is not None or attn_mask is not None:
+            raise TypeError("lightning-xai explains unmasked self-attention (query is key is value); this "
+                            "nn.MultiheadAttention was called otherwise")
+        q, k, v = torch.nn.functional.linear(query, mha.in_proj_weight, mha.in_proj_bias).chunk(3, dim=-1)
+        record.q.append(split(q))
+        record.k.append(split(k))
+        record.v.append(split(v))
+        per_head = [t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v)]  # (B, H, T, d) in the graph
+        mixed = torch.nn.functional.scaled_dot_product_attention(
+            *per_head, dropout_p=mha.dropout if mha.training else 0.0)
+        out = mixed.transpose(1, 2).flatten(-2)  # (B, T, D)
+        record.o.append(out)
+        return mha.out_proj(out), None
+
+    return forward
