@@ -29,6 +29,21 @@ if TYPE_CHECKING:
 CHUNK_ELEMENTS = 1 << 22
 
 
+_recorded_only = False
+
+
+@contextlib.contextmanager
+def recorded_path() -> Iterator[None]:
+    """Within the context every family takes the recorded-attention path (the attention probabilities recorded
+    in the graph): for comparisons of the two paths in tests and benchmarks."""
+    global _recorded_only
+    before, _recorded_only = _recorded_only, True
+    try:
+        yield
+    finally:
+        _recorded_only = before
+
+
 @contextlib.contextmanager
 def capture_qkv(vit: nn.Module, blocks: Sequence[int] | None = None) -> Iterator[QKVRecord | None]:
     """Record ``q, k, v, o`` of ``blocks`` (default all) during the forward run inside the context; yields
@@ -41,7 +56,7 @@ def capture_qkv(vit: nn.Module, blocks: Sequence[int] | None = None) -> Iterator
     indices = list(range(count)) if blocks is None else sorted({b % count for b in blocks})
     record = QKVRecord(blocks=indices)
     with contextlib.ExitStack() as stack:
-        supported = all(family.attach_qkv(vit, all_blocks[i], record, stack) for i in indices)
+        supported = not _recorded_only and all(family.attach_qkv(vit, all_blocks[i], record, stack) for i in indices)
         if not supported:
             stack.close()
         yield record if supported else None
