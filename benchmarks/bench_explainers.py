@@ -213,8 +213,8 @@ def fused_table(configs: list[tuple[str, int, int, bool]], repeats: int, memory:
         rows = fused_rows(size, image_size, batch, repeats if timed else 0, memory)
         step_s, step_mib = rows[("train", "-")]
         for (method, path), (seconds, mib) in rows.items():
-            timed = seconds == seconds  # not NaN
-            ms, ratio = (f"{1000 * seconds / batch:.1f}", f"{seconds / step_s:.2f}") if timed else ("-", "-")
+            has_time = seconds == seconds  # not NaN
+            ms, ratio = (f"{1000 * seconds / batch:.1f}", f"{seconds / step_s:.2f}") if has_time else ("-", "-")
             print(f"| {size} | {image_size} | {batch} | {'training step' if method == 'train' else method} | {path} | "
                   f"{ms} | {ratio} | {mib:.0f} | {mib / step_mib:.2f} |", flush=True)
         verdicts += fused_verdicts(size, image_size, batch, rows)
