@@ -114,7 +114,9 @@ def fused_gradients(
     return FusedGradients(record, heads, resolved, probs.detach())
 
 
-def fused_forward(explainer: Explainer, x: Tensor, targets: Any, blocks: Sequence[int] | None = None):
+def fused_forward(
+    explainer: Explainer, x: Tensor, targets: Any, blocks: Sequence[int] | None = None
+) -> tuple[QKVRecord, Tensor, Tensor] | None:
     """One forward without a graph recording ``q, k`` of ``blocks``: ``(record, targets, probs)``, or ``None``
     when the family keeps the recorded-attention path."""
     with capture_qkv(explainer.vit, blocks) as record:
