@@ -31,10 +31,16 @@ def _hf_pair(convert, model_name="vit_tiny_patch16_224"):
     return PixelValues(convert(timm_vit(model_name=model_name)))
 
 
-def _timm_small(name):
+def _timm_small(name, **kwargs):
+    """A tiny timm model; BEiT's relative position tables and q/v biases random (timm starts them at zero)."""
     torch.manual_seed(0)
-    return timm.create_model(name, pretrained=False, img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2,
-                             num_classes=5).eval()
+    model = timm.create_model(name, pretrained=False, img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2,
+                              num_classes=5, **kwargs).eval()
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if "relative_position_bias_table" in param_name or param_name.endswith(("q_bias", "v_bias")):
+                param.copy_(0.3 * torch.randn_like(param))
+    return model
 
 
 #: variant -> (model builder, input size (H, W), whether the family explains it on the fused path)
@@ -56,8 +62,11 @@ VARIANTS = {
     "hf_dinov2": (lambda: _hf("Dinov2ForImageClassification", "Dinov2Config", mlp_ratio=2), (32, 32), True),
     "hf_dinov2_registers": (lambda: _hf("Dinov2WithRegistersForImageClassification", "Dinov2WithRegistersConfig",
                                         mlp_ratio=2, num_register_tokens=2), (32, 32), True),
+    "timm_beit_relative_position_bias": (lambda: _timm_small("beit_base_patch16_224"), (32, 32), True),
+    "timm_beit_shared_bias_no_qkv_bias": (
+        lambda: _timm_small("beit_base_patch16_224", use_shared_rel_pos_bias=True, use_rel_pos_bias=False,
+                                 qkv_bias=False), (32, 32), True),
     # declared in the families' attach_qkv: these attention classes add terms q, k, v do not carry
-    "timm_beit_relative_position_bias": (lambda: _timm_small("beit_base_patch16_224"), (32, 32), False),
     "timm_eva02_rotary": (lambda: _timm_small("eva02_tiny_patch14_224"), (32, 32), False),
     "hf_beit_relative_position_bias": (lambda: _hf("BeitForImageClassification", "BeitConfig", use_mean_pooling=True),
                                        (32, 32), False),

@@ -29,6 +29,8 @@ class QKVRecord:
         o: the attention outputs ``A V`` with the heads concatenated, ``(B, T, H * d)``, in the autograd graph
             (the tensor gradients are taken with respect to).
         scale: the factor the model multiplies ``q k^T`` with, per block.
+        bias: what the block adds to ``q k^T * scale`` before the softmax (BEiT's relative position bias),
+            detached, ``(1 or B, H, T, T)``, or ``None``; one entry per recorded block and forward.
     """
 
     blocks: list[int]
@@ -37,6 +39,11 @@ class QKVRecord:
     v: list[Tensor] = field(default_factory=list)
     o: list[Tensor] = field(default_factory=list)
     scale: list[float] = field(default_factory=list)
+    bias: list[Tensor | None] = field(default_factory=list)
+
+    def logit_bias(self, index: int) -> Tensor | None:
+        """The additive bias of recorded block ``index``, or ``None`` (a family that records no bias)."""
+        return self.bias[index] if self.bias else None
 
     def heads(self, index: int) -> int:
         """Number of heads ``H`` of recorded block ``index``."""
@@ -62,9 +69,9 @@ def _refuse_masks(name: str):
 
 def attach_timm_attention(attn: nn.Module, record: QKVRecord, stack: contextlib.ExitStack) -> bool:
     """Record ``q, k, v, o`` of a timm ``Attention`` (``timm.layers.Attention``, the ViT's own) while it runs its
-    fused kernel; undo steps go on ``stack``. Returns ``False`` (and registers nothing) for any other class:
-    BEiT's attention adds a relative position bias and EVA's a rotary embedding inside its forward, which these
-    recordings do not see, so those keep the recorded-attention path."""
+    fused kernel; undo steps go on ``stack``. Returns ``False`` (and registers nothing) for any other class
+    (BEiT's has its own recorder below; EVA's applies a rotary embedding inside its forward, which these
+    recordings do not reproduce, so EVA keeps the recorded-attention path)."""
     from timm.layers import Attention
 
     if type(attn) is not Attention:
@@ -89,9 +96,58 @@ def attach_timm_attention(attn: nn.Module, record: QKVRecord, stack: contextlib.
     return True
 
 
+def attach_timm_beit_attention(attn: nn.Module, record: QKVRecord, stack: contextlib.ExitStack) -> bool:
+    """Record ``q, k, v, o`` and the relative position bias of timm BEiT's ``Attention`` while it runs its fused
+    kernel. Its queries, keys and values come from an ``F.linear`` inside its forward, not from a module, so
+    they are recomputed from the block's input, outside the graph, exactly as its forward computes them (the
+    same ``F.linear`` on the same tensors); the bias is its own ``_get_rel_pos_bias()`` plus the model's shared
+    bias, if any. ``False`` for other classes or a timm whose BEiT attention lacks these parts."""
+    from timm.models.beit import Attention as BeitAttention
+
+    needed = ("qkv", "q_bias", "proj", "num_heads", "scale", "qkv_bias_separate", "relative_position_bias_table",
+              "_get_rel_pos_bias")
+    if type(attn) is not BeitAttention or not all(hasattr(attn, name) for name in needed):
+        return False
+    heads = attn.num_heads
+    head_dim = attn.qkv.out_features // (3 * heads)
+    if attn.fused_attn and abs(attn.scale - head_dim**-0.5) > 1e-12 * head_dim**-0.5:
+        return False
+    record.scale.append(float(attn.scale))
+
+    def inputs(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0].detach()
+        shared = args[1] if len(args) > 1 else kwargs.get("shared_rel_pos_bias")
+        with torch.no_grad():
+            if attn.q_bias is None:
+                qkv = attn.qkv(x)
+            else:
+                qkv_bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+                if attn.qkv_bias_separate:
+                    qkv = attn.qkv(x) + qkv_bias
+                else:
+                    qkv = torch.nn.functional.linear(x, weight=attn.qkv.weight, bias=qkv_bias)
+            q, k, v = qkv.unflatten(-1, (3, heads, head_dim)).permute(2, 0, 3, 1, 4)
+            bias = attn._get_rel_pos_bias() if attn.relative_position_bias_table is not None else None
+            if shared is not None:
+                bias = shared.detach() if bias is None else bias + shared.detach()
+        record.q.append(q)
+        record.k.append(k)
+        record.v.append(v)
+        record.bias.append(None if bias is None else bias.reshape(-1, *bias.shape[-3:]))  # (1 or B, H, T, T)
+
+    hooks = [
+        attn.register_forward_pre_hook(inputs, with_kwargs=True),
+        attn.proj.register_forward_pre_hook(lambda _m, args: record.o.append(args[0])),
+    ]
+    for hook in hooks:
+        stack.callback(hook.remove)
+    return True
+
+
 #: Hugging Face attention classes whose forward is ``q_proj/k_proj/v_proj``, the configured attention
-#: function (eager or SDPA, ``scaling = head_dim ** -0.5``), then ``o_proj``; BEiT's adds a relative position
-#: bias inside its forward, which these recordings do not see, so it keeps the recorded-attention path.
+#: function (eager or SDPA, ``scaling = head_dim ** -0.5``), then ``o_proj``; Hugging Face BEiT's adds a
+#: relative position bias inside its forward, which these recordings do not see, so it keeps the
+#: recorded-attention path.
 HF_QKV_CLASSES = ("ViTAttention", "DeiTAttention", "Dinov2Attention", "Dinov2WithRegistersAttention")
 
 

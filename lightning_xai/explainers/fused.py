@@ -128,15 +128,19 @@ def fused_forward(
     return record, resolved, probs
 
 
-def attention_rows(q: Tensor, k: Tensor, scale: float, rows: Tensor | slice) -> Tensor:
-    """Rows ``rows`` of ``A = softmax((q * scale) k^T)``: ``q, k`` ``(B, H, T, d)`` -> ``(B, H, R, T)``,
-    computed as the model's written-out attention does (scale the queries, multiply, softmax)."""
-    return ((q[:, :, rows] * scale) @ k.transpose(-2, -1)).softmax(-1)
+def attention_rows(q: Tensor, k: Tensor, scale: float, rows: Tensor | slice, bias: Tensor | None = None) -> Tensor:
+    """Rows ``rows`` of ``A = softmax((q * scale) k^T + bias)``: ``q, k`` ``(B, H, T, d)``, ``bias``
+    ``(1 or B, H, T, T)`` or ``None`` -> ``(B, H, R, T)``, computed as the model's written-out attention does
+    (scale the queries, multiply, add the bias, softmax)."""
+    logits = (q[:, :, rows] * scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        logits = logits + bias.float()[:, :, rows]
+    return logits.softmax(-1)
 
 
 def attention_matrix(record: QKVRecord, index: int) -> Tensor:
     """The whole attention matrix of recorded block ``index``, ``(B, H, T, T)``."""
-    return attention_rows(record.q[index], record.k[index], record.scale[index], slice(None))
+    return attention_rows(record.q[index], record.k[index], record.scale[index], slice(None), record.logit_bias(index))
 
 
 def attention_matrices(record: QKVRecord) -> Iterator[Tensor]:
@@ -153,7 +157,7 @@ def _row_chunks(geom: Geometry, per_row: int) -> Iterator[tuple[Tensor, Tensor]]
 
 
 def readout_contribution_fused(
-    q: Tensor, k: Tensor, v: Tensor, grad: Tensor, scale: float, geom: Geometry
+    q: Tensor, k: Tensor, v: Tensor, grad: Tensor, scale: float, geom: Geometry, bias: Tensor | None = None
 ) -> Tensor:
     """GradToken's per-block contribution (METHODS.md) from ``q, k, v`` and the gradient at ``o``:
     ``c_i = relu( Σ_h Σ_q w_q A[h, q, P+i] · G[h, q, P+i] )`` with ``G = (dy/do) v^T``, computed as
@@ -163,6 +167,7 @@ def readout_contribution_fused(
     Args:
         q, k, v: ``(B, H, T, d)``.
         grad: ``(B, K, H, T, d)``, the targets' gradients at the attention output.
+        bias: ``(1 or B, H, T, T)`` added to the attention logits, or ``None``.
 
     Returns:
         ``(B, K, N)`` contributions, one per patch.
@@ -172,16 +177,17 @@ def readout_contribution_fused(
     total = None
     for rows, weights in _row_chunks(geom, batch * heads * tokens * grad.shape[1]):
         rows = rows.to(q.device)
-        a = attention_rows(q, k, scale, rows)[..., prefix:]  # (B, H, c, N)
+        a = attention_rows(q, k, scale, rows, bias)[..., prefix:]  # (B, H, c, N)
         g = grad.index_select(3, rows) * weights.to(grad)[:, None]  # (B, K, H, c, d)
         part = a.unsqueeze(1).transpose(-2, -1) @ g  # (B, K, H, N, d)
         total = part if total is None else total + part
     return (total * v[:, None, :, prefix:]).sum((2, 4)).clamp_min(0)
 
 
-def gae_step(q: Tensor, k: Tensor, v: Tensor, grad: Tensor, scale: float) -> Tensor:
-    """GAE's per-block weighting ``mean_h relu(dy/dA ⊙ A)`` from ``q, k, v`` ``(B, H, T, d)`` and the gradient
-    at ``o`` ``(B, K, H, T, d)``: ``(B, K, T, T)``, one block's whole matrices at a time."""
-    attn = attention_rows(q, k, scale, slice(None))  # (B, H, T, T)
+def gae_step(q: Tensor, k: Tensor, v: Tensor, grad: Tensor, scale: float, bias: Tensor | None = None) -> Tensor:
+    """GAE's per-block weighting ``mean_h relu(dy/dA ⊙ A)`` from ``q, k, v`` ``(B, H, T, d)``, the gradient
+    at ``o`` ``(B, K, H, T, d)`` and the logits' bias (or ``None``): ``(B, K, T, T)``, one block's whole
+    matrices at a time."""
+    attn = attention_rows(q, k, scale, slice(None), bias)  # (B, H, T, T)
     grad_attn = grad @ v.unsqueeze(1).transpose(-2, -1)  # (B, K, H, T, T)
     return (grad_attn * attn.unsqueeze(1)).clamp_min(0).mean(2)

@@ -54,7 +54,7 @@ class GradientRollout(Explainer):
         if fused is not None:  # one block's matrices at a time, recomputed from q, k, v and dy/do
             record, resolved, probs = fused.record, fused.targets, fused.probs
             steps = (
-                gae_step(record.q[i], record.k[i], record.v[i], grad, record.scale[i])
+                gae_step(record.q[i], record.k[i], record.v[i], grad, record.scale[i], record.logit_bias(i))
                 for i, grad in enumerate(fused.grads)
             )
             tokens = record.q[0].shape[-2]
@@ -154,7 +154,9 @@ class GradToken(Explainer):
         if fused is not None:  # the readout rows recomputed from q, k, v and dy/do
             record, resolved, probs = fused.record, fused.targets, fused.probs
             contributions = (
-                readout_contribution_fused(record.q[i], record.k[i], record.v[i], grad, record.scale[i], geom)
+                readout_contribution_fused(
+                    record.q[i], record.k[i], record.v[i], grad, record.scale[i], geom, record.logit_bias(i)
+                )
                 for i, grad in enumerate(fused.grads)
             )
         else:
