@@ -66,8 +66,11 @@ VARIANTS = {
     "timm_beit_shared_bias_no_qkv_bias": (
         lambda: _timm_small("beit_base_patch16_224", use_shared_rel_pos_bias=True, use_rel_pos_bias=False,
                                  qkv_bias=False), (32, 32), True),
-    # declared in the families' attach_qkv: these attention classes add terms q, k, v do not carry
-    "timm_eva02_rotary": (lambda: _timm_small("eva02_tiny_patch14_224"), (32, 32), False),
+    "timm_eva02_rotary": (lambda: _timm_small("eva02_tiny_patch14_224"), (32, 32), True),
+    "timm_eva_separate_projections_qk_norm_rotate_half": (
+        lambda: _timm_small("eva02_tiny_patch14_224", qkv_fused=False, qk_norm=True, rope_rotate_half=True), (32, 32),
+        True),
+    # declared in TransformersFamily.attach_qkv: its attention adds a bias the recording does not see
     "hf_beit_relative_position_bias": (lambda: _hf("BeitForImageClassification", "BeitConfig", use_mean_pooling=True),
                                        (32, 32), False),
 }

@@ -70,8 +70,7 @@ def _refuse_masks(name: str):
 def attach_timm_attention(attn: nn.Module, record: QKVRecord, stack: contextlib.ExitStack) -> bool:
     """Record ``q, k, v, o`` of a timm ``Attention`` (``timm.layers.Attention``, the ViT's own) while it runs its
     fused kernel; undo steps go on ``stack``. Returns ``False`` (and registers nothing) for any other class
-    (BEiT's has its own recorder below; EVA's applies a rotary embedding inside its forward, which these
-    recordings do not reproduce, so EVA keeps the recorded-attention path)."""
+    (BEiT's and EVA's have their own recorders below)."""
     from timm.layers import Attention
 
     if type(attn) is not Attention:
@@ -89,6 +88,66 @@ def attach_timm_attention(attn: nn.Module, record: QKVRecord, stack: contextlib.
         attn.qkv.register_forward_hook(values),
         attn.q_norm.register_forward_hook(lambda _m, _a, out: record.q.append(out.detach())),
         attn.k_norm.register_forward_hook(lambda _m, _a, out: record.k.append(out.detach())),
+        attn.norm.register_forward_pre_hook(lambda _m, args: record.o.append(args[0])),  # before scale_norm
+    ]
+    for hook in hooks:
+        stack.callback(hook.remove)
+    return True
+
+
+def _timm_qkv_from_input(attn: nn.Module, x: Tensor, heads: int, head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``q, k, v`` ``(B, H, T, d)`` of timm BEiT's or EVA's attention for its input ``x`` ``(B, T, D)``, computed as
+    their forwards compute them (one ``qkv`` projection with optional q/v biases, or EVA's separate ones)."""
+    if getattr(attn, "qkv", None) is None:  # EVA with q_proj, k_proj, v_proj
+        return tuple(
+            proj(x).unflatten(-1, (heads, head_dim)).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj)
+        )
+    if attn.q_bias is None:
+        qkv = attn.qkv(x)
+    else:
+        qkv_bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+        if attn.qkv_bias_separate:
+            qkv = attn.qkv(x) + qkv_bias
+        else:
+            qkv = torch.nn.functional.linear(x, weight=attn.qkv.weight, bias=qkv_bias)
+    return tuple(qkv.unflatten(-1, (3, heads, head_dim)).permute(2, 0, 3, 1, 4))
+
+
+def attach_timm_eva_attention(attn: nn.Module, record: QKVRecord, stack: contextlib.ExitStack) -> bool:
+    """Record ``q, k, v, o`` of timm EVA's ``EvaAttention`` while it runs its fused kernel: ``q, k, v`` are
+    recomputed from the block's input outside the graph as its forward computes them, through its q/k
+    normalisation and the rotary embedding it is called with (timm's own ``apply_rot_embed_cat`` on the patch
+    tokens); ``o`` is the input of its output normalisation. ``False`` for other classes."""
+    from timm.layers import apply_rot_embed_cat
+    from timm.models.eva import EvaAttention
+
+    needed = ("qkv", "q_bias", "q_norm", "k_norm", "norm", "num_heads", "head_dim", "scale", "num_prefix_tokens")
+    if type(attn) is not EvaAttention or not all(hasattr(attn, name) for name in needed):
+        return False
+    heads, head_dim = attn.num_heads, attn.head_dim
+    if attn.fused_attn and abs(attn.scale - head_dim**-0.5) > 1e-12 * head_dim**-0.5:
+        return False
+    record.scale.append(float(attn.scale))
+    refuse_masks = _refuse_masks(type(attn).__name__)
+
+    def inputs(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        refuse_masks(module, args, kwargs)
+        rope = args[1] if len(args) > 1 else kwargs.get("rope")
+        with torch.no_grad():
+            q, k, v = _timm_qkv_from_input(attn, args[0].detach(), heads, head_dim)
+            q, k = attn.q_norm(q), attn.k_norm(k)
+            if rope is not None:
+                npt, half = attn.num_prefix_tokens, getattr(attn, "rotate_half", False)
+                q, k = (
+                    torch.cat([t[:, :, :npt], apply_rot_embed_cat(t[:, :, npt:], rope, half=half)], dim=2).type_as(v)
+                    for t in (q, k)
+                )
+        record.q.append(q)
+        record.k.append(k)
+        record.v.append(v)
+
+    hooks = [
+        attn.register_forward_pre_hook(inputs, with_kwargs=True),
         attn.norm.register_forward_pre_hook(lambda _m, args: record.o.append(args[0])),  # before scale_norm
     ]
     for hook in hooks:
@@ -115,18 +174,9 @@ def attach_timm_beit_attention(attn: nn.Module, record: QKVRecord, stack: contex
     record.scale.append(float(attn.scale))
 
     def inputs(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-        x = args[0].detach()
         shared = args[1] if len(args) > 1 else kwargs.get("shared_rel_pos_bias")
         with torch.no_grad():
-            if attn.q_bias is None:
-                qkv = attn.qkv(x)
-            else:
-                qkv_bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
-                if attn.qkv_bias_separate:
-                    qkv = attn.qkv(x) + qkv_bias
-                else:
-                    qkv = torch.nn.functional.linear(x, weight=attn.qkv.weight, bias=qkv_bias)
-            q, k, v = qkv.unflatten(-1, (3, heads, head_dim)).permute(2, 0, 3, 1, 4)
+            q, k, v = _timm_qkv_from_input(attn, args[0].detach(), heads, head_dim)
             bias = attn._get_rel_pos_bias() if attn.relative_position_bias_table is not None else None
             if shared is not None:
                 bias = shared.detach() if bias is None else bias + shared.detach()

@@ -14,7 +14,12 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from lightning_xai.adapters.base import Family, Geometry, Readout, check_divisible, pair
-from lightning_xai.adapters.qkv import QKVRecord, attach_timm_attention, attach_timm_beit_attention
+from lightning_xai.adapters.qkv import (
+    QKVRecord,
+    attach_timm_attention,
+    attach_timm_beit_attention,
+    attach_timm_eva_attention,
+)
 
 
 class TimmFamily(Family):
@@ -90,11 +95,11 @@ class TimmFamily(Family):
         stack.callback(handle.remove)
 
     def attach_qkv(self, vit: nn.Module, block: nn.Module, record: QKVRecord, stack: contextlib.ExitStack) -> bool:
-        """timm's own ``Attention`` (ViT, DeiT, registers, any pooling) and BEiT's (with its relative position
-        bias) record ``q, k, v, o`` under their fused kernels. Kept on the recorded-attention path: EVA, whose
-        attention applies a rotary embedding inside its forward that these recordings do not reproduce, other
-        attention classes, and models with gradient checkpointing on (the recomputed forward would record a
-        second time)."""
+        """timm's own ``Attention`` (ViT, DeiT, registers, any pooling), BEiT's (with its relative position bias)
+        and EVA's (with its rotary embedding) record ``q, k, v, o`` under their fused kernels. Kept on the
+        recorded-attention path: other attention classes (whatever they add inside their forward is unknown
+        here), and models with gradient checkpointing on (the recomputed forward would record a second time)."""
         if getattr(vit, "grad_checkpointing", False):
             return False
-        return attach_timm_attention(block.attn, record, stack) or attach_timm_beit_attention(block.attn, record, stack)
+        recorders = (attach_timm_attention, attach_timm_beit_attention, attach_timm_eva_attention)
+        return any(attach(block.attn, record, stack) for attach in recorders)
