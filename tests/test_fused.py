@@ -23,7 +23,12 @@ METHODS = ["raw_attention", "rollout", "gae", "gradtoken"]
 def _hf(cls_name: str, config: str, **options):
     transformers = pytest.importorskip("transformers", reason="the Hugging Face family needs the hf extra")
     torch.manual_seed(0)
-    return PixelValues(getattr(transformers, cls_name)(hf_config(config, **options)).eval())
+    model = getattr(transformers, cls_name)(hf_config(config, **options)).eval()
+    with torch.no_grad():  # BEiT's relative position tables start at zero
+        for name, param in model.named_parameters():
+            if "relative_position_bias_table" in name:
+                param.copy_(0.3 * torch.randn_like(param))
+    return PixelValues(model)
 
 
 def _hf_pair(convert, model_name="vit_tiny_patch16_224"):
@@ -70,9 +75,10 @@ VARIANTS = {
     "timm_eva_separate_projections_qk_norm_rotate_half": (
         lambda: _timm_small("eva02_tiny_patch14_224", qkv_fused=False, qk_norm=True, rope_rotate_half=True), (32, 32),
         True),
-    # declared in TransformersFamily.attach_qkv: its attention adds a bias the recording does not see
-    "hf_beit_relative_position_bias": (lambda: _hf("BeitForImageClassification", "BeitConfig", use_mean_pooling=True),
-                                       (32, 32), False),
+    "hf_beit_relative_position_bias": (lambda: _hf("BeitForImageClassification", "BeitConfig", use_mean_pooling=True,
+                                                   use_relative_position_bias=True), (32, 32), True),
+    "hf_beit_shared_bias": (lambda: _hf("BeitForImageClassification", "BeitConfig",
+                                        use_shared_relative_position_bias=True), (32, 32), True),
 }
 
 

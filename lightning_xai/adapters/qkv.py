@@ -195,10 +195,10 @@ def attach_timm_beit_attention(attn: nn.Module, record: QKVRecord, stack: contex
 
 
 #: Hugging Face attention classes whose forward is ``q_proj/k_proj/v_proj``, the configured attention
-#: function (eager or SDPA, ``scaling = head_dim ** -0.5``), then ``o_proj``; Hugging Face BEiT's adds a
-#: relative position bias inside its forward, which these recordings do not see, so it keeps the
-#: recorded-attention path.
-HF_QKV_CLASSES = ("ViTAttention", "DeiTAttention", "Dinov2Attention", "Dinov2WithRegistersAttention")
+#: function (eager or SDPA, ``scaling = head_dim ** -0.5``, an additive ``attention_mask``), then ``o_proj``
+HF_QKV_CLASSES = ("ViTAttention", "DeiTAttention", "Dinov2Attention", "Dinov2WithRegistersAttention", "BeitAttention")
+#: of those, the classes whose blocks pass their relative position bias as the additive ``attention_mask``
+HF_BIAS_CLASSES = ("BeitAttention",)
 
 
 def _heads_first(heads: int):
@@ -208,8 +208,8 @@ def _heads_first(heads: int):
 
 def attach_hf_attention(attn: nn.Module, record: QKVRecord, stack: contextlib.ExitStack) -> bool:
     """Record ``q, k, v, o`` of a Hugging Face ViT/DeiT/DINOv2 attention (transformers 5 layout) under the
-    model's configured attention implementation; ``False`` for other classes and layouts (BEiT, transformers 4's
-    ``attention.attention.query``)."""
+    model's configured attention implementation, and BEiT's relative position bias (the additive attention mask
+    its blocks pass); ``False`` for other classes and layouts (transformers 4's ``attention.attention.query``)."""
     if type(attn).__name__ not in HF_QKV_CLASSES or not all(
         hasattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "num_attention_heads")
     ):
@@ -217,11 +217,15 @@ def attach_hf_attention(attn: nn.Module, record: QKVRecord, stack: contextlib.Ex
     split = _heads_first(attn.num_attention_heads)
     record.scale.append(float(attn.scaling))
 
+    takes_bias = type(attn).__name__ in HF_BIAS_CLASSES
+
     def check_mask(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
-        if mask is not None:
+        if mask is not None and not (takes_bias and mask.is_floating_point()):
             raise TypeError(f"{type(attn).__name__} was called with an attention mask: lightning-xai explains "
                             "unmasked self-attention only")
+        if takes_bias:
+            record.bias.append(None if mask is None else mask.detach().reshape(-1, *mask.shape[-3:]))
 
     hooks = [
         attn.register_forward_pre_hook(check_mask, with_kwargs=True),

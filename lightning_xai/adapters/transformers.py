@@ -153,7 +153,7 @@ class TransformersFamily(Family):
         stack.callback(handle.remove)
 
     def attach_qkv(self, vit: nn.Module, block: nn.Module, record: QKVRecord, stack: contextlib.ExitStack) -> bool:
-        """ViT, DeiT and DINOv2 (with or without registers) record ``q, k, v, o`` under their configured
-        attention (SDPA by default). BEiT keeps the recorded-attention path: its attention adds a relative
-        position bias inside its forward, which the recording does not see."""
+        """ViT, DeiT, DINOv2 (with or without registers) and BEiT (with its relative position bias) record
+        ``q, k, v, o`` under their configured attention (SDPA by default); other layouts (transformers 4) keep the
+        recorded-attention path."""
         return attach_hf_attention(block.attention, record, stack)
