@@ -4,6 +4,12 @@ Run from the repository root or from ``benchmarks/``.
 
     python benchmarks/bench_explainers.py            # ViT-Tiny and ViT-Small sized, 224 px, batch 4
     python benchmarks/bench_explainers.py --quick    # smaller, for a smoke run
+    OMP_NUM_THREADS=1 python benchmarks/bench_explainers.py --fused-only   # issue 17's table and targets
+
+The fused-path table times the attention methods on the fused path (the model's own attention kernel,
+``q, k, v`` recorded, rows recomputed) and on the recorded-attention path (probabilities in the graph),
+interleaved with a training step (forward and backward with parameter gradients) of the same batch, and
+judges issue 17's targets.
 
 The second table times ViT-CX and C2F with the masks' cosine distances in float32 on the masks' device (the
 library's) against the float64 CPU computation they replaced (``bench_quality.float64_cosine_distances``,
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import os
 import resource
 import statistics
 import threading
@@ -31,6 +38,7 @@ import torch
 import lightning_xai as lx
 from lightning_xai.explainers import masks as mask_module
 from lightning_xai.explainers import perturbation
+from lightning_xai.explainers.fused import recorded_path
 
 METHODS = ["raw_attention", "rollout", "gae", "gradtoken", "vitcx", "c2f"]
 SIZES = {
@@ -151,6 +159,92 @@ def speed_table(sizes: list[str], image_size: int, batch: int, repeats: int, mem
         bench_model(size, image_size, batch, repeats, memory)
 
 
+#: the one-pass attention methods, each timed on the fused path and on the recorded-attention path (issue 17)
+ATTENTION_METHODS = ["raw_attention", "rollout", "gae", "gradtoken"]
+#: (model, px, batch, timed) of the fused-path table; ViT-Small 384 at batch 8 is the memory target's
+#: configuration, measured for memory only (timing it would double the run)
+FUSED_CONFIGS = [("vit-tiny", 224, 4, True), ("vit-small", 384, 4, True), ("vit-small", 384, 8, False)]
+
+
+def interleaved(runs: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median seconds of each run over ``rounds`` rounds in which every run is called once, in turn, so that all
+    see the same machine load; one warm-up round first."""
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for round_ in range(rounds + 1):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            if round_:
+                samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) if values else float("nan") for name, values in samples.items()}
+
+
+def explain_on(path: str, model: torch.nn.Module, images: torch.Tensor, method: str, targets: torch.Tensor):
+    """``lx.explain`` on the fused path (``path="fused"``, the library's default) or the recorded one."""
+    with contextlib.nullcontext() if path == "fused" else recorded_path():
+        return lx.explain(model, images, method=method, targets=targets)
+
+
+def fused_rows(size: str, image_size: int, batch: int, repeats: int, memory: bool) -> dict[tuple[str, str], tuple]:
+    """One model's rows: ``{(method, path): (seconds, peak MiB)}``, the training step under ``("train", "-")``;
+    ``repeats=0``: one warm-up call each and no times (NaN)."""
+    set_mmap_threshold(64 * 2**20)
+    model = build(size, image_size)
+    images = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    targets = torch.zeros(batch, dtype=torch.long)
+    runs = {("train", "-"): partial(forward_backward, model, images, targets)}
+    for method in ATTENTION_METHODS:
+        for path in ("recorded", "fused"):
+            runs[(method, path)] = partial(explain_on, path, model, images, method, targets)
+    times = interleaved(runs, repeats)
+    return {key: (times[key], peak_memory_mib(fn) if memory else float("nan")) for key, fn in runs.items()}
+
+
+def fused_table(configs: list[tuple[str, int, int, bool]], repeats: int, memory: bool) -> None:
+    """The fused path against the recorded-attention path and a training step (issue 17's targets)."""
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"\n## Fused attention path vs recorded attention (CPU, {torch.get_num_threads()} thread(s), medians of "
+          f"{repeats} interleaved rounds, load average {load})\n")
+    print("| model | px | batch | method | path | ms / image | x training step | peak memory (MiB) | "
+          "x training step's memory |")
+    print("|---|---:|---:|---|---|---:|---:|---:|---:|")
+    verdicts = []
+    for size, image_size, batch, timed in configs:
+        rows = fused_rows(size, image_size, batch, repeats if timed else 0, memory)
+        step_s, step_mib = rows[("train", "-")]
+        for (method, path), (seconds, mib) in rows.items():
+            has_time = seconds == seconds  # not NaN
+            ms, ratio = (f"{1000 * seconds / batch:.1f}", f"{seconds / step_s:.2f}") if has_time else ("-", "-")
+            print(f"| {size} | {image_size} | {batch} | {'training step' if method == 'train' else method} | {path} | "
+                  f"{ms} | {ratio} | {mib:.0f} | {mib / step_mib:.2f} |", flush=True)
+        verdicts += fused_verdicts(size, image_size, batch, rows)
+    print()
+    for claim, holds in verdicts:
+        print(f"- {'holds' if holds else 'FAILS'}: {claim}")
+
+
+def fused_verdicts(size: str, image_size: int, batch: int, rows: dict) -> list[tuple[str, bool]]:
+    """Issue 17's targets that apply to this configuration, judged."""
+    where = f"{size} {image_size}px batch {batch}"
+    step_s, step_mib = rows[("train", "-")]
+    (grad_s, grad_mib), (gae_s, gae_mib) = rows[("gradtoken", "fused")], rows[("gae", "fused")]
+    old_gae_s, old_gae_mib = rows[("gae", "recorded")]
+    verdicts = []
+    if (size, image_size, batch) in (("vit-tiny", 224, 4), ("vit-small", 384, 4)):
+        verdicts.append((f"GradToken <= 0.76x a training step's time, {where}: {grad_s / step_s:.2f}x",
+                         grad_s / step_s <= 0.76))
+    if (size, image_size) == ("vit-small", 384):
+        if batch == 8:
+            verdicts.append((f"GradToken peak memory <= 1.05x a training step's, {where}: {grad_mib / step_mib:.2f}x",
+                             grad_mib / step_mib <= 1.05))
+        if gae_s == gae_s:  # timed (not NaN)
+            verdicts.append((f"GAE no slower than on the recorded path, {where}: {gae_s / old_gae_s:.2f}x",
+                             gae_s <= old_gae_s))
+        verdicts.append((f"GAE peak memory >= 30 % below the recorded path's, {where}: "
+                         f"{100 * (1 - gae_mib / old_gae_mib):.0f} % below", gae_mib <= 0.7 * old_gae_mib))
+    return verdicts
+
+
 @contextlib.contextmanager
 def mask_distances(fn: Callable) -> Iterator[None]:
     """Use ``fn`` as the masks' pairwise cosine distances inside the context (the "before" of issue 9)."""
@@ -217,11 +311,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--skip-fused", action="store_true", help="skip the fused vs recorded attention table")
+    parser.add_argument("--fused-only", action="store_true", help="only the fused vs recorded attention table")
     parser.add_argument("--skip-cosine", action="store_true", help="skip the float64/float32 mask distance table")
     parser.add_argument("--skip-c2f", action="store_true")
     args = parser.parse_args()
     image_size, batch, epochs, count = (96, 2, 4, 16) if args.quick else (224, 4, 12, 64)
     sizes = ["vit-tiny"] if args.quick else ["vit-tiny", "vit-small"]
+    if not args.skip_fused:
+        fused_table([("vit-tiny", 96, 2, True)] if args.quick else FUSED_CONFIGS, args.repeats, not args.no_memory)
+    if args.fused_only:
+        return
     if not args.skip_speed:
         speed_table(sizes, image_size, batch, args.repeats, not args.no_memory)
     if not args.skip_cosine:

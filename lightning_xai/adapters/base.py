@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_xai.adapters.qkv import QKVRecord
+
 ViTLocator = Callable[[nn.Module], nn.Module] | str | nn.Module | None
 OutputTransform = Callable[[Any], Tensor] | None
 
@@ -215,6 +217,17 @@ class Family:
 
     def switch(self, vit: nn.Module, stack: contextlib.ExitStack) -> None:
         """Model-wide settings needed while attention is captured, undone through ``stack``."""
+
+    def attach_qkv(self, vit: nn.Module, block: nn.Module, record: QKVRecord, stack: contextlib.ExitStack) -> bool:
+        """Make ``block`` (of ``vit``) append its ``q, k, v`` and attention output ``o`` to ``record`` on every
+        forward while the model keeps its own (fused) attention kernel; undo steps go on ``stack``.
+
+        Returns ``False`` when the block's attention cannot be recomputed exactly from ``q, k, v`` (a bias or
+        embedding the recording does not see): the attention methods then keep the path that records the
+        attention probabilities (:meth:`attach_attention`). The base class returns ``False``: a family keeps
+        that path unless its code implements this method.
+        """
+        return False
 
     # -- shared --------------------------------------------------------------------------------------------
     def attach(self, vit: nn.Module, record: Capture, what: Sequence[str], stack: contextlib.ExitStack) -> None:

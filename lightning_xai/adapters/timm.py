@@ -14,6 +14,12 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from lightning_xai.adapters.base import Family, Geometry, Readout, check_divisible, pair
+from lightning_xai.adapters.qkv import (
+    QKVRecord,
+    attach_timm_attention,
+    attach_timm_beit_attention,
+    attach_timm_eva_attention,
+)
 
 
 class TimmFamily(Family):
@@ -89,3 +95,13 @@ class TimmFamily(Family):
             stack.callback(setattr, attn, "fused_attn", fused)
         handle = attn.attn_drop.register_forward_pre_hook(lambda _m, args: sink.append(args[0]))
         stack.callback(handle.remove)
+
+    def attach_qkv(self, vit: nn.Module, block: nn.Module, record: QKVRecord, stack: contextlib.ExitStack) -> bool:
+        """timm's own ``Attention`` (ViT, DeiT, registers, any pooling), BEiT's (with its relative position bias)
+        and EVA's (with its rotary embedding) record ``q, k, v, o`` under their fused kernels. Kept on the
+        recorded-attention path: other attention classes (whatever they add inside their forward is unknown
+        here), and models with gradient checkpointing on (the recomputed forward would record a second time)."""
+        if getattr(vit, "grad_checkpointing", False):
+            return False
+        recorders = (attach_timm_attention, attach_timm_beit_attention, attach_timm_eva_attention)
+        return any(attach(block.attn, record, stack) for attach in recorders)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_xai.adapters.base import Family, Geometry, Readout, check_divisible, pair
+from lightning_xai.adapters.qkv import QKVRecord, fused_mha_forward
 
 
 def _recording_forward(mha: nn.MultiheadAttention, sink: list[Tensor]):
@@ -100,3 +101,16 @@ class TorchvisionFamily(Family):
             raise TypeError(f"{type(block).__name__}.self_attention already has a patched forward; cannot capture")
         mha.forward = _recording_forward(mha, sink)
         stack.callback(delattr, mha, "forward")
+
+    def attach_qkv(self, vit: nn.Module, block: nn.Module, record: QKVRecord, stack: contextlib.ExitStack) -> bool:
+        """Every torchvision block records ``q, k, v, o``: its ``forward`` is replaced on that instance by
+        :func:`~lightning_xai.adapters.qkv.fused_mha_forward` (the same computation, fused kernel included) and
+        restored on exit."""
+        mha = block.self_attention
+        _check_mha(mha)
+        if "forward" in vars(mha):
+            raise TypeError(f"{type(block).__name__}.self_attention already has a patched forward; cannot capture")
+        record.scale.append((mha.embed_dim // mha.num_heads) ** -0.5)
+        mha.forward = fused_mha_forward(mha, record)
+        stack.callback(delattr, mha, "forward")
+        return True

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from lightning_xai.adapters.base import Family, Geometry, Readout, check_divisible, pair
+from lightning_xai.adapters.qkv import QKVRecord, attach_hf_attention
 
 #: the oldest ``transformers`` whose ViT-family attention modules return the eager probabilities and read
 #: ``config._attn_implementation`` at call time (the version this adapter is tested with is newer)
@@ -150,3 +151,9 @@ class TransformersFamily(Family):
 
         handle = block.attention.register_forward_hook(record)
         stack.callback(handle.remove)
+
+    def attach_qkv(self, vit: nn.Module, block: nn.Module, record: QKVRecord, stack: contextlib.ExitStack) -> bool:
+        """ViT, DeiT, DINOv2 (with or without registers) and BEiT (with its relative position bias) record
+        ``q, k, v, o`` under their configured attention (SDPA by default); other layouts (transformers 4) keep the
+        recorded-attention path."""
+        return attach_hf_attention(block.attention, record, stack)

@@ -1,4 +1,7 @@
-"""Gradient-free baselines: raw attention of the last block, and attention rollout."""
+"""Gradient-free baselines: raw attention of the last block, and attention rollout.
+
+Both recompute the attention from ``q, k`` on the fused path (:mod:`lightning_xai.explainers.fused`) where the
+model's family records them, and record the attention probabilities otherwise; the maps are the same."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from torch import Tensor, nn
 
 from lightning_xai.adapters import Geometry, depth
 from lightning_xai.explainers.base import Explainer, RawMaps
+from lightning_xai.explainers.fused import attention_matrices, attention_matrix, fused_forward
 from lightning_xai.explainers.registry import register
 from lightning_xai.explainers.relevance import query_row, rollout_product
 
@@ -26,9 +30,15 @@ class RawAttention(Explainer):
     needs_readout = True
 
     def compute(self, x: Tensor, targets: Any, geom: Geometry) -> RawMaps:
-        with torch.no_grad():
-            _, record, resolved, probs = self.forward_captured(x, ("attn",), targets, blocks=[-1])
-        row = query_row(record.attn[-1].float().mean(1), geom)  # (B, h, w)
+        fused = fused_forward(self, x, targets, blocks=[-1])
+        if fused is not None:  # the last block's attention recomputed from q, k
+            record, resolved, probs = fused
+            attn = attention_matrix(record, 0)
+        else:
+            with torch.no_grad():
+                _, captured, resolved, probs = self.forward_captured(x, ("attn",), targets, blocks=[-1])
+            attn = captured.attn[-1].float()
+        row = query_row(attn.mean(1), geom)  # (B, h, w)
         return RawMaps(row.unsqueeze(1).expand(-1, resolved.shape[1], -1, -1), resolved, probs)
 
 
@@ -61,8 +71,14 @@ class AttentionRollout(Explainer):
         return checked
 
     def compute(self, x: Tensor, targets: Any, geom: Geometry) -> RawMaps:
-        with torch.no_grad():
-            _, record, resolved, probs = self.forward_captured(x, ("attn",), targets)
-        product = rollout_product([a.float() for a in record.attn], self.start_layer)
+        blocks = list(range(self.start_layer, depth(self.vit)))
+        fused = fused_forward(self, x, targets, blocks)
+        if fused is not None:  # each block's attention recomputed from q, k as the product consumes it
+            record, resolved, probs = fused
+            product = rollout_product(attention_matrices(record))
+        else:
+            with torch.no_grad():
+                _, captured, resolved, probs = self.forward_captured(x, ("attn",), targets)
+            product = rollout_product([a.float() for a in captured.attn], self.start_layer)
         row = query_row(product, geom)
         return RawMaps(row.unsqueeze(1).expand(-1, resolved.shape[1], -1, -1), resolved, probs)

@@ -272,15 +272,33 @@ class Explainer:
         """
         x = x.requires_grad_(True)
         logits, record, resolved, probs = self.forward_captured(x, ("attn",), targets, blocks)
-        score = logits if objective == "logit" else self.handle.log_probabilities(logits)
-        onehot = F.one_hot(resolved, score.shape[-1]).to(score.dtype).permute(1, 0, 2)  # (K, B, C)
-        if onehot.shape[0] == 1:
-            grads = torch.autograd.grad(score, record.attn, grad_outputs=onehot[0])
-            grads = [g.unsqueeze(1) for g in grads]
-        else:
-            grads = _batched_vjp(score, record.attn, onehot)
+        grads = self.target_gradients(logits, resolved, record.attn, objective)
         attn = [a.detach().float() for a in record.attn]
         return attn, [g.float() for g in grads], resolved, probs.detach()
+
+    def target_gradients(
+        self, logits: Tensor, targets: Tensor, inputs: list[Tensor], objective: str = "logit"
+    ) -> list[Tensor]:
+        """Gradients of each target's score with respect to ``inputs`` (tensors of the graph of ``logits``).
+
+        One backward for ``K = 1``, one batched vector-Jacobian product for ``K > 1``.
+
+        Args:
+            logits: ``(B, C)``.
+            targets: ``(B, K)`` class indices.
+            inputs: tensors ``(B, ...)`` the logits depend on.
+            objective: ``"logit"`` or ``"log_softmax"``: the score differentiated (the log-probability of the
+                handle's task: ``log_softmax``, or ``logsigmoid`` for binary and multi-label heads).
+
+        Returns:
+            one ``(B, K, ...)`` tensor per input: ``[:, k]`` is ``d sum_b score[b, targets[b, k]] / d input``.
+        """
+        score = logits if objective == "logit" else self.handle.log_probabilities(logits)
+        onehot = F.one_hot(targets, score.shape[-1]).to(score.dtype).permute(1, 0, 2)  # (K, B, C)
+        if onehot.shape[0] == 1:
+            grads = torch.autograd.grad(score, inputs, grad_outputs=onehot[0])
+            return [g.unsqueeze(1) for g in grads]
+        return _batched_vjp(score, inputs, onehot)
 
 
 def _batched_vjp(score: Tensor, inputs: list[Tensor], onehot: Tensor) -> list[Tensor]:

@@ -1,4 +1,7 @@
-"""Gradient-based explainers: gradient-weighted rollout (GAE) and GradToken."""
+"""Gradient-based explainers: gradient-weighted rollout (GAE) and GradToken.
+
+Both run on the fused path (:mod:`lightning_xai.explainers.fused`) where the model's family records ``q, k, v``
+and the attention outputs, and on the recorded-attention path otherwise; the maps are the same."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from torch import Tensor, nn
 
 from lightning_xai.adapters import Geometry, depth
 from lightning_xai.explainers.base import Explainer, RawMaps
+from lightning_xai.explainers.fused import fused_gradients, gae_step, readout_contribution_fused
 from lightning_xai.explainers.registry import register
 from lightning_xai.explainers.relevance import query_row, readout_contribution
 
@@ -47,13 +51,22 @@ class GradientRollout(Explainer):
         return checked
 
     def compute(self, x: Tensor, targets: Any, geom: Geometry) -> RawMaps:
-        attn, grads, resolved, probs = self.attention_gradients(x, targets, self.objective)
+        fused = fused_gradients(self, x, targets, self.objective)
+        if fused is not None:  # one block's matrices at a time, recomputed from q, k, v and dy/do
+            record, resolved, probs = fused.record, fused.targets, fused.probs
+            steps = (
+                gae_step(record.q[i], record.k[i], record.v[i], grad, record.scale[i], record.logit_bias(i))
+                for i, grad in enumerate(fused.grads)
+            )
+            tokens = record.q[0].shape[-2]
+        else:
+            attn, grads, resolved, probs = self.attention_gradients(x, targets, self.objective)
+            steps = ((grad * layer.unsqueeze(1)).clamp_min(0).mean(2) for layer, grad in zip(attn, grads, strict=True))
+            tokens = attn[0].shape[-1]
         batch, k = resolved.shape
-        tokens = attn[0].shape[-1]
         relevance = torch.eye(tokens, device=x.device).expand(batch, k, tokens, tokens)
         positive = torch.zeros(batch, k, dtype=torch.bool, device=x.device)
-        for layer, grad in zip(attn, grads, strict=True):
-            weighted = (grad * layer.unsqueeze(1)).clamp_min(0).mean(2)  # (B, K, T, T)
+        for weighted in steps:  # (B, K, T, T)
             positive |= weighted.flatten(2).amax(-1) > 0
             relevance = relevance + weighted @ relevance
         if not bool(positive.all()):
@@ -156,11 +169,21 @@ class GradToken(Explainer):
         return checked
 
     def compute(self, x: Tensor, targets: Any, geom: Geometry) -> RawMaps:
-        attn, grads, resolved, probs = self.attention_gradients(x, targets, self.objective, self.block_indices)
-        total = None
-        for layer, grad in zip(attn, grads, strict=True):
+        fused = fused_gradients(self, x, targets, self.objective, self.block_indices)
+        if fused is not None:  # the readout rows recomputed from q, k, v and dy/do
+            record, resolved, probs = fused.record, fused.targets, fused.probs
+            contributions = (
+                readout_contribution_fused(
+                    record.q[i], record.k[i], record.v[i], grad, record.scale[i], geom, record.logit_bias(i)
+                )
+                for i, grad in enumerate(fused.grads)
+            )
+        else:
+            attn, grads, resolved, probs = self.attention_gradients(x, targets, self.objective, self.block_indices)
             # readout rows only: A (B, 1, H, R, N) times dy/dA (B, K, H, R, N), heads and rows summed, rectified
-            contribution = readout_contribution(layer, grad, geom)
+            contributions = (readout_contribution(layer, grad, geom) for layer, grad in zip(attn, grads, strict=True))
+        total = None
+        for contribution in contributions:  # (B, K, N)
             if self.per_layer_norm:
                 contribution = contribution / contribution.amax(-1, keepdim=True).clamp_min(1e-12)
             total = contribution if total is None else total + contribution

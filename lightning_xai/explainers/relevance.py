@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable
+
 import torch
 from torch import Tensor
 
@@ -14,14 +17,15 @@ def rownorm_with_identity(attn: Tensor) -> Tensor:
     return mixed / mixed.sum(-1, keepdim=True)
 
 
-def rollout_product(attn: list[Tensor], start: int = 0) -> Tensor:
-    """``R = Â^L ... Â^{start+1}`` with ``Â^l = rownorm(mean_h A^l + I)``: list of ``(B, H, T, T)`` -> ``(B, T, T)``."""
+def rollout_product(attn: Iterable[Tensor], start: int = 0) -> Tensor:
+    """``R = Â^L ... Â^{start+1}`` with ``Â^l = rownorm(mean_h A^l + I)``: ``(B, H, T, T)`` per block, in block
+    order (a list, or an iterator that makes each block's matrix as the product consumes it) -> ``(B, T, T)``."""
     result = None
-    for layer in attn[start:]:
+    for layer in itertools.islice(attn, start, None):
         step = rownorm_with_identity(layer)
         result = step if result is None else step @ result
     if result is None:
-        raise ValueError(f"start layer {start} leaves no block to roll out ({len(attn)} blocks)")
+        raise ValueError(f"start layer {start} leaves no block to roll out")
     return result
 
 
