@@ -46,13 +46,18 @@ class CPUFSDP(FSDPStrategy):
     \"\"\"FSDP itself on 2 CPU processes with gloo, for the test only: Lightning 2.6 guards strategy='fsdp' (and
     exactly FSDPStrategy) against CPUs, which a subclass passes; and PyTorch's FSDP needs device_id=cpu to shard
     a CPU model, which Lightning does not pass for a CPU root device, so the model is wrapped here (Lightning
-    then keeps the wrapper) as Lightning would, with use_orig_params=True.\"\"\"
+    then keeps the wrapper) as Lightning would, with use_orig_params=True and one FSDP unit per transformer block
+    (auto_wrap_policy, as for large ViTs) inside the unit of the whole module.\"\"\"
 
     def _setup_model(self, model):
+        from timm.models.vision_transformer import Block
         from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
         wrapped = FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True,
-                                           sharding_strategy=self.sharding_strategy)
+                                           sharding_strategy=self.sharding_strategy,
+                                           auto_wrap_policy=ModuleWrapPolicy({{Block}}))
+        assert sum(isinstance(m, FullyShardedDataParallel) for m in wrapped.modules()) == 1 + TINY["depth"]
         return super()._setup_model(wrapped)
 
 

@@ -5,6 +5,11 @@ gathers them with FSDP's own API (``FullyShardedDataParallel.summon_full_params`
 the pass does to them is never written back to the shards) for the pass only, and frees them on exit. Peak memory
 on each rank during the pass: the whole parameters of the model (on the training device), on top of the training
 state; each rank needs them because each explains its share of the probes.
+
+Inside, the explanation calls the module under the FSDP wrappers directly, and the forward of any FSDP unit nested in
+it (an ``auto_wrap_policy``, e.g. one unit per transformer block) runs its wrapped module as a plain module: FSDP's
+own forward would gather again, free the parameters after each unit and hook collectives into the backward, and
+ranks explaining different probes run different numbers of forwards, so those collectives would never match.
 """
 
 from __future__ import annotations
@@ -26,14 +31,6 @@ def fsdp_root(trainer: pl.Trainer) -> nn.Module | None:
     return None
 
 
-def nested_fsdp_units(model: nn.Module) -> list[str]:
-    """Qualified names of the FSDP units inside ``model`` below its outermost one (an ``auto_wrap_policy``)."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    units = [name for name, m in model.named_modules() if isinstance(m, FullyShardedDataParallel)]
-    return units[1:] if units and units[0] == "" else units
-
-
 @contextlib.contextmanager
 def full_parameters(trainer: pl.Trainer) -> Iterator[None]:
     """Every rank holds the whole parameters of the module inside (under FSDP; nothing to do otherwise).
@@ -47,5 +44,12 @@ def full_parameters(trainer: pl.Trainer) -> Iterator[None]:
         return
     from torch.distributed.fsdp import FullyShardedDataParallel
 
+    units = [m for m in root.modules() if isinstance(m, FullyShardedDataParallel)]
     with FullyShardedDataParallel.summon_full_params(root, writeback=False, recurse=True):
-        yield
+        try:
+            for unit in units:  # plain modules for the pass (see the module's docstring); the class's forward after
+                unit.forward = unit.module.forward
+            yield
+        finally:
+            for unit in units:
+                unit.__dict__.pop("forward", None)
