@@ -7,7 +7,8 @@ explaining them all (target <= 0.6x for 8 probes with GradToken and C2F).
 Two CPU processes on gloo, one thread each (a rank per accelerator, as under DDP): the same module and probes on
 both; an event is the forward on the probes plus every explainer plus the gather to rank 0
 (:class:`~lightning_xai.callbacks.ranks.SharedRunner`), timed on rank 0 between barriers. "1 rank" is rank 0
-running :class:`~lightning_xai.callbacks.runner.ProbeRunner` on all the probes while rank 1 waits. The figure
+running :class:`~lightning_xai.callbacks.runner.ProbeRunner` on all the probes while rank 1 waits; rank 0's share
+alone, timed the same way, is the work of one rank (the ratio's floor, less sensitive to load). The figure
 needs a quiet machine with at least 2 free cores: the load average is printed beside it.
 """
 
@@ -55,11 +56,14 @@ def worker(rank: int, world_size: int, args: argparse.Namespace, port: int) -> N
 
     alone = _timed(lambda: runner.run(fail) if rank == 0 else None, args.repeats)
     together = _timed(lambda: shared.run(fail), args.repeats)
+    share = _timed(lambda: runner.run(fail, share=shared.share) if rank == 0 else None, args.repeats)
     if rank == 0:
         load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
         print(f"explanation event, {args.probes} probes, GradToken + C2F: 1 rank {alone:.2f} s, "
               f"2 ranks {together:.2f} s, ratio {together / alone:.2f}x (target <= 0.6x); "
               f"load average {load} on {os.cpu_count()} cores (meaningful on a quiet machine only)")
+        print(f"rank 0's share alone (no other rank running, no gather): {share:.2f} s, {share / alone:.2f}x of all "
+              "the probes (the ratio 2 ranks reach when nothing else competes for the cores)")
     dist.destroy_process_group()
 
 
