@@ -14,6 +14,7 @@ waits at most the process group's timeout (Lightning's ``DDPStrategy(timeout=...
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import warnings
 from collections.abc import Callable
@@ -54,9 +55,12 @@ class Piece:
     error: str | None = None
 
 
-def _to_cpu(result: Explanation) -> Explanation:
+def _to_send(result: Explanation) -> Explanation:
+    """``result`` as sent to rank 0: tensors on the CPU, without its options (rank 0 has its own, and they may
+    hold what does not pickle)."""
     moved = {f.name: getattr(result, f.name) for f in fields(result)}
-    return Explanation(**{k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in moved.items()})
+    moved = {k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in moved.items()}
+    return Explanation(**{**moved, "options": {}})
 
 
 def _portable(caught: warnings.WarningMessage) -> warnings.WarningMessage:
@@ -131,10 +135,15 @@ class SharedRunner:
                 with preserved_rng():
                     outcome = self.runner.run(failed, lambda name, caught: piece.warned.append(
                         (name, _portable(caught))) is None, share=self.share)
-                piece.results = {name: _to_cpu(result) for name, result in outcome.results.items()}
+                piece.results = {name: _to_send(result) for name, result in outcome.results.items()}
                 self.explained_here += len(self.share)
             except Exception as err:  # noqa: BLE001 - reported on rank 0 after the collective, never skipped
                 piece.error, errors[""] = _described(err), err
+        try:
+            pickle.dumps(piece)  # gather_object pickles before its collective: a failure there would skip it
+        except Exception as err:  # noqa: BLE001 - whatever a method or warning put in that does not pickle
+            piece = Piece(self.rank, error=f"its explanations could not be sent to rank 0 ({_described(err)})")
+            errors[""] = RuntimeError(piece.error)
         pieces = gather_to_zero(piece)
         if self.rank != 0:
             return outcome
@@ -159,7 +168,7 @@ class SharedRunner:
         count = len(self.runner.probes.probe.images)
         working = [p for p in pieces if len(share_of(count, p.rank, self.world_size))]
         outcome.results = {
-            name: merge([p.results[name] for p in working])
+            name: dataclasses.replace(merge([p.results[name] for p in working]), options=outcome.results[name].options)
             for name in self.runner.explainers if all(name in p.results for p in working)
         }
         return outcome
