@@ -154,8 +154,9 @@ class ExplanationMonitor(Callback):
         """Draw the probes, then find the ViT (the module is built by now), build the explainers, check."""
         self.probes.draw(trainer)
         with sharded.full_parameters(trainer):
-            self.runner = ranks.shared(ProbeRunner(pl_module, self.methods, self.probes, vit=self.vit,
-                                                   output_transform=self.output_transform, forward=self.forward))
+            runner = ProbeRunner(pl_module, self.methods, self.probes, vit=self.vit,
+                                 output_transform=self.output_transform, forward=self.forward)
+            self.runner = ranks.shared(runner, trainer.global_rank, trainer.world_size)
 
     # -- state ------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

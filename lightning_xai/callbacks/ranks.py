@@ -30,13 +30,6 @@ from lightning_xai.callbacks.runner import Outcome, ProbeRunner
 from lightning_xai.explainers import Explanation
 
 
-def world() -> tuple[int, int]:
-    """``(rank, world size)`` of the default process group, ``(0, 1)`` without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def share_of(count: int, rank: int, world_size: int) -> Tensor:
     """The probe indices ``(S,)`` rank ``rank`` of ``world_size`` explains: its contiguous chunk of
     ``range(count)`` (chunks differ in length by at most one; a rank beyond ``count`` gets none)."""
@@ -144,7 +137,7 @@ class SharedRunner:
         except Exception as err:  # noqa: BLE001 - whatever a method or warning put in that does not pickle
             piece = Piece(self.rank, error=f"its explanations could not be sent to rank 0 ({_described(err)})")
             errors[""] = RuntimeError(piece.error)
-        pieces = gather_to_zero(piece)
+        pieces = gather_to_zero(piece, self.world_size)
         if self.rank != 0:
             return outcome
         return self._combine(pieces, outcome, errors, on_failure, on_warning)
@@ -174,20 +167,19 @@ class SharedRunner:
         return outcome
 
 
-def gather_to_zero(piece: Piece) -> list[Piece]:
+def gather_to_zero(piece: Piece, world_size: int) -> list[Piece]:
     """Every rank's ``piece`` on rank 0 (in rank order), ``[]`` elsewhere; one ``gather_object`` on the default
-    process group, which every rank must call."""
-    rank, world_size = world()
+    process group, which every one of its ``world_size`` ranks must call."""
     if world_size == 1:
         return [piece]
-    gathered: list[Any] | None = [None] * world_size if rank == 0 else None
+    gathered: list[Any] | None = [None] * world_size if dist.get_rank() == 0 else None
     dist.gather_object(piece, gathered, dst=0)
     return gathered or []
 
 
-def shared(runner: ProbeRunner) -> ProbeRunner | SharedRunner:
-    """``runner`` sharing the probes with the other ranks when there are several, else ``runner`` itself."""
-    rank, world_size = world()
+def shared(runner: ProbeRunner, rank: int, world_size: int) -> ProbeRunner | SharedRunner:
+    """``runner`` sharing the probes with the other ranks of the run (``trainer.global_rank``,
+    ``trainer.world_size``: Lightning's process group is the default one) when there are several, else itself."""
     return runner if world_size == 1 else SharedRunner(runner, rank, world_size)
 
 
