@@ -392,32 +392,15 @@ def test_case13_resume_keeps_timeline_similarity_targets_and_probes(tmp_path):
 
 
 # -- 14: sharded strategies ---------------------------------------------------------------------------------------
-FSDP_SCRIPT = """
-import sys, lightning.pytorch as pl
-from lightning.pytorch.strategies import FSDPStrategy
-sys.path.insert(0, {tests!r})
-from test_callbacks import TINY, datamodule
-from lightning_xai.callbacks import ExplanationMonitor
-from lightning_xai.demos import ViTClassifier
+def test_case14_sharded_strategy_without_a_gather_is_refused_at_setup():
+    """ModelParallelStrategy (FSDP2 / tensor parallel) is refused, naming FSDP and DDP as what works; FSDP itself is
+    explained (tests/test_ranks.py)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
 
-class CPUFSDP(FSDPStrategy):
-    \"\"\"FSDP itself: Lightning 2.6 guards strategy='fsdp' (and exactly FSDPStrategy) against CPUs; a subclass
-    passes its guard and shards the model over 2 CPU processes with gloo.\"\"\"
-
-if __name__ == "__main__":
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy=CPUFSDP(), logger=False,
-                         enable_progress_bar=False, enable_checkpointing=False, default_root_dir={out!r},
-                         callbacks=[ExplanationMonitor(methods=["rollout"], num_probes=2)])
-    trainer.fit(ViTClassifier(**TINY), datamodule=datamodule())
-"""
-
-
-def test_case14_sharded_strategy_is_refused_at_setup(tmp_path):
-    from conftest import run_two_processes
-
-    done = run_two_processes(FSDP_SCRIPT, tmp_path, "fsdp_run.py")
-    assert done.returncode != 0
-    assert "cannot explain under CPUFSDP" in done.stderr and "strategy='ddp'" in done.stderr, done.stderr[-3000:]
+    run = pl.Trainer(accelerator="cpu", devices=1, strategy=ModelParallelStrategy(), logger=False)
+    with pytest.raises(ValueError, match="cannot explain under ModelParallelStrategy") as refused:
+        ExplanationMonitor(methods=["rollout"], num_probes=2).setup(run, ViTClassifier(**TINY), "fit")
+    assert "strategy='fsdp'" in str(refused.value) and "strategy='ddp'" in str(refused.value)
 
 
 # -- precision, dtypes, failures and C2F's warning ------------------------------------------------------------

@@ -363,7 +363,7 @@ if __name__ == "__main__":
 """
 
 
-def test_ddp_two_processes_only_rank_zero_explains(tmp_path):
+def test_ddp_two_processes_only_rank_zero_logs(tmp_path):
     done = run_two_processes(DDP_SCRIPT, tmp_path, "ddp_run.py")
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.glob("rank*")) == ["rank0_epoch0", "rank0_epoch1"]

@@ -135,17 +135,19 @@ def check_gradients(module: nn.Module, vit: nn.Module, explainers: Mapping[str, 
 
 
 def check_not_sharded(trainer: pl.Trainer) -> None:
-    """Refuse strategies that shard the parameters across ranks (FSDP, DeepSpeed ZeRO stage 3, model parallel):
-    rank 0 alone does not hold the model, and explaining on every rank is not supported."""
+    """Refuse the sharding strategies the callbacks cannot gather the whole model under: ModelParallelStrategy
+    (FSDP2 / tensor parallel) and DeepSpeed ZeRO stage 3. Lightning's ``FSDPStrategy`` is explained: every rank
+    gathers the whole parameters for the explanation pass (:mod:`.sharded`)."""
     strategy = trainer.strategy
     names = {cls.__name__ for cls in type(strategy).__mro__}
-    sharded = names & {"FSDPStrategy", "ModelParallelStrategy"} or (
+    sharded = "ModelParallelStrategy" in names or (
         "DeepSpeedStrategy" in names and bool(getattr(strategy, "zero_stage_3", False))
     )
     if sharded:
         raise ValueError(
             f"ExplanationMonitor cannot explain under {type(strategy).__name__}: the strategy shards the "
-            "parameters across ranks, so no rank holds the model an explanation needs. Train with strategy='ddp' "
+            "parameters across ranks and lightning-xai cannot gather them for it. Train with strategy='fsdp' "
+            "(Lightning's FSDPStrategy: the explanation pass gathers the whole parameters) or strategy='ddp' "
             "(or DeepSpeed stage 1/2) while explaining, or explain a saved checkpoint after training with "
             "lightning_xai.explain(model, images)"
         )

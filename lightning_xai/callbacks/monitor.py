@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_xai.adapters import OutputTransform, ViTLocator
-from lightning_xai.callbacks import checks, keys, model_checks
+from lightning_xai.callbacks import checks, keys, model_checks, ranks, sharded
 from lightning_xai.callbacks.batches import BatchTransform, read_samples
 from lightning_xai.callbacks.evolution import EvolutionTracker
 from lightning_xai.callbacks.notices import Notices
@@ -42,8 +42,8 @@ class ExplanationMonitor(Callback):
     and log overlays, a per-method timeline and evolution scalars to every logger of the ``Trainer``.
 
     Everything is logged at the step Lightning logs its own metrics at (:func:`.keys.logging_step`), so maps and
-    ``val_loss`` share one axis. Only rank 0 explains and logs; explaining never changes training, and a failure
-    becomes a warning. Arguments: see the README's "Callback options".
+    ``val_loss`` share one axis. Every rank explains its share of the probes and rank 0 logs; explaining never
+    changes training, and a failure becomes a warning. Arguments: see the README's "Callback options".
 
     Example:
         >>> import lightning.pytorch as pl
@@ -170,10 +170,12 @@ class ExplanationMonitor(Callback):
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Draw the probes, then find the ViT (the module is built by now), build the explainers, check."""
         self.probes.draw(trainer)
-        self.runner = ProbeRunner(pl_module, self.methods, self.probes, vit=self.vit,
-                                  output_transform=self.output_transform, forward=self.forward, task=self.task)
-        self.records.board.class_names = checks.class_names_for(self.class_names, self.runner.num_classes,
-                                                                class_labels(pl_module, self.runner.handle.vit))
+        with sharded.full_parameters(trainer):
+            runner = ProbeRunner(pl_module, self.methods, self.probes, vit=self.vit,
+                                 output_transform=self.output_transform, forward=self.forward, task=self.task)
+            self.runner = ranks.shared(runner, trainer.global_rank, trainer.world_size)
+        self.records.board.class_names = checks.class_names_for(self.class_names, runner.num_classes,
+                                                                class_labels(pl_module, runner.handle.vit))
 
     # -- state ------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -233,16 +235,20 @@ class ExplanationMonitor(Callback):
 
     # -- one explanation event --------------------------------------------------------------------------------
     def _explain(self, trainer: pl.Trainer, step: int, within_epoch: bool = False, scheduled: bool = True) -> None:
-        """Rank 0 explains and logs; with ``stop_on_shortcut``, an alarm stops every rank (a collective: rank 0
-        stopping alone would leave the others waiting in their next gradient all-reduce)."""
+        """Every rank explains its share of the probes (:mod:`.ranks`, with the whole parameters under FSDP:
+        :mod:`.sharded`) and rank 0 logs them all; with ``stop_on_shortcut``, an alarm stops every rank (a
+        collective: rank 0 stopping alone would leave the others waiting in their next gradient all-reduce)."""
         self.schedule.add(trainer, step, scheduled)
         alarms = None
-        if trainer.is_global_zero:
-            names = self.schedule.names(trainer, step, within_epoch, baseline=not scheduled)
-            record = Record(trainer.current_epoch, step, *names)
-            alarms = self.pipeline.run(record, self.runner)
-            if alarms is not None:
-                self.last_scalars, self.last_results = dict(record.scalars), record.explanations
+        with sharded.full_parameters(trainer):
+            if not trainer.is_global_zero:
+                ranks.take_part(self.runner)
+            else:
+                names = self.schedule.names(trainer, step, within_epoch, baseline=not scheduled)
+                record = Record(trainer.current_epoch, step, *names)
+                alarms = self.pipeline.run(record, self.runner)
+                if alarms is not None:
+                    self.last_scalars, self.last_results = dict(record.scalars), record.explanations
         if self.records.stop_on_shortcut:
             stop = trainer.strategy.reduce_boolean_decision(bool(alarms), all=False)
             trainer.should_stop = trainer.should_stop or stop

@@ -118,10 +118,15 @@ class ProbeRunner:
             return handle.logits(images)
 
     def run(self, on_failure: Callable[[str, Exception], None],
-            on_warning: Callable[[str, warnings.WarningMessage], bool] = lambda name, caught: False) -> Outcome:
+            on_warning: Callable[[str, warnings.WarningMessage], bool] = lambda name, caught: False,
+            share: Tensor | None = None) -> Outcome:
         """One forward of the probes, then every explainer; a failing method is reported to ``on_failure(name,
         error)`` and left out; each warning a method issues goes to ``on_warning(name, caught)``, and is
-        re-issued unless that returns ``True``. Raises when the forward itself fails."""
+        re-issued unless that returns ``True``. Raises when the forward itself fails.
+
+        ``share``: explain only these probe indices ``(S,)`` (this rank's share, see :mod:`.ranks`); the outcome's
+        images, logits, targets and probabilities are still those of every probe, its results those of the share.
+        """
         images = self.handle.prepare(self.probes.probe.images)
         with explanation_mode(self.module), torch.no_grad():
             logits = self.handle.logits(images)
@@ -130,6 +135,8 @@ class ProbeRunner:
                                      "no maps logged for this event")
         targets = self.probes.select(logits, self.task)
         outcome = Outcome(images, logits, targets, self.handle.probabilities(logits).gather(1, targets))
+        if share is not None:
+            images, targets = images[share.to(images.device)], targets[share.to(targets.device)]
         for name, explainer in self.explainers.items():
             try:
                 with warnings.catch_warnings(record=True) as caught:
