@@ -27,7 +27,7 @@ from lightning_xai.callbacks.probes import Probe, ProbeSet
 from lightning_xai.callbacks.record_builder import RecordBuilder
 from lightning_xai.callbacks.runner import ProbeRunner
 from lightning_xai.callbacks.schedule import Schedule
-from lightning_xai.callbacks.shortcut import DEFAULT_PATIENCE, DEFAULT_THRESHOLD
+from lightning_xai.callbacks.shortcut import DEFAULT_PATIENCE, DEFAULT_THRESHOLD, ShortcutWatch
 from lightning_xai.callbacks.sinks import Record, sinks_for
 from lightning_xai.explainers import Explanation
 from lightning_xai.explainers.registry import resolve_methods
@@ -100,9 +100,10 @@ class ExplanationMonitor(Callback):
         self.save_raw = save_raw
         self.vit, self.output_transform, self.forward = vit, output_transform, forward
         self.records = RecordBuilder(
-            EvolutionTracker(similarity, (shortcut_threshold, shortcut_patience) if shortcut_alarm else None),
+            EvolutionTracker(similarity),
             Board(cmap=cmap, alpha=alpha, mean=mean, std=std, class_names=class_names,
                   timeline_columns=timeline_columns),
+            ShortcutWatch(shortcut_threshold, shortcut_patience) if shortcut_alarm else None,
             deletion_insertion=deletion_insertion, stop_on_shortcut=stop_on_shortcut)
         self.runner: ProbeRunner | None = None
         """The model side (the module, its ViT, the explainers), built when the run starts."""

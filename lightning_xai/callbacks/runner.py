@@ -130,6 +130,13 @@ class ProbeRunner:
                 on_failure(name, err)
         return outcome
 
+    def predict(self, images: Tensor) -> Tensor:
+        """The model's logits ``(N, num_classes)`` for ``images`` ``(N, C, H, W)`` (on the model's device and dtype,
+        as the probes of :meth:`run`), through the forward the explanations use, without gradients, in eval mode:
+        what the shortcut check runs its transplanted images through."""
+        with explanation_mode(self.module), torch.no_grad():
+            return self.handle.logits(images)
+
     def probe_scalars(self, outcome: Outcome) -> dict[str, float]:
         """``xai/target_probability`` and, with one label per probe, ``xai/probe_accuracy``."""
         out = {keys.scalar_key("target_probability"): float(outcome.probs.mean())}
