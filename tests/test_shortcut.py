@@ -508,6 +508,35 @@ def test_monitor_checks_the_shortcut_options():
     assert ExplanationMonitor(shortcut_alarm=False).records.shortcut is None
 
 
+def test_probes_of_too_few_classes_are_warned_about_at_fit_start(tmp_path):
+    import warnings
+
+    import lightning.pytorch as pl
+    from conftest import trained_architecture
+
+    from lightning_xai.callbacks import ExplanationMonitor
+    from lightning_xai.callbacks.shortcut import MIN_PAIRS, probe_coverage_warning
+    from lightning_xai.demos import SyntheticDataModule, ViTClassifier
+
+    assert probe_coverage_warning(torch.tensor([0, 1, 2, 3] * 2)) is None  # 48 pairs
+    assert probe_coverage_warning(torch.tensor([0] * 6 + [1] * 2)) is None  # 24 pairs: just enough
+    text = probe_coverage_warning(torch.tensor([0] * 7 + [1]))  # 14 pairs
+    assert "2 class(es)" in text and f"at least {MIN_PAIRS}" in text and "num_probes" in text
+    assert probe_coverage_warning(None) is None and probe_coverage_warning(torch.rand(8, 4)) is None
+
+    data = SyntheticDataModule(family="texture", num_classes=4, image_size=32, num_train=64, num_val=64, seed=0)
+    data.setup("fit")
+    images, labels, _ = data.val_set.batch([0, 4, 8, 12, 16, 20, 24, 1])  # seven of class 0, one of class 1
+    monitor = ExplanationMonitor(methods="gradtoken", probe_images=images, probe_labels=labels)
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1, accelerator="cpu", logger=False,
+                         callbacks=[monitor], enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(tmp_path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(ViTClassifier(num_classes=4, **trained_architecture()), datamodule=data)
+    assert [str(w.message) for w in caught if "pairs of probes of different classes" in str(w.message)]
+
+
 def test_fixed_targets_with_the_alarm_on_warn_that_it_cannot_fire():
     import warnings
 
@@ -545,7 +574,7 @@ def test_watch_logs_rate_threshold_and_agreement_and_keeps_the_alarm_across_a_ch
     alone = resumed.update("gradtoken", 4, images, maps, torch.zeros(8, 1).long(), model)
     assert "shortcut_rate" not in alone and alone["shortcut_threshold"] == 0.3
     with pytest.raises(ValueError, match="threshold"):
-        ShortcutWatch(threshold=0.0)
+        ShortcutWatch(threshold=-0.1)
     with pytest.raises(ValueError, match="fraction"):
         ShortcutWatch(fraction=0.0)
 
@@ -560,7 +589,8 @@ def test_benchmark_judges_alarms_lags_and_false_alarms_as_stated():
     spec.loader.exec_module(bench)
 
     def rows(rates, damage, other):
-        return [dict(epoch=e, rate=r, damage=d, acc_other=o) for e, (r, d, o) in enumerate(zip(rates, damage, other))]
+        triples = zip(rates, damage, other, strict=True)
+        return [dict(epoch=e, rate=r, damage=d, acc_other=o) for e, (r, d, o) in enumerate(triples)]
 
     assert bench.alarm_epoch(rows([math.nan, 0.5, 0.3, 0.45, 0.41, 0.9], [0] * 6, [1] * 6), "rate", 0.4, 2) == 4
     assert bench.alarm_epoch(rows([math.nan, 0.5, 0.3, 0.45, 0.41, 0.9], [0] * 6, [1] * 6), "rate", 0.5, 2) is None
@@ -591,3 +621,5 @@ def test_shortcut_example_runs_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "clean run: validation accuracy" in out and "cue run: validation accuracy" in out
     assert timeline.exists() and len(list((tmp_path / "runs").rglob("events.out.tfevents.*"))) == 2
+    # absolute paths, and a TensorBoard command that works from any folder
+    assert f"timeline: {timeline.resolve()}" in out and f"--logdir {(tmp_path / 'runs').resolve()}" in out

@@ -15,6 +15,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_xai.adapters import OutputTransform, ViTLocator
 from lightning_xai.callbacks import checks, keys, model_checks
@@ -27,7 +28,7 @@ from lightning_xai.callbacks.probes import Probe, ProbeSet
 from lightning_xai.callbacks.record_builder import RecordBuilder
 from lightning_xai.callbacks.runner import ProbeRunner
 from lightning_xai.callbacks.schedule import Schedule
-from lightning_xai.callbacks.shortcut import DEFAULT_PATIENCE, DEFAULT_THRESHOLD, ShortcutWatch
+from lightning_xai.callbacks.shortcut import DEFAULT_PATIENCE, DEFAULT_THRESHOLD, ShortcutWatch, probe_coverage_warning
 from lightning_xai.callbacks.sinks import Record, sinks_for
 from lightning_xai.explainers import Explanation
 from lightning_xai.explainers.registry import resolve_methods
@@ -156,6 +157,9 @@ class ExplanationMonitor(Callback):
         self.probes.draw(trainer)
         self.runner = ProbeRunner(pl_module, self.methods, self.probes, vit=self.vit,
                                   output_transform=self.output_transform, forward=self.forward)
+        coverage = probe_coverage_warning(self.probes.probe.labels) if self.records.shortcut is not None else None
+        if coverage is not None:
+            rank_zero_warn(f"lightning-xai: {coverage}", category=UserWarning)
 
     # -- state ------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

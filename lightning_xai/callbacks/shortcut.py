@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from lightning_xai.callbacks import keys
@@ -28,14 +29,36 @@ from lightning_xai.shortcut import (
 from lightning_xai.shortcut import __all__ as _analysis
 from lightning_xai.shortcut.pictures import evidence_picture, region_picture
 
-__all__ = [*_analysis, "ShortcutWatch"]
+__all__ = [*_analysis, "MIN_PAIRS", "ShortcutWatch", "probe_coverage_warning"]
+
+#: Fewest pairs of probes of different classes the alarm's rate is measured on (8 probes over 4 classes give 48;
+#: see the README's "Shortcut alarm" for what was measured).
+MIN_PAIRS = 24
+
+
+def probe_coverage_warning(labels: Tensor | None) -> str | None:
+    """What is wrong with the probes for the shortcut alarm, or ``None``: ``labels`` ``(P,)`` class indices of the
+    drawn probes (other label layouts and ``None`` are not judged). The rate is a share of the pairs ``(i, j)``
+    of probes of different classes; with fewer than :data:`MIN_PAIRS` of them one pair moves it by more than 4 %
+    and the alarm is a coin toss (or, with one class only, never fires)."""
+    if labels is None or labels.dim() != 1 or labels.dtype.is_floating_point:
+        return None
+    counts = torch.unique(labels, return_counts=True)[1]
+    pairs = int(len(labels) ** 2 - (counts**2).sum())
+    if pairs >= MIN_PAIRS:
+        return None
+    return (f"the {len(labels)} probes cover {len(counts)} class(es) (counts {counts.tolist()}), which gives "
+            f"{pairs} pairs of probes of different classes; the shortcut alarm's rate needs at least {MIN_PAIRS} "
+            f"(e.g. 8 probes over 3 classes or more): raise num_probes, pass probe_images covering more classes, or "
+            f"pass shortcut_alarm=False")
 
 
 class ShortcutWatch:
     """Each method's shortcut check and alarm across explanation events.
 
     Args:
-        threshold: alarm level of the transplant rate, in ``(0, 1)``.
+        threshold: alarm level of the transplant rate, in ``[0, 1]`` (``0``: fires at the first event whose rate
+            is defined; for trying the wiring).
         patience: consecutive explained events at or above it before the alarm fires.
         fraction: each probe's region, as a fraction of the pixels.
     """

@@ -51,8 +51,8 @@ class ShortcutAlarm:
     """
 
     def __init__(self, method: str, threshold: float = DEFAULT_THRESHOLD, patience: int = DEFAULT_PATIENCE):
-        if not 0.0 < float(threshold) < 1.0:
-            raise ValueError(f"shortcut threshold must be in (0, 1), got {threshold}")
+        if not 0.0 <= float(threshold) <= 1.0:
+            raise ValueError(f"shortcut threshold must be in [0, 1] (a share of pairs), got {threshold}")
         if int(patience) < 1 or int(patience) != patience:
             raise ValueError(f"shortcut patience must be a positive int, got {patience}")
         self.method, self.threshold, self.patience = method, float(threshold), int(patience)
