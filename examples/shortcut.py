@@ -9,8 +9,9 @@ the other classes and counts how often the prediction follows (``xai/gradtoken/s
 threshold ``xai/gradtoken/shortcut_threshold``); the strongest such pair is ``xai/gradtoken/shortcut_evidence``.
 Offline, on CPU:
 
-    python examples/shortcut.py                               # both runs, a few minutes
+    python examples/shortcut.py                               # both runs, about 12 minutes on a busy 2-core CPU
     python examples/shortcut.py --epochs 4 --num-train 1024   # quicker; the cue run still fires, the clean one not
+                                                              # (but its model is still near chance at the end)
 
 Prints absolute paths: the TensorBoard log folder (and the command to open it from any folder) and the cue run's
 GradToken timeline (rows = probes, columns = epochs: the maps drift onto the mark; the README shows
