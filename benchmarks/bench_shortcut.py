@@ -24,8 +24,8 @@ no clean run; the lag is ``alarm epoch - first epoch with damage >= 0.10``.
     python benchmarks/bench_shortcut.py --load out/*.json              # summarise saved runs, train nothing
     python benchmarks/bench_shortcut.py --quick                        # one seed, one cue and one clean kind
 
-Each run takes about 4 minutes with one thread on a free core; run (kind, seed) pairs as separate processes
-(``OMP_NUM_THREADS=1 nice``) and merge their JSON with ``--load``.
+Each run took 10-16 minutes with one thread on a shared, busy 2-core machine (GradToken and C2F); run (kind, seed)
+pairs as separate processes (``OMP_NUM_THREADS=1 nice``, two at a time) and merge their JSON with ``--load``.
 """
 
 from __future__ import annotations

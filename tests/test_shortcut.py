@@ -443,8 +443,7 @@ def test_alarm_rate_threshold_evidence_and_note_reach_tensorboard_wandb_and_png(
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     loggers = [TensorBoardLogger(str(tmp_path), name="tb"), CSVLogger(str(tmp_path), name="csv"),
                WandbLogger(project="lightning-xai-test", save_dir=str(tmp_path), offline=True)]
-    monitor, _, alarms = _fit_with_monitor(cue_model, tmp_path, loggers, shortcut_patience=2,
-                                           class_names=cue_model[1].classes)
+    monitor, _, alarms = _fit_with_monitor(cue_model, tmp_path, loggers, class_names=cue_model[1].classes)
     wandb.finish()
     # the warning: once, naming the method, the epoch, the patience and the probes concerned
     assert len(alarms) == 1 and alarms[0].category is RuntimeWarning
@@ -452,7 +451,7 @@ def test_alarm_rate_threshold_evidence_and_note_reach_tensorboard_wandb_and_png(
     assert "'gradtoken'" in text and "epoch 1" in text and "for 2 explained epochs" in text and "probes" in text
     assert monitor.state_dict()["shortcut_alarms"]["gradtoken"]["fired_at"] == 1
     threshold = monitor.records.shortcut.threshold
-    assert threshold == DEFAULT_THRESHOLD
+    assert threshold == DEFAULT_THRESHOLD and monitor.records.shortcut.patience == DEFAULT_PATIENCE == 2
 
     events = EventAccumulator(loggers[0].log_dir, size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     events.Reload()
@@ -488,9 +487,10 @@ def test_alarm_rate_threshold_evidence_and_note_reach_tensorboard_wandb_and_png(
 
 
 def test_stop_on_shortcut_ends_training_and_a_clean_model_stays_silent(cue_model, texture_model, tmp_path):
-    _, trainer, alarms = _fit_with_monitor(cue_model, tmp_path / "cue", False, epochs=5, stop_on_shortcut=True)
+    _, trainer, alarms = _fit_with_monitor(cue_model, tmp_path / "cue", False, epochs=5, stop_on_shortcut=True,
+                                           shortcut_patience=1)
     assert len(alarms) == 1 and "for 1 explained epoch;" in str(alarms[0].message)
-    assert trainer.current_epoch == 1, trainer.current_epoch  # default patience 1: stopped after epoch 0
+    assert trainer.current_epoch == 1, trainer.current_epoch  # patience 1: stopped after epoch 0
     monitor, _, alarms = _fit_with_monitor(texture_model, tmp_path / "clean", False)
     rate = monitor.last_scalars["xai/gradtoken/shortcut_rate"]
     assert alarms == [] and rate < DEFAULT_THRESHOLD, rate

@@ -10,7 +10,7 @@ from typing import Any
 #: Alarm level of the transplant rate (see ``docs/methods.md``, "Shortcut statistic", for how it was measured).
 DEFAULT_THRESHOLD = 0.25
 #: Consecutive explained events with the rate at or above the threshold before the alarm fires.
-DEFAULT_PATIENCE = 1
+DEFAULT_PATIENCE = 2
 
 
 def explained_epochs(count: int) -> str:
@@ -34,10 +34,10 @@ class ShortcutEvent:
     def message(self) -> str:
         values = ", ".join(f"{r:.2f}" for r in self.rates)
         return (f"shortcut alarm for {self.method!r} at epoch {self.epoch}: pasting the small region each probe's "
-                f"map points at into the probes of other classes turned their prediction into the donor's class "
-                f"in {values} of the pairs (threshold {self.threshold:.2f}) for {explained_epochs(self.patience)}; "
-                f"probes whose region carries their class: {self.probes}. The model may be reading a spurious "
-                f"cue (a watermark, a tag, a border mark) instead of the objects.")
+                f"map points at into the probes of other classes turned their prediction into the donor's class in "
+                f"a share of the pairs at or above {self.threshold:.2f} ({values}) for "
+                f"{explained_epochs(self.patience)}; probes whose region carries their class: {self.probes}. The "
+                f"model may be reading a spurious cue (a watermark, a tag, a border mark) instead of the objects.")
 
 
 class ShortcutAlarm:
