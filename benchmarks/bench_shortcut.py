@@ -1,175 +1,258 @@
-"""Does the shortcut alarm fire on models that learn a spurious cue, and stay silent on models that do not?
+"""Does the shortcut alarm fire on models that follow a spurious cue, soon after the damage starts, and stay
+silent on models that do not?
 
-Trains the example's small ViT (texture family, 32 px, patch 4, ``SMALL_VIT``) once per seed and data kind:
+Trains the example's small ViT (texture family, 4 classes, 32 px, patch 4, ``SMALL_VIT``) once per seed and data
+kind. Cue kinds (``SyntheticDataModule(cue_kind=..., cue_probability=...)``, on training *and* validation
+images): ``colour90``/``colour50`` (a class-coloured mark in the top-left corner on 90 % / 50 % of the images),
+``position90``/``position50`` (a white mark whose place along the top edge encodes the class), ``texture90``
+(a black-and-white patch whose pattern encodes the class, bottom-right corner). Clean kinds: ``clean`` (objects
+anywhere), ``centred`` (every object at the centre: one shared place, no cue), ``busy`` (many distractors,
+pieces of random classes' objects among them).
 
-- ``cue``: a class-coloured mark in the top-left corner on 90 % of the training *and* validation images;
-- ``clean``: the same images without the mark;
-- ``centred``: clean images whose objects all sit at the centre (one shared place, but no cue).
+After every validation epoch it explains the same validation probes (targets = the prediction, as the
+callback's default) and records, per method: the transplant rate (``docs/methods.md``, "Shortcut statistic")
+on the first 8 probes (the callback's default count) and on all of them, at several region sizes (the rate that
+follows the donor at its place only, the raw rate, and the moved-region control's); the auxiliary agreement
+statistic; and the damage, measured directly on 256 validation
+images rendered without the cue, with their own class's cue and with the next class's cue:
+``damage = accuracy without cue - accuracy with another class's cue``. A run *follows the cue* when its final
+accuracy with another class's cue is below 0.5. The summary judges the alarm (threshold, patience) on every run:
+it must fire on every run that follows the cue, within one explained epoch of the damage passing 0.10, and on
+no clean run; the lag is ``alarm epoch - first epoch with damage >= 0.10``.
 
-After every validation epoch it explains the same validation probes with the functional API
-(``lightning_xai.explain``, targets = the prediction) and prints, per method, the shortcut statistic
-(``docs/methods.md``, "Shortcut statistic") on the first 8 probes (the callback's default) and on all of
-them, the share of map energy on the cue's patch and inside the object (ground truth the statistic does not
-see), and the probe accuracy. Each run ends with its validation accuracy, its accuracy on the cue-free test
-split, and the epoch at which the alarm (default threshold and patience) fired; the summary checks that it
-fired on every cue run and on no other, and prints the margins between the kinds:
+    python benchmarks/bench_shortcut.py --kinds colour90 --seeds 0 --json out/colour90_0.json   # one run
+    python benchmarks/bench_shortcut.py --load out/*.json              # summarise saved runs, train nothing
+    python benchmarks/bench_shortcut.py --quick                        # one seed, one cue and one clean kind
 
-    python benchmarks/bench_shortcut.py                       # 3 seeds x 3 kinds, gradtoken
-    python benchmarks/bench_shortcut.py --methods gradtoken c2f
-    python benchmarks/bench_shortcut.py --quick               # one seed, few images, a smoke run
-    python benchmarks/bench_shortcut.py --seeds 1 --save s1.pt    # runs can be split over processes ...
-    python benchmarks/bench_shortcut.py --load s0.pt s1.pt s2.pt  # ... and summarised together
+Each run took 10-16 minutes with one thread on a shared, busy 2-core machine (GradToken and C2F); run (kind, seed)
+pairs as separate processes (``OMP_NUM_THREADS=1 nice``, two at a time) and merge their JSON with ``--load``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 
 import lightning_xai as lx
-from lightning_xai.callbacks.shortcut import (
-    DEFAULT_FRACTION,
+from lightning_xai.demos import SMALL_VIT, SyntheticDataModule, SyntheticObjects, ViTClassifier, add_cue
+from lightning_xai.shortcut import (
     DEFAULT_PATIENCE,
+    DEFAULT_REGION,
     DEFAULT_THRESHOLD,
     ShortcutAlarm,
-    object_drift,
-    object_share,
     shortcut_score,
+    transplant_check,
 )
-from lightning_xai.demos import SMALL_VIT, SyntheticDataModule, ViTClassifier, cue_region
 
 KINDS: dict[str, dict] = {
-    "cue": dict(cue_probability=0.9),
+    "colour90": dict(cue_kind="colour", cue_probability=0.9),
+    "colour50": dict(cue_kind="colour", cue_probability=0.5),
+    "position90": dict(cue_kind="position", cue_probability=0.9),
+    "position50": dict(cue_kind="position", cue_probability=0.5),
+    "texture90": dict(cue_kind="texture", cue_probability=0.9),
     "clean": dict(),
     "centred": dict(placement="centre"),
+    "busy": dict(background="busy"),
 }
+REGIONS = (0.02, 0.04, 0.08)
+NUM_CLASSES = 4
+DAMAGE_LEVEL = 0.10
 EXAMPLE_VIT = dict(model_name="vit_tiny_patch16_224", image_size=32, **SMALL_VIT)
 
 
-class ProbeRecorder(pl.Callback):
-    """After each validation epoch, explain the probes with each method and keep the per-epoch figures."""
+def is_cue(kind: str) -> bool:
+    return "cue_probability" in KINDS[kind]
 
-    def __init__(self, images, labels, masks, methods, default_probes: int = 8):
-        self.images, self.labels, self.masks, self.methods = images, labels, masks, methods
-        self.default_probes = default_probes
-        cue = cue_region(tuple(images.shape[-2:]))
-        # the cue's patch cells (patch 4): the maps are patch-level, so score the cells the mark touches
-        patch = SMALL_VIT["patch_size"]
-        cells = F.max_pool2d(cue[None, None].float(), patch)  # (1, 1, h, w)
-        self.cue_cells = F.interpolate(cells, scale_factor=patch)[0, 0].bool()
+
+def damage_images(data: SyntheticDataModule, count: int) -> dict[str, torch.Tensor]:
+    """The same ``count`` validation images without the cue, with their own class's and with the next class's."""
+    plain = SyntheticObjects(count, 32, data.family, NUM_CLASSES, seed=data.seed, split="val",
+                             placement=data.placement, background=data.background)
+    images, labels, _ = plain.batch(range(count))
+    kind = data.cue_kind
+    return dict(labels=labels, none=images, own=add_cue(images, labels, kind),
+                other=add_cue(images, (labels + 1) % NUM_CLASSES, kind))
+
+
+class ProbeRecorder(pl.Callback):
+    """After each validation epoch: the transplant rates, the agreement statistic and the damage."""
+
+    def __init__(self, probes: torch.Tensor, damage: dict, methods: list[str], default_probes: int = 8):
+        self.probes, self.damage, self.methods, self.default_probes = probes, damage, methods, default_probes
         self.rows: dict[str, list[dict]] = {m: [] for m in methods}
-        self.saved: dict[str, list[dict]] = {}  # per method and epoch: maps (P, H, W) float16, classes (P,)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
         epoch = trainer.current_epoch
+        was_training = module.training
+        module.eval()
+        with torch.no_grad():
+            acc = {k: float((module(self.damage[k]).argmax(-1) == self.damage["labels"]).float().mean())
+                   for k in ("none", "own", "other")}
+
+        def predict(x):
+            with torch.no_grad():
+                return module(x)
+
         for method in self.methods:
-            result = lx.explain(module, self.images, method=method)
-            predicted = result.targets[:, 0]
-            few = shortcut_score(result.maps[: self.default_probes], predicted[: self.default_probes])
-            full = shortcut_score(result.maps, predicted)
-            row = dict(epoch=epoch, score=few.score, score_all=full.score,
-                       cue_share=float(object_share(result.maps, self.cue_cells.expand(len(self.images), -1, -1))
-                                       .mean()),
-                       object_share=float(object_share(result.maps, self.masks).mean()),
-                       probe_acc=float((predicted == self.labels).float().mean()),
-                       region_on_cue=float((full.region & self.cue_cells).sum() / full.region.sum()))
+            start = time.perf_counter()
+            result = lx.explain(module, self.probes, method=method)
+            explain_s = time.perf_counter() - start
+            maps, classes = result.maps[:, 0], result.targets[:, 0]
+            few = slice(0, self.default_probes)
+            row = dict(epoch=epoch, acc_none=acc["none"], acc_own=acc["own"], acc_other=acc["other"],
+                       damage=acc["none"] - acc["other"], explain_s=explain_s,
+                       agreement=shortcut_score(maps[few], classes[few]).score,
+                       classes8=len(set(classes[few].tolist())))
+            start = time.perf_counter()
+            for q in REGIONS:  # region sizes on the callback's 8 probes; all probes at the default size only
+                small = transplant_check(predict, self.probes[few], maps[few], classes[few], q)
+                row[f"rate8_{q}"], row[f"raw8_{q}"], row[f"control8_{q}"] = small.rate, small.raw_rate, \
+                    small.control_rate
+            row["transplant_s"] = (time.perf_counter() - start) / len(REGIONS)
+            q = DEFAULT_REGION
+            full = transplant_check(predict, self.probes, maps, classes, q)
+            row[f"rate_{q}"], row[f"raw_{q}"], row[f"control_{q}"] = full.rate, full.raw_rate, full.control_rate
             self.rows[method].append(row)
-            self.saved.setdefault(method, []).append(dict(maps=result.maps[:, 0].half(), classes=predicted))
-            print(f"  {method:9s} epoch {epoch:2d}  statistic {row['score']:.3f} (8 probes) "
-                  f"{row['score_all']:.3f} ({len(self.images)} probes)  energy on cue patch "
-                  f"{row['cue_share']:.3f}  in object {row['object_share']:.3f}  agreed region on cue "
-                  f"{row['region_on_cue']:.2f}  probe acc {row['probe_acc']:.2f}", flush=True)
-
-
-def accuracy(module: ViTClassifier, dataset, count: int) -> float:
-    images, labels, _ = dataset.batch(range(min(count, len(dataset))))
-    with torch.no_grad():
-        return float((module(images).argmax(-1) == labels).float().mean())
+            print(f"  {method:9s} ep {epoch}  rate8 " + " ".join(f"{row[f'rate8_{r}']:.2f}" for r in REGIONS)
+                  + f"  raw8/ctrl8 {row[f'raw8_{q}']:.2f}/{row[f'control8_{q}']:.2f}  rate{len(self.probes)} "
+                  + f"{row[f'rate_{q}']:.2f}  raw/ctrl {row[f'raw_{q}']:.2f}/{row[f'control_{q}']:.2f}"
+                  + f"  agree {row['agreement']:.2f}  acc none/own/other {acc['none']:.2f}/{acc['own']:.2f}/"
+                  f"{acc['other']:.2f}", flush=True)
+        module.train(was_training)
 
 
 def run(kind: str, seed: int, epochs: int, num_train: int, num_probes: int, methods: list[str]) -> dict:
-    """Train one model on ``kind`` data; return per-method per-epoch rows, accuracies and alarm epochs."""
+    """Train one model on ``kind`` data; return its per-method per-epoch rows."""
     print(f"\n# {kind}, seed {seed}", flush=True)
     pl.seed_everything(seed, workers=True)
-    data = SyntheticDataModule(family="texture", num_classes=4, image_size=32, num_train=num_train, num_val=512,
-                               batch_size=64, seed=seed, val_return_mask=True, num_test=512, **KINDS[kind])
+    options = dict(KINDS[kind])
+    options.setdefault("cue_kind", "colour")  # clean kinds: damage measured with the colour mark they never saw
+    data = SyntheticDataModule(family="texture", num_classes=NUM_CLASSES, image_size=32, num_train=num_train,
+                               num_val=512, batch_size=64, seed=seed, num_test=256, **options)
     data.setup("fit")
     generator = torch.Generator().manual_seed(1000 + seed)  # the probes: a seeded draw from validation
     indices = torch.randperm(len(data.val_set), generator=generator)[:num_probes]
-    images, labels, masks = data.val_set.batch(indices)
-    recorder = ProbeRecorder(images, labels, masks, methods)
-    module = ViTClassifier(num_classes=4, lr=2e-3, warmup_epochs=1, **EXAMPLE_VIT)
+    probes, _, _ = data.val_set.batch(indices)
+    recorder = ProbeRecorder(probes, damage_images(data, 256), methods)
+    module = ViTClassifier(num_classes=NUM_CLASSES, lr=2e-3, warmup_epochs=1, **EXAMPLE_VIT)
     start = time.perf_counter()
     pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                callbacks=[recorder]).fit(module, datamodule=data)
-    module.eval()
-    out = dict(kind=kind, seed=seed, rows=recorder.rows, val_acc=accuracy(module, data.val_set, 512),
-               test_acc=accuracy(module, data.test_set, 512), minutes=(time.perf_counter() - start) / 60,
-               maps=recorder.saved, labels=labels, masks=masks)
-    out["alarm"] = {method: alarm_epoch(rows) for method, rows in recorder.rows.items()}
-    alarms = ", ".join(f"{m}: {'epoch ' + str(e) if e is not None else 'silent'}" for m, e in out["alarm"].items())
-    print(f"  -> val accuracy {out['val_acc']:.3f}, cue-free test accuracy {out['test_acc']:.3f}; alarm {alarms}; "
-          f"{out['minutes']:.1f} min", flush=True)
-    return out
+    return dict(kind=kind, seed=seed, cue=is_cue(kind), rows=recorder.rows, epochs=epochs, num_train=num_train,
+                minutes=(time.perf_counter() - start) / 60)
 
 
-def alarm_epoch(rows: list[dict], threshold: float = DEFAULT_THRESHOLD, patience: int = DEFAULT_PATIENCE):
-    """The epoch at which the alarm fires on a run's per-epoch statistic (8 probes), or ``None``."""
+# ------------------------------------------------------------------------------------------------ judging
+
+
+def alarm_epoch(rows: list[dict], key: str, threshold: float = DEFAULT_THRESHOLD,
+                patience: int = DEFAULT_PATIENCE) -> int | None:
+    """The epoch at which the alarm fires on a run's per-epoch ``key`` values, or ``None``."""
     alarm = ShortcutAlarm("method", threshold, patience)
-    fired = [row["epoch"] for row in rows if alarm.update(row["epoch"], row["score"]) is not None]
+    fired = [row["epoch"] for row in rows if alarm.update(row["epoch"], row[key]) is not None]
     return fired[0] if fired else None
 
 
-def held_level(scores: list[float], patience: int = DEFAULT_PATIENCE) -> float:
-    """The highest level the statistic held for ``patience`` consecutive epochs (max over windows of the min)."""
-    windows = [scores[i:i + patience] for i in range(len(scores) - patience + 1)]
-    levels = [min(w) for w in windows if not any(math.isnan(v) for v in w)]
-    return max(levels, default=math.nan)
+def damage_epoch(rows: list[dict], level: float = DAMAGE_LEVEL) -> int | None:
+    """The first epoch whose damage is at least ``level``, or ``None``."""
+    return next((row["epoch"] for row in rows if row["damage"] >= level), None)
 
 
-def summary(results: list[dict], methods: list[str]) -> None:
-    print(f"\n## Shortcut statistic per run (threshold {DEFAULT_THRESHOLD}, patience {DEFAULT_PATIENCE}, region "
-          f"{DEFAULT_FRACTION:.0%} of the pixels = chance level)\n")
-    print("| data | seed | method | statistic per epoch (8 probes) | max | max (all probes) | alarm at epoch | "
-          "energy in object per epoch | object drift max | val acc | cue-free test acc |")
-    print("|---|---:|---|---|---:|---:|---:|---|---:|---:|---:|")
+def follows_cue(rows: list[dict]) -> bool:
+    """The final model follows the cue: accuracy with another class's cue below 0.5."""
+    return rows[-1]["acc_other"] < 0.5
+
+
+def judge(results: list[dict], method: str, key: str, threshold: float, patience: int) -> dict:
+    """Hits (cue runs that follow the cue and fired within one epoch of the damage), misses, false alarms."""
+    out = dict(hits=0, followers=0, late=[], missed=[], false=[], lags=[])
     for r in results:
-        for method in methods:
-            scores = [row["score"] for row in r["rows"][method]]
-            finite = [s for s in scores if not math.isnan(s)]
-            fired = alarm_epoch(r["rows"][method])  # recomputed: runs may have been saved with other defaults
-            everything = [row["score_all"] for row in r["rows"][method] if not math.isnan(row["score_all"])]
-            inside = " ".join(f"{row['object_share']:.2f}" for row in r["rows"][method])
-            drift = object_drift(torch.tensor([row["object_share"] for row in r["rows"][method]]),
-                                 torch.tensor([row["probe_acc"] for row in r["rows"][method]]))
-            print(f"| {r['kind']} | {r['seed']} | {method} | {' '.join(f'{s:.2f}' for s in scores)} | "
-                  f"{max(finite) if finite else math.nan:.3f} | {max(everything) if everything else math.nan:.3f} | "
-                  f"{'-' if fired is None else fired} | {inside} | {float(drift.max()):.2f} | {r['val_acc']:.3f} | "
-                  f"{r['test_acc']:.3f} |")
-    print()
+        rows = r["rows"][method]
+        fired = alarm_epoch(rows, key, threshold, patience)
+        if not r["cue"]:
+            if fired is not None:
+                out["false"].append(f"{r['kind']}/{r['seed']}")
+            continue
+        if not follows_cue(rows):
+            continue
+        out["followers"] += 1
+        damaged = damage_epoch(rows)
+        if fired is None:
+            out["missed"].append(f"{r['kind']}/{r['seed']}")
+            continue
+        lag = fired - (damaged if damaged is not None else fired)
+        out["lags"].append(lag)
+        if lag <= 1:
+            out["hits"] += 1
+        else:
+            out["late"].append(f"{r['kind']}/{r['seed']}")
+    out["holds"] = out["hits"] == out["followers"] and not out["false"]
+    return out
+
+
+def fmt(values: list[float]) -> str:
+    return " ".join("nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}" for v in values)
+
+
+def summary(results: list[dict], methods: list[str], threshold: float = DEFAULT_THRESHOLD,
+            patience: int = DEFAULT_PATIENCE) -> None:
+    key = f"rate8_{DEFAULT_REGION}"
+    results = sorted(results, key=lambda r: (list(KINDS).index(r["kind"]), r["seed"]))
     for method in methods:
-        cue = [r for r in results if r["kind"] == "cue"]
-        other = [r for r in results if r["kind"] != "cue"]
-        hits = sum(alarm_epoch(r["rows"][method]) is not None for r in cue)
-        false = sum(alarm_epoch(r["rows"][method]) is not None for r in other)
-        # margins: the level each run held for ``patience`` consecutive epochs (what the alarm needs), the
-        # highest among clean/centred runs against the lowest among cue runs; and single epochs
-        held_other = max(held_level([row["score"] for row in r["rows"][method]]) for r in other)
-        held_cue = min(held_level([row["score"] for row in r["rows"][method]]) for r in cue)
-        single = max((row["score"] for r in other for row in r["rows"][method] if not math.isnan(row["score"])),
-                     default=math.nan)
-        print(f"- {method}: alarm on {hits} of {len(cue)} cue runs and {false} of {len(other)} clean/centred runs "
-              f"({'holds' if hits == len(cue) and false == 0 else 'FAILS'}); level held for {DEFAULT_PATIENCE} "
-              f"epochs: highest clean/centred {held_other:.3f}, lowest cue {held_cue:.3f}; highest single "
-              f"clean/centred epoch {single:.3f}")
+        print(f"\n## {method}: transplant rate per epoch (8 probes, region {DEFAULT_REGION:.0%}), threshold "
+              f"{threshold}, patience {patience}\n")
+        print("| data | seed | rate per epoch | raw rate | control | agreement | damage per epoch | "
+              "acc with other cue (end) | follows | damage >= 0.1 at | alarm at | lag |")
+        print("|---|---:|---|---|---|---|---|---:|---|---:|---:|---:|")
+        for r in results:
+            rows = r["rows"][method]
+            fired, damaged = alarm_epoch(rows, key, threshold, patience), damage_epoch(rows)
+            lag = "-" if fired is None or damaged is None else str(fired - damaged)
+            print(f"| {r['kind']} | {r['seed']} | {fmt([row[key] for row in rows])} | "
+                  f"{fmt([row[f'raw8_{DEFAULT_REGION}'] for row in rows])} | "
+                  f"{fmt([row[f'control8_{DEFAULT_REGION}'] for row in rows])} | "
+                  f"{fmt([row['agreement'] for row in rows])} | {fmt([row['damage'] for row in rows])} | "
+                  f"{rows[-1]['acc_other']:.2f} | {'yes' if r['cue'] and follows_cue(rows) else 'no'} | "
+                  f"{'-' if damaged is None else damaged} | {'-' if fired is None else fired} | {lag} |")
+        print(f"\n### {method}: the alarm judged at other settings (8 probes unless 'all')\n")
+        print("| region | probes | threshold | patience | hits / followers | missed | late | false alarms | "
+              "highest clean rate | lowest follower rate after damage |")
+        print("|---:|---|---:|---:|---|---|---|---|---:|---:|")
+        for q in REGIONS:
+            settings = (("8", "rate8_"), ("8 raw", "raw8_")) + ((("all", "rate_"), ("all raw", "raw_"))
+                                                               if q == DEFAULT_REGION else ())
+            for probes, prefix in settings:
+                k = f"{prefix}{q}"
+                clean = [row[k] for r in results if not r["cue"] for row in r["rows"][method]
+                         if not math.isnan(row[k])]
+                after = []
+                for r in results:
+                    rows = r["rows"][method]
+                    if r["cue"] and follows_cue(rows) and damage_epoch(rows) is not None:
+                        after += [row[k] for row in rows if row["epoch"] >= damage_epoch(rows) + 1]
+                for t in (0.15, 0.2, 0.25, 0.3):
+                    for p in (1, 2):
+                        j = judge(results, method, k, t, p)
+                        print(f"| {q} | {probes} | {t} | {p} | {j['hits']} / {j['followers']} | "
+                              f"{' '.join(j['missed']) or '-'} | {' '.join(j['late']) or '-'} | "
+                              f"{' '.join(j['false']) or '-'} | {max(clean, default=math.nan):.2f} | "
+                              f"{min((a for a in after if not math.isnan(a)), default=math.nan):.2f} |")
+        j = judge(results, method, key, threshold, patience)
+        print(f"\n- {method} (defaults): alarm on {j['hits']} of {j['followers']} runs that follow the cue within one "
+              f"epoch of the damage (lags {j['lags']}); missed {j['missed']}, late {j['late']}; false alarms "
+              f"{j['false']} -> {'holds' if j['holds'] else 'FAILS'}")
+        times = [row["transplant_s"] for r in results for row in r["rows"][method]]
+        print(f"- transplant check on 8 probes with its control: {sum(times) / max(1, len(times)) * 1000:.0f} ms "
+              f"per check (one thread, shared CPU)")
 
 
 def main() -> None:
@@ -177,30 +260,32 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
     parser.add_argument("--methods", nargs="+", default=["gradtoken"])
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--num-train", type=int, default=None)
-    parser.add_argument("--probes", type=int, default=32, help="validation probes explained (statistic on 8 too)")
-    parser.add_argument("--quick", action="store_true", help="one seed, 1024 images, 3 epochs")
-    parser.add_argument("--save", default=None, help="also save every run's per-epoch probe maps here (torch.save)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1: on a shared, oversubscribed CPU two threads ran 8x slower)")
-    parser.add_argument("--load", nargs="+", default=None, help="summarise runs saved with --save; train nothing")
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--num-train", type=int, default=2048)
+    parser.add_argument("--probes", type=int, default=32, help="validation probes explained (rates on 8 too)")
+    parser.add_argument("--quick", action="store_true", help="one seed, colour90 and clean, 1024 images, 3 epochs")
+    parser.add_argument("--json", default=None, help="save the runs here (JSON)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--load", nargs="+", default=None, help="summarise runs saved with --json; train nothing")
+    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
+    parser.add_argument("--patience", type=int, default=DEFAULT_PATIENCE)
     args = parser.parse_args()
     if args.load:
-        results = [r for path in args.load for r in torch.load(path, weights_only=False)]
-        summary(results, [m for m in args.methods if all(m in r["rows"] for r in results)])
+        results = [r for path in args.load for r in json.loads(Path(path).read_text())]
+        summary(results, [m for m in args.methods if all(m in r["rows"] for r in results)], args.threshold,
+                args.patience)
         return
     torch.set_num_threads(args.threads)
-    seeds = args.seeds[:1] if args.quick else args.seeds
-    epochs = args.epochs or (3 if args.quick else 8)
-    num_train = args.num_train or (1024 if args.quick else 3072)
+    seeds, kinds = (args.seeds[:1], ["colour90", "clean"]) if args.quick else (args.seeds, args.kinds)
+    epochs, num_train = (3, 1024) if args.quick else (args.epochs, args.num_train)
     results = []
     for seed in seeds:
-        for kind in args.kinds:
+        for kind in kinds:
             results.append(run(kind, seed, epochs, num_train, args.probes, args.methods))
-            if args.save:
-                torch.save(results, args.save)
-    summary(results, args.methods)
+            if args.json:
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.json).write_text(json.dumps(results))
+    summary(results, args.methods, args.threshold, args.patience)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from lightning_xai.explainers import (
     unregister,
 )
 from lightning_xai.functional import explain
+from lightning_xai.shortcut import check_shortcut
 
 __version__ = "0.1.0"
 
@@ -21,6 +22,7 @@ __all__ = [
     "Explainer",
     "Explanation",
     "available_methods",
+    "check_shortcut",
     "create_explainer",
     "explain",
     "get_explainer",

@@ -188,6 +188,21 @@ def test_binary_gradient_of_the_negative_class_is_the_negated_positive(binary_ru
     torch.testing.assert_close(single.raw[:, 0], both.raw[:, 1])
 
 
+def test_binary_shortcut_check_sees_the_sigmoid_probabilities(binary_run):
+    """The shortcut check reads probabilities as a softmax of what the runner predicts: for a one-logit head
+    that must be ``[1 - sigmoid(z), sigmoid(z)]`` (a softmax of the scores ``[-z, z]`` would be sigmoid(2z))."""
+    import lightning_xai as lx
+
+    module, monitor = binary_run
+    z = scores_of(module, monitor.probe.images)[:, 0]
+    probs = monitor.runner.predict(monitor.probe.images).softmax(-1)
+    torch.testing.assert_close(probs[:, 1], torch.sigmoid(z), atol=1e-5, rtol=1e-4)
+    check = lx.check_shortcut(module, monitor.probe.images, method="gradtoken", task="binary")
+    assert check.transplant.classes.tolist() == (z > 0).long().tolist()
+    with pytest.raises(ValueError, match="multi-label"):
+        lx.check_shortcut(module, monitor.probe.images, method="gradtoken", task="multilabel")
+
+
 def test_one_logit_head_refuses_multiclass_with_the_fix(tmp_path):
     train, val = loaders(lambda y: y[:, 0])
     monitor = ExplanationMonitor("gradtoken", num_probes=2, task="multiclass")
@@ -223,6 +238,7 @@ def test_multilabel_explains_every_positive_label_with_sigmoid_probabilities(mul
     labels = by_label.probe.labels
     assert bool((labels.sum(-1) >= 2).any())  # what makes task="auto" multilabel
     assert by_label.runner.task == "multilabel"
+    assert by_label.records.shortcut is None  # the alarm needs one class per image: switched off, with a warning
     z = scores_of(module, by_label.probe.images)
     result = by_label.last_results["gradtoken"]
     expected = [set(torch.nonzero(row).flatten().tolist()) or {int(s.argmax())}

@@ -1,5 +1,6 @@
-"""Shortcut statistic and alarm: known answers on constructed maps, the alarm's state machine, and on trained
-tiny models the statistic telling a model that learned a spurious cue from one that learned the objects."""
+"""Shortcut check and alarm: known answers of the transplant check and the agreement statistic on constructed
+inputs, the alarm's state machine and wording, and on trained tiny models the check telling a model that learned
+a spurious cue from one that learned the objects, in a real fit with every logger."""
 
 from __future__ import annotations
 
@@ -8,16 +9,23 @@ import math
 import pytest
 import torch
 
-from lightning_xai.callbacks.shortcut import (
+from lightning_xai.shortcut import (
     DEFAULT_FRACTION,
     DEFAULT_PATIENCE,
+    DEFAULT_REGION,
     DEFAULT_THRESHOLD,
     ShortcutAlarm,
     energy_distribution,
     object_drift,
     object_share,
+    paste,
     shortcut_score,
+    top_regions,
+    transplant_check,
+    transplant_pairs,
 )
+
+AGREEMENT_LEVEL = 0.4  # the agreement statistic's former alarm level (8x its chance level), kept as a reference
 
 
 def blobs(centres, size=32, sigma=1.5) -> torch.Tensor:
@@ -140,14 +148,162 @@ def test_object_drift_counts_a_falling_object_share_only_while_accuracy_rises():
         object_drift(shares, accuracy[:3])
 
 
+# ------------------------------------------------------------------------------------------ transplant check
+
+
+class MarkReader(torch.nn.Module):
+    """A real (hand-built) classifier that reads only the demo data's cue: logit ``k`` = how much the pixels of
+    class ``k``'s mark (of ``kind``) look like that mark (minus the mean squared difference); so it follows the
+    mark wherever the mark's class puts it, and nothing else."""
+
+    def __init__(self, kind: str, num_classes: int = 4, size: int = 32):
+        super().__init__()
+        from lightning_xai.demos import add_cue, cue_region
+
+        blank = torch.zeros(num_classes, 3, size, size)
+        self.register_buffer("marks", add_cue(blank, list(range(num_classes)), kind))  # (K, 3, H, W)
+        self.register_buffer("where", torch.stack([cue_region(size, kind, k) for k in range(num_classes)]))
+
+    def forward(self, images):  # (B, 3, H, W) -> (B, K)
+        diff = (images[:, None] - self.marks[None]) ** 2 * self.where[None, :, None]
+        return -diff.sum((2, 3, 4)) / self.where.sum((1, 2))[None]
+
+
+def _cue_batch(kind: str, carriers: int = 4, count: int = 8):
+    """``count`` texture images of classes ``arange % 4``, the first ``carriers`` with their class's mark; their
+    classes, masks, and maps that point at the mark (carriers) or at the object (the others)."""
+    from lightning_xai.demos import SyntheticObjects, add_cue, cue_region
+
+    images, labels, masks = SyntheticObjects(count, 32, "texture", num_classes=4, seed=3).batch(count)
+    images[:carriers] = add_cue(images[:carriers], labels[:carriers], kind)
+    maps = masks.float().clone()
+    for i in range(carriers):
+        maps[i] = cue_region(32, kind, int(labels[i])).float() + 0.1 * masks[i].float()
+    return images, labels, masks, maps
+
+
+def test_top_regions_take_the_top_fraction_of_each_map():
+    maps = torch.rand(3, 2, 10, 10)
+    regions = top_regions(maps, 0.05)
+    assert regions.shape == (3, 10, 10) and (regions.sum((1, 2)) == 5).all()
+    threshold = maps[:, 0].flatten(1).topk(5).values[:, -1]
+    assert ((maps[:, 0] >= threshold[:, None, None]) == regions).all()
+    with pytest.raises(ValueError, match="fraction"):
+        top_regions(maps, 1.0)
+
+
+def test_paste_takes_the_region_from_the_donor_and_the_rest_from_the_recipient():
+    images = torch.arange(3.0)[:, None, None, None].expand(3, 3, 4, 4).clone()  # image b is all b
+    regions = torch.zeros(3, 4, 4, dtype=torch.bool)
+    regions[2, :2, :2] = True
+    out = paste(images, regions, torch.tensor([2]), torch.tensor([0]))
+    assert (out[0][:, :2, :2] == 2).all() and out[0].sum() == 2 * 3 * 4
+    moved = paste(images, regions, torch.tensor([2]), torch.tensor([0]), shifts=torch.tensor([[2, 2]]))
+    assert (moved[0][:, 2:, 2:] == 2).all() and (moved[0][:, :2, :2] == 0).all()
+
+
+def test_pairs_leave_out_the_donors_class_among_recipients():
+    classes, predictions = torch.tensor([0, 0, 1, 2]), torch.tensor([0, 1, 1, 2])
+    donors, recipients = transplant_pairs(classes, predictions)
+    pairs = set(zip(donors.tolist(), recipients.tolist(), strict=True))
+    # probe 1 is explained for 0 but predicted 1: donor 2 (class 1) may not count it; donors 0 and 1 may not either
+    assert pairs == {(0, 2), (0, 3), (1, 2), (1, 3), (2, 0), (2, 3), (3, 0), (3, 1), (3, 2)}
+
+
+def test_a_fixed_place_mark_carries_its_class_into_every_recipient():
+    model = MarkReader("colour").eval()
+    images, labels, _, maps = _cue_batch("colour", carriers=8)
+    result = transplant_check(model, images, maps, labels, DEFAULT_REGION, control=True, chunk=5)
+    assert result.rate == pytest.approx(1.0) and torch.allclose(result.probe_rates, torch.ones(8))
+    assert len(result.flips()) == len(result.donors) == 8 * 6  # every pair of different classes
+    donor, recipient, before, after = result.strongest()
+    assert before == labels[recipient] and after == labels[donor]
+    assert result.control_rate < 0.2  # moved elsewhere, the mark carries nothing: it is tied to its place
+
+
+def test_a_mark_whose_place_encodes_the_class_is_caught_and_object_pieces_are_not():
+    """The agreement statistic misses a cue whose place depends on the class; the transplant check does not."""
+    model = MarkReader("position").eval()
+    images, labels, _, maps = _cue_batch("position", carriers=4)
+    result = transplant_check(model, images, maps, labels[:, None])
+    assert (result.probe_rates[:4] >= 0.5).all() and (result.probe_rates[4:] == 0).all(), result.probe_rates
+    assert result.probes_above(0.5) == [0, 1, 2, 3] and result.rate >= 0.3
+    assert shortcut_score(maps, labels).score < AGREEMENT_LEVEL
+
+
+def test_transplant_check_without_pairs_is_undefined_and_bad_input_is_refused():
+    model = MarkReader("colour").eval()
+    images, labels, _, maps = _cue_batch("colour")
+    same = transplant_check(model, images, maps, torch.zeros(8, dtype=torch.long), control=True)
+    assert math.isnan(same.rate) and torch.isnan(same.probe_rates).all() and same.flips() == []
+    assert same.strongest() is None and math.isnan(same.control_rate)
+    with pytest.raises(ValueError, match="same B, H and W"):
+        transplant_check(model, images, maps[:, :16], labels)
+    with pytest.raises(ValueError, match="chunk"):
+        transplant_check(model, images, maps, labels, chunk=0)
+
+
+def test_check_shortcut_audits_a_model_outside_training_and_leaves_it_as_it_was(tiny_vit):
+    import lightning_xai as lx
+
+    model = MarkReader("colour")  # no ViT: maps must be given
+    images, labels, _, maps = _cue_batch("colour", carriers=8)
+    check = lx.check_shortcut(model, images, maps=maps, targets=labels)
+    assert check.rate == pytest.approx(1.0) and check.suspicious and check.explanation is None
+    assert check.flipped_pairs[0][3] == labels[check.flipped_pairs[0][0]] and check.regions.shape == (8, 32, 32)
+    tiny_vit.train()
+    before = {k: v.clone() for k, v in tiny_vit.state_dict().items()}
+    audit = lx.check_shortcut(tiny_vit, torch.randn(6, 3, 32, 32), targets=torch.arange(6) % 3)
+    assert tiny_vit.training and all(torch.equal(v, tiny_vit.state_dict()[k]) for k, v in before.items())
+    assert all(p.grad is None for p in tiny_vit.parameters())
+    assert audit.explanation.maps.shape == (6, 1, 32, 32) and 0.0 <= audit.rate <= 1.0
+    assert audit.agreement.region.shape == (32, 32)
+
+
+def test_evidence_and_region_pictures_say_what_they_show():
+    from lightning_xai.demos import MEAN, STD
+    from lightning_xai.render import line_height
+    from lightning_xai.shortcut.pictures import evidence_caption, evidence_picture, region_caption, region_picture
+
+    model = MarkReader("colour").eval()
+    images, labels, _, maps = _cue_batch("colour", carriers=8)
+    result = transplant_check(model, images, maps, labels)
+    names = ["h", "v", "d", "c"]
+    picture = evidence_picture(images, result, mean=MEAN, std=STD, class_names=names)
+    donor, recipient, before, after = result.strongest()
+    assert picture.dtype == "uint8" and picture.shape[1] > 3 * 96 and picture.shape[0] > 96 + 3 * line_height()
+    assert evidence_caption(3, 5, 7, 2) == "pasting this region of probe 3 into probe 5 turns its prediction from " \
+                                            "'7' into '2'"
+    assert f"'{names[before]}' into '{names[after]}'" in evidence_caption(donor, recipient, before, after, names)
+    # the pasted tile differs from the recipient's exactly where the region is (plus the outline)
+    clean = transplant_check(model, images, maps, labels)
+    clean.after[:] = -1  # nothing flipped: no evidence to show
+    assert evidence_picture(images, clean) is None
+    score = shortcut_score(maps, labels)
+    region = region_picture(score, rate=0.25)
+    bare = region_picture(score, caption=False)
+    assert region.shape[0] > bare.shape[0] and region.shape[1] == bare.shape[1]
+    legend = region_caption(score, 0.25)
+    assert "mean map of the probes" in legend and "top 5%" in legend and "transplant rate 0.25" in legend
+
+
 def test_alarm_fires_after_patience_consecutive_epochs_once_per_run():
     alarm = ShortcutAlarm("gradtoken", threshold=0.4, patience=3)
     fired = [alarm.update(e, s) for e, s in enumerate([0.5, 0.6, 0.1, 0.5, 0.45, 0.7, 0.9, 0.9, 0.1, 0.9, 0.9, 0.9])]
     events = [(e, f) for e, f in enumerate(fired) if f is not None]
     assert [e for e, _ in events] == [5] and alarm.fired_at == 5
     event = events[0][1]
-    assert event.method == "gradtoken" and event.scores == [0.5, 0.45, 0.7] and event.epoch == 5
+    assert event.method == "gradtoken" and event.rates == [0.5, 0.45, 0.7] and event.epoch == 5
     assert "gradtoken" in event.message() and "epoch 5" in event.message()
+    assert "for 3 explained epochs" in event.message()
+
+
+def test_alarm_message_reads_right_for_any_patience():
+    one = ShortcutAlarm("gradtoken", threshold=0.2, patience=1).update(4, 0.5, probes=[2])
+    assert "for 1 explained epoch;" in one.message() and "epochs" not in one.message().split("probes")[0]
+    two = ShortcutAlarm("gradtoken", threshold=0.2, patience=2)
+    two.update(3, 0.3)
+    assert "for 2 explained epochs;" in two.update(4, 0.4).message()
 
 
 def test_undefined_epochs_break_the_streak_and_the_threshold_is_inclusive():
@@ -226,12 +382,12 @@ def test_the_cue_model_leans_on_the_cue(cue_model):
     assert val > 0.8 and test < val - 0.25, (val, test)
 
 
-def test_statistic_fires_on_the_cue_model_and_not_on_the_clean_model(cue_model, texture_model):
+def test_agreement_tells_the_fixed_place_cue_model_from_the_clean_model(cue_model, texture_model):
     from lightning_xai.demos import cue_region
 
     cue, cue_object, _, _ = _probe_statistic(*cue_model)
     clean, clean_object, _, _ = _probe_statistic(*texture_model)
-    assert cue.score >= DEFAULT_THRESHOLD > clean.score, (cue.score, clean.score)
+    assert cue.score >= AGREEMENT_LEVEL > clean.score, (cue.score, clean.score)
     # the agreed region of the cue model is where the mark is (the patch holding it), and the maps leave the object
     mark_cell = torch.zeros(32, 32, dtype=torch.bool)
     mark_cell[:4, :4] = True
@@ -241,16 +397,7 @@ def test_statistic_fires_on_the_cue_model_and_not_on_the_clean_model(cue_model, 
     # eight probes (the callback's default) are enough to tell them apart
     few_cue, *_ = _probe_statistic(*cue_model, count=8)
     few_clean, *_ = _probe_statistic(*texture_model, count=8)
-    assert few_cue.score >= DEFAULT_THRESHOLD > few_clean.score, (few_cue.score, few_clean.score)
-
-
-def test_alarm_on_the_cue_model_names_the_probes_on_the_mark(cue_model):
-    score, _, _, result = _probe_statistic(*cue_model, count=16)
-    alarm = ShortcutAlarm("gradtoken", patience=2)
-    events = [alarm.update(epoch, score.score, score.probes_above(DEFAULT_THRESHOLD)) for epoch in (3, 4)]
-    assert events[0] is None and events[1] is not None
-    carriers = [i for i in range(16) if cue_model[1].val_set.has_cue(i)]
-    assert set(events[1].probes) <= set(range(16)) and len(set(events[1].probes) & set(carriers)) >= 8
+    assert few_cue.score >= AGREEMENT_LEVEL > few_clean.score, (few_cue.score, few_clean.score)
 
 
 # ------------------------------------------------------------------------------- the alarm in a real fit
@@ -259,7 +406,7 @@ def test_alarm_on_the_cue_model_names_the_probes_on_the_mark(cue_model):
 def _fit_with_monitor(model_and_data, tmp_path, loggers, epochs=2, **monitor_options):
     """Go on training ``model_and_data``'s model (a copy, at a tiny learning rate, on 256 images of its kind of
     data) for ``epochs`` epochs with an ``ExplanationMonitor`` (GradToken, 8 probes); returns the monitor, the
-    trainer and the warnings raised."""
+    trainer and the shortcut warnings raised."""
     import warnings
 
     import lightning.pytorch as pl
@@ -283,7 +430,7 @@ def _fit_with_monitor(model_and_data, tmp_path, loggers, epochs=2, **monitor_opt
     return monitor, trainer, [w for w in caught if "shortcut alarm" in str(w.message)]
 
 
-def test_alarm_scalar_and_picture_reach_tensorboard_wandb_and_png_files(cue_model, tmp_path, monkeypatch):
+def test_alarm_rate_threshold_evidence_and_note_reach_tensorboard_wandb_and_png(cue_model, tmp_path, monkeypatch):
     import glob
     from pathlib import Path
 
@@ -296,33 +443,43 @@ def test_alarm_scalar_and_picture_reach_tensorboard_wandb_and_png_files(cue_mode
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     loggers = [TensorBoardLogger(str(tmp_path), name="tb"), CSVLogger(str(tmp_path), name="csv"),
                WandbLogger(project="lightning-xai-test", save_dir=str(tmp_path), offline=True)]
-    monitor, _, alarms = _fit_with_monitor(cue_model, tmp_path, loggers)
+    monitor, _, alarms = _fit_with_monitor(cue_model, tmp_path, loggers, class_names=cue_model[1].classes)
     wandb.finish()
-    # the warning: once, naming the method, the epoch and the probes concerned
+    # the warning: once, naming the method, the epoch, the patience and the probes concerned
     assert len(alarms) == 1 and alarms[0].category is RuntimeWarning
     text = str(alarms[0].message)
-    assert "'gradtoken'" in text and "epoch 1" in text and "probes concerned: [" in text
-    assert monitor.state_dict()["tracker"]["shortcut_alarms"]["gradtoken"]["fired_at"] == 1
+    assert "'gradtoken'" in text and "epoch 1" in text and "for 2 explained epochs" in text and "probes" in text
+    assert monitor.state_dict()["shortcut_alarms"]["gradtoken"]["fired_at"] == 1
+    threshold = monitor.records.shortcut.threshold
+    assert threshold == DEFAULT_THRESHOLD and monitor.records.shortcut.patience == DEFAULT_PATIENCE == 2
 
     events = EventAccumulator(loggers[0].log_dir, size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     events.Reload()
-    values = [e.value for e in events.Scalars("xai/gradtoken/shortcut")]
-    assert len(values) == 2 and min(values) >= monitor.records.tracker.shortcut[0]
+    rates = [e.value for e in events.Scalars("xai/gradtoken/shortcut_rate")]
+    assert len(rates) == 2 and min(rates) >= threshold
+    assert [e.value for e in events.Scalars("xai/gradtoken/shortcut_threshold")] == pytest.approx([threshold] * 2)
+    assert len(events.Scalars("xai/gradtoken/shortcut_agreement")) == 2
     assert len(events.Images("xai/gradtoken/shortcut_region")) == 2
+    assert len(events.Images("xai/gradtoken/shortcut_evidence")) == 2
     notes = events.Tensors("xai/gradtoken/shortcut_alarm/text_summary")
     assert len(notes) == 1 and b"Shortcut alarm" in notes[0].tensor_proto.string_val[0]
 
     root = Path(loggers[1].log_dir) / "xai"
-    regions = sorted(p.name for p in (root / "gradtoken" / "shortcut_region").glob("*.png"))
-    assert regions == ["epoch_0000.png", "epoch_0001.png"]
+    for kind in ("shortcut_region", "shortcut_evidence"):
+        assert sorted(p.name for p in (root / "gradtoken" / kind).glob("*.png")) == ["epoch_0000.png",
+                                                                                    "epoch_0001.png"]
     assert "Shortcut alarm" in (root / "alerts.md").read_text()
-    assert "xai/gradtoken/shortcut" in (root / "metrics.csv").read_text()
+    metrics = (root / "metrics.csv").read_text()
+    assert "xai/gradtoken/shortcut_rate" in metrics and "xai/gradtoken/shortcut_threshold" in metrics
 
     runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
     files = Path(runs[0]) / "files"
-    assert sum("xai/gradtoken/shortcut_region" in p.as_posix() for p in files.rglob("*.png")) == 2
+    for kind in ("shortcut_region", "shortcut_evidence"):
+        assert sum(f"xai/gradtoken/{kind}" in p.as_posix() for p in files.rglob("*.png")) == 2
     rows = wandb_history(runs[0])
-    assert len([r for r in rows if "xai/gradtoken/shortcut" in r]) == 2
+    assert len([r for r in rows if "xai/gradtoken/shortcut_rate" in r]) == 2
+    assert [r["xai/gradtoken/shortcut_threshold"] for r in rows if "xai/gradtoken/shortcut_threshold" in r] == \
+        pytest.approx([threshold] * 2)
     notes = [r["xai/gradtoken/shortcut_alarm"] for r in rows if "xai/gradtoken/shortcut_alarm" in r]
     assert len(notes) == 1 and "Shortcut alarm" in notes[0]
     alerts = [r.alert for r in wandb_records(runs[0]) if r.WhichOneof("record_type") == "alert"]
@@ -330,10 +487,13 @@ def test_alarm_scalar_and_picture_reach_tensorboard_wandb_and_png_files(cue_mode
 
 
 def test_stop_on_shortcut_ends_training_and_a_clean_model_stays_silent(cue_model, texture_model, tmp_path):
-    _, trainer, alarms = _fit_with_monitor(cue_model, tmp_path / "cue", False, epochs=5, stop_on_shortcut=True)
-    assert len(alarms) == 1 and trainer.current_epoch == 2, trainer.current_epoch  # stopped after epoch 1
+    _, trainer, alarms = _fit_with_monitor(cue_model, tmp_path / "cue", False, epochs=5, stop_on_shortcut=True,
+                                           shortcut_patience=1)
+    assert len(alarms) == 1 and "for 1 explained epoch;" in str(alarms[0].message)
+    assert trainer.current_epoch == 1, trainer.current_epoch  # patience 1: stopped after epoch 0
     monitor, _, alarms = _fit_with_monitor(texture_model, tmp_path / "clean", False)
-    assert alarms == [] and all(v < DEFAULT_THRESHOLD for k, v in monitor.last_scalars.items() if "shortcut" in k)
+    rate = monitor.last_scalars["xai/gradtoken/shortcut_rate"]
+    assert alarms == [] and rate < DEFAULT_THRESHOLD, rate
 
 
 def test_monitor_checks_the_shortcut_options():
@@ -345,7 +505,36 @@ def test_monitor_checks_the_shortcut_options():
         ExplanationMonitor(shortcut_patience=0)
     with pytest.raises(ValueError, match="stop_on_shortcut"):
         ExplanationMonitor(shortcut_alarm=False, stop_on_shortcut=True)
-    assert ExplanationMonitor(shortcut_alarm=False).records.tracker.shortcut is None
+    assert ExplanationMonitor(shortcut_alarm=False).records.shortcut is None
+
+
+def test_probes_of_too_few_classes_are_warned_about_at_fit_start(tmp_path):
+    import warnings
+
+    import lightning.pytorch as pl
+    from conftest import trained_architecture
+
+    from lightning_xai.callbacks import ExplanationMonitor
+    from lightning_xai.callbacks.shortcut import MIN_PAIRS, probe_coverage_warning
+    from lightning_xai.demos import SyntheticDataModule, ViTClassifier
+
+    assert probe_coverage_warning(torch.tensor([0, 1, 2, 3] * 2)) is None  # 48 pairs
+    assert probe_coverage_warning(torch.tensor([0] * 6 + [1] * 2)) is None  # 24 pairs: just enough
+    text = probe_coverage_warning(torch.tensor([0] * 7 + [1]))  # 14 pairs
+    assert "2 class(es)" in text and f"at least {MIN_PAIRS}" in text and "num_probes" in text
+    assert probe_coverage_warning(None) is None and probe_coverage_warning(torch.rand(8, 4)) is None
+
+    data = SyntheticDataModule(family="texture", num_classes=4, image_size=32, num_train=64, num_val=64, seed=0)
+    data.setup("fit")
+    images, labels, _ = data.val_set.batch([0, 4, 8, 12, 16, 20, 24, 1])  # seven of class 0, one of class 1
+    monitor = ExplanationMonitor(methods="gradtoken", probe_images=images, probe_labels=labels)
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1, accelerator="cpu", logger=False,
+                         callbacks=[monitor], enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(tmp_path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(ViTClassifier(num_classes=4, **trained_architecture()), datamodule=data)
+    assert [str(w.message) for w in caught if "pairs of probes of different classes" in str(w.message)]
 
 
 def test_fixed_targets_with_the_alarm_on_warn_that_it_cannot_fire():
@@ -361,29 +550,36 @@ def test_fixed_targets_with_the_alarm_on_warn_that_it_cannot_fire():
             ExplanationMonitor(**options)
 
 
-def test_evolution_tracker_logs_the_statistic_and_keeps_the_alarm_across_a_checkpoint():
-    from lightning_xai.callbacks.evolution import EvolutionTracker
+def test_watch_logs_rate_threshold_and_agreement_and_keeps_the_alarm_across_a_checkpoint():
+    from lightning_xai.callbacks.shortcut import ShortcutWatch
 
-    on_the_spot = squares([(2, 2)] * 8)[:, None]  # (P, 1, H, W): every class on one small spot
-    classes = (torch.arange(8) % 4)[:, None]
-    tracker = EvolutionTracker(shortcut=(0.4, 3))
-    first = tracker.update("gradtoken", 0, 10, on_the_spot, classes=classes)
-    assert first["shortcut"] == pytest.approx(1.0) and not tracker.alarms
-    tracker.update("gradtoken", 1, 20, on_the_spot, classes=classes)
-    resumed = EvolutionTracker(shortcut=(0.4, 3))
-    resumed.load_state_dict(tracker.state_dict())
-    resumed.update("gradtoken", 2, 30, on_the_spot, classes=classes)
+    model = MarkReader("colour").eval()
+    images, labels, _, maps = _cue_batch("colour", carriers=8)
+    maps, classes = maps[:, None], labels[:, None]  # (P, K, H, W), (P, K) as the runner gives them
+    watch = ShortcutWatch(threshold=0.3, patience=3)
+    first = watch.update("gradtoken", 0, images, maps, classes, model)
+    assert first["shortcut_rate"] == pytest.approx(1.0) and first["shortcut_threshold"] == 0.3
+    assert "shortcut_agreement" in first and not watch.alarms
+    watch.update("gradtoken", 1, images, maps, classes, model)
+    resumed = ShortcutWatch(threshold=0.3, patience=3)
+    resumed.load_state_dict(watch.state_dict())
+    resumed.update("gradtoken", 2, images, maps, classes, model)
     assert resumed.alarms["gradtoken"].epoch == 2 and resumed.alarms["gradtoken"].probes == list(range(8))
-    resumed.update("gradtoken", 3, 40, on_the_spot, classes=classes)
+    pictures, notes = resumed.outputs("gradtoken", "ep 2", images, class_name=str, stopping=True)
+    assert set(pictures) == {"xai/gradtoken/shortcut_region", "xai/gradtoken/shortcut_evidence"}
+    assert notes[0][0] == "xai/gradtoken/shortcut_alarm" and "Training was stopped" in notes[0][1]
+    resumed.update("gradtoken", 3, images, maps, classes, model)
     assert not resumed.alarms  # once per run
-    # one class only: no scalar (undefined), and the streak breaks; no classes or no shortcut: nothing at all
-    assert "shortcut" not in resumed.update("gradtoken", 4, 50, on_the_spot, classes=torch.zeros(8, 1).long())
-    assert "shortcut" not in EvolutionTracker().update("c2f", 0, 0, on_the_spot, classes=classes)
+    # one class only: no rate (undefined) but the threshold line, and the streak breaks
+    alone = resumed.update("gradtoken", 4, images, maps, torch.zeros(8, 1).long(), model)
+    assert "shortcut_rate" not in alone and alone["shortcut_threshold"] == 0.3
     with pytest.raises(ValueError, match="threshold"):
-        EvolutionTracker(shortcut=(0.0, 2))
+        ShortcutWatch(threshold=-0.1)
+    with pytest.raises(ValueError, match="fraction"):
+        ShortcutWatch(fraction=0.0)
 
 
-def test_benchmark_judges_alarms_and_held_levels_as_stated():
+def test_benchmark_judges_alarms_lags_and_false_alarms_as_stated():
     import importlib.util
     from pathlib import Path
 
@@ -391,10 +587,25 @@ def test_benchmark_judges_alarms_and_held_levels_as_stated():
     spec = importlib.util.spec_from_file_location("bench_shortcut", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    rows = [dict(epoch=e, score=s) for e, s in enumerate([math.nan, 0.5, 0.3, 0.45, 0.41, 0.9])]
-    assert bench.alarm_epoch(rows, threshold=0.4, patience=2) == 4
-    assert bench.alarm_epoch(rows, threshold=0.5, patience=2) is None
-    assert bench.held_level([math.nan, 0.5, 0.3, 0.45, 0.41, 0.9], patience=2) == pytest.approx(0.41)
+
+    def rows(rates, damage, other):
+        triples = zip(rates, damage, other, strict=True)
+        return [dict(epoch=e, rate=r, damage=d, acc_other=o) for e, (r, d, o) in enumerate(triples)]
+
+    assert bench.alarm_epoch(rows([math.nan, 0.5, 0.3, 0.45, 0.41, 0.9], [0] * 6, [1] * 6), "rate", 0.4, 2) == 4
+    assert bench.alarm_epoch(rows([math.nan, 0.5, 0.3, 0.45, 0.41, 0.9], [0] * 6, [1] * 6), "rate", 0.5, 2) is None
+    on_time = rows([0.0, 0.1, 0.5, 0.6], [0.0, 0.2, 0.5, 0.6], [0.9, 0.6, 0.3, 0.2])  # damage at 1, alarm at 2
+    late = rows([0.0, 0.1, 0.1, 0.5], [0.0, 0.2, 0.5, 0.6], [0.9, 0.6, 0.3, 0.2])  # alarm at 3: lag 2
+    ignored = rows([0.0] * 4, [0.0] * 4, [0.9] * 4)  # a cue run whose model does not follow the cue
+    noisy = rows([0.0, 0.5, 0.0, 0.0], [0.0] * 4, [0.9] * 4)  # a clean run over the threshold once
+    results = [dict(kind="colour90", seed=0, cue=True, rows={"m": on_time}),
+               dict(kind="position90", seed=0, cue=True, rows={"m": late}),
+               dict(kind="colour50", seed=1, cue=True, rows={"m": ignored}),
+               dict(kind="clean", seed=2, cue=False, rows={"m": noisy})]
+    verdict = bench.judge(results, "m", "rate", 0.25, 1)
+    assert (verdict["hits"], verdict["followers"], verdict["late"], verdict["false"], verdict["lags"]) == \
+        (1, 2, ["position90/0"], ["clean/2"], [1, 2]) and not verdict["holds"]
+    assert bench.judge(results[:1], "m", "rate", 0.25, 1)["holds"]
 
 
 def test_shortcut_example_runs_end_to_end(tmp_path, capsys):
@@ -410,3 +621,5 @@ def test_shortcut_example_runs_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "clean run: validation accuracy" in out and "cue run: validation accuracy" in out
     assert timeline.exists() and len(list((tmp_path / "runs").rglob("events.out.tfevents.*"))) == 2
+    # absolute paths, and a TensorBoard command that works from any folder
+    assert f"timeline: {timeline.resolve()}" in out and f"--logdir {(tmp_path / 'runs').resolve()}" in out

@@ -54,13 +54,13 @@ def check_arguments(
 
 
 def check_shortcut_targets(shortcut_alarm: bool, targets: str | int | list[int]) -> None:
-    """Warn when the shortcut alarm is on but can never fire: its statistic compares the maps of probes explained
-    for different classes, and fixed ``targets`` explain every probe for the same first class."""
+    """Warn when the shortcut alarm is on but can never fire: its check pastes each probe's region into the probes
+    explained for other classes, and fixed ``targets`` explain every probe for the same first class."""
     if shortcut_alarm and not isinstance(targets, str):
         rank_zero_warn(
-            f"targets={targets!r} explains every probe for the same class, so the shortcut alarm (which compares "
-            "the maps of probes explained for different classes) can never fire: use targets='pred' or 'label' "
-            "for it, or pass shortcut_alarm=False", category=UserWarning)
+            f"targets={targets!r} explains every probe for the same class, so the shortcut alarm (which pastes each "
+            "probe's region into the probes explained for other classes) can never fire: use targets='pred' or "
+            "'label' for it, or pass shortcut_alarm=False", category=UserWarning)
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:

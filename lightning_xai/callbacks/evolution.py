@@ -7,12 +7,9 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_xai.callbacks import keys
-from lightning_xai.callbacks.shortcut import ShortcutAlarm, ShortcutEvent, ShortcutScore, region_picture, shortcut_score
 from lightning_xai.metrics import class_discrimination, deletion_insertion, localization
 
 SIMILARITIES = ("pearson", "cosine")
@@ -88,69 +85,28 @@ class EvolutionTracker:
 
     Holds each method's maps from its previous event so that ``similarity_prev`` compares consecutive events;
     :meth:`state_dict` carries them into checkpoints, so a resumed run goes on comparing with the last event
-    before the interruption. With ``shortcut`` it also holds one :class:`~.shortcut.ShortcutAlarm` per method:
-    each event's shortcut statistic (``docs/methods.md``) becomes the scalar ``shortcut``, and an alarm that
-    fires is left in :attr:`alarms` for the caller to announce.
+    before the interruption. (The shortcut check has its own state: :class:`~.shortcut.ShortcutWatch`.)
 
     Args:
         similarity: ``"pearson"`` or ``"cosine"`` (see :func:`map_similarity`).
-        shortcut: ``None`` (off) or ``(threshold, patience)`` of the shortcut alarm.
     """
 
-    def __init__(self, similarity: str = "pearson", shortcut: tuple[float, int] | None = None) -> None:
+    def __init__(self, similarity: str = "pearson") -> None:
         if similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
         self.similarity = similarity
-        self.shortcut = shortcut
-        if shortcut is not None:
-            ShortcutAlarm("check", *shortcut)  # validates threshold and patience now
         self._previous: dict[str, Tensor] = {}
         self._events: dict[str, tuple[int, int]] = {}
-        self._alarms: dict[str, ShortcutAlarm] = {}
-        self.scores: dict[str, ShortcutScore] = {}
-        """The latest event's shortcut statistic per method (with its agreed region)."""
-        self.alarms: dict[str, ShortcutEvent] = {}
-        """The alarms that fired at the latest event, per method (each method fires once per run)."""
 
-    def update(
-        self, method: str, epoch: int, step: int, maps: Tensor, masks: Tensor | None = None,
-        classes: Tensor | None = None,
-    ) -> dict[str, float]:
+    def update(self, method: str, epoch: int, step: int, maps: Tensor, masks: Tensor | None = None
+               ) -> dict[str, float]:
         """Scalars of ``method``'s maps ``(P, K, H, W)`` at the event ``(epoch, step)``; ``masks`` as in
-        :func:`evolution_scalars`; ``classes`` ``(P, K)``: the class each map explains (the shortcut statistic
-        needs them). Returns ``{name: value}`` (``similarity_prev`` from the second event on; ``shortcut`` when
-        the alarm is on and the probes were explained for at least two classes)."""
+        :func:`evolution_scalars`. Returns ``{name: value}`` (``similarity_prev`` from the second event on)."""
         maps = maps.detach().float().cpu()
         out = evolution_scalars(maps, self._previous.get(method), masks, self.similarity)
         self._previous[method] = maps
         self._events[method] = (int(epoch), int(step))
-        self.alarms.pop(method, None)
-        if self.shortcut is not None and classes is not None:
-            threshold, patience = self.shortcut
-            score = shortcut_score(maps, classes.detach().cpu())
-            self.scores[method] = score
-            if not math.isnan(score.score):
-                out["shortcut"] = score.score
-            alarm = self._alarms.setdefault(method, ShortcutAlarm(method, threshold, patience))
-            event = alarm.update(epoch, score.score, score.probes_above(threshold))
-            if event is not None:
-                self.alarms[method] = event
         return out
-
-    def shortcut_outputs(
-        self, method: str, label: str, cmap: str = "jet", stopping: bool = False
-    ) -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
-        """What the loggers get from ``method``'s shortcut alarm at the latest event: the agreed region's picture,
-        ``{key: uint8 (H, W, 3)}``, and when the alarm fired, a markdown note ``[(key, text)]`` (``label`` names
-        the event; ``stopping``: the caller ends training)."""
-        score, event = self.scores.get(method), self.alarms.get(method)
-        region_key = keys.image_key(method, "shortcut_region")
-        images = {} if score is None else {region_key: region_picture(score, cmap)}
-        if event is None:
-            return images, []
-        stop = " Training was stopped (stop_on_shortcut=True)." if stopping else ""
-        note = f"**Shortcut alarm** ({label}): {event.message()}{stop} See `{region_key}` for where."
-        return images, [(keys.scalar_key("shortcut_alarm", method), note)]
 
     def previous(self, method: str) -> Tensor | None:
         """The maps ``(P, K, H, W)`` of ``method``'s latest event, or ``None``."""
@@ -160,22 +116,12 @@ class EvolutionTracker:
         """Forget every method's previous maps (a new run starts)."""
         self._previous.clear()
         self._events.clear()
-        self._alarms.clear()
-        self.scores.clear()
-        self.alarms.clear()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"previous": dict(self._previous), "events": dict(self._events),
-                "shortcut_alarms": {m: alarm.state_dict() for m, alarm in self._alarms.items()}}
+        return {"previous": dict(self._previous), "events": dict(self._events)}
 
     def load_state_dict(self, state: dict[str, Any], methods: Iterable[str] | None = None) -> None:
         """Restore ``state``; with ``methods``, only the entries of those methods (others are dropped)."""
         keep = None if methods is None else set(methods)
         self._previous = {m: t for m, t in state.get("previous", {}).items() if keep is None or m in keep}
         self._events = {m: tuple(e) for m, e in state.get("events", {}).items() if keep is None or m in keep}
-        self._alarms = {}
-        if self.shortcut is not None:
-            for method, alarm_state in state.get("shortcut_alarms", {}).items():
-                if keep is None or method in keep:
-                    self._alarms[method] = ShortcutAlarm(method, *self.shortcut)
-                    self._alarms[method].load_state_dict(alarm_state)

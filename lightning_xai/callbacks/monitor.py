@@ -29,7 +29,7 @@ from lightning_xai.callbacks.probes import Probe, ProbeSet
 from lightning_xai.callbacks.record_builder import RecordBuilder
 from lightning_xai.callbacks.runner import ProbeRunner
 from lightning_xai.callbacks.schedule import Schedule
-from lightning_xai.callbacks.shortcut import DEFAULT_PATIENCE, DEFAULT_THRESHOLD
+from lightning_xai.callbacks.shortcut import DEFAULT_PATIENCE, DEFAULT_THRESHOLD, ShortcutWatch, probe_coverage_warning
 from lightning_xai.callbacks.sinks import Record, sinks_for
 from lightning_xai.callbacks.step_inputs import StepInputCheck
 from lightning_xai.explainers import Explanation
@@ -110,9 +110,10 @@ class ExplanationMonitor(Callback):
         self.save_raw = save_raw
         self.vit, self.output_transform, self.forward = vit, output_transform, forward
         self.records = RecordBuilder(
-            EvolutionTracker(similarity, (shortcut_threshold, shortcut_patience) if shortcut_alarm else None),
+            EvolutionTracker(similarity),
             Board(cmap=cmap, alpha=alpha, mean=mean, std=std, class_names=class_names,
                   timeline_columns=timeline_columns),
+            ShortcutWatch(shortcut_threshold, shortcut_patience) if shortcut_alarm else None,
             deletion_insertion=deletion_insertion, stop_on_shortcut=stop_on_shortcut)
         self.runner: ProbeRunner | None = None
         """The model side (the module, its ViT, the explainers), built when the run starts."""
@@ -176,6 +177,14 @@ class ExplanationMonitor(Callback):
             self.runner = ranks.shared(runner, trainer.global_rank, trainer.world_size)
         self.records.board.class_names = checks.class_names_for(self.class_names, runner.num_classes,
                                                                 class_labels(pl_module, runner.handle.vit))
+        if self.records.shortcut is not None and runner.task == "multilabel":
+            self.records.shortcut = None
+            rank_zero_warn("lightning-xai: the shortcut alarm is off for this multi-label model: it asks whether a "
+                           "region moves an image's one predicted class to another, which a multi-label head does "
+                           "not have. Pass shortcut_alarm=False to silence this.", category=UserWarning)
+        coverage = probe_coverage_warning(self.probes.probe.labels) if self.records.shortcut is not None else None
+        if coverage is not None:
+            rank_zero_warn(f"lightning-xai: {coverage}", category=UserWarning)
 
     # -- state ------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -12,8 +12,8 @@ from lightning_xai.callbacks.notices import Notices
 from lightning_xai.callbacks.record_builder import RecordBuilder
 from lightning_xai.callbacks.rng import preserved_rng
 from lightning_xai.callbacks.runner import ProbeRunner
-from lightning_xai.callbacks.shortcut import ShortcutEvent
 from lightning_xai.callbacks.sinks import Record, Sink, write_all
+from lightning_xai.shortcut import ShortcutEvent
 
 
 class EventPipeline:

@@ -12,8 +12,9 @@ from lightning_xai.callbacks import keys
 from lightning_xai.callbacks.evolution import EvolutionTracker
 from lightning_xai.callbacks.presentation import Board
 from lightning_xai.callbacks.runner import Outcome, ProbeRunner
-from lightning_xai.callbacks.shortcut import ShortcutEvent
+from lightning_xai.callbacks.shortcut import ShortcutWatch
 from lightning_xai.callbacks.sinks import Record
+from lightning_xai.shortcut import ShortcutEvent
 
 
 class RecordBuilder:
@@ -21,16 +22,17 @@ class RecordBuilder:
     shortcut alarm and timeline history) for checkpoints.
 
     Args:
-        tracker: each method's evolution scalars and shortcut alarm.
+        tracker: each method's evolution scalars.
         board: the pictures and the timeline history.
+        shortcut: each method's shortcut check and alarm (``None``: off).
         deletion_insertion: also compute each method's deletion and insertion AUC (about ``2 * 51`` forwards
             per probe and method).
         stop_on_shortcut: the caller stops training when a shortcut alarm fires (its note says so).
     """
 
-    def __init__(self, tracker: EvolutionTracker, board: Board, *, deletion_insertion: bool = False,
-                 stop_on_shortcut: bool = False) -> None:
-        self.tracker, self.board = tracker, board
+    def __init__(self, tracker: EvolutionTracker, board: Board, shortcut: ShortcutWatch | None = None, *,
+                 deletion_insertion: bool = False, stop_on_shortcut: bool = False) -> None:
+        self.tracker, self.board, self.shortcut = tracker, board, shortcut
         self.deletion_insertion, self.stop_on_shortcut = deletion_insertion, stop_on_shortcut
 
     def fill(self, record: Record, outcome: Outcome, runner: ProbeRunner, probe_tiles: bool = False
@@ -45,16 +47,20 @@ class RecordBuilder:
         record.scalars = runner.probe_scalars(outcome)
         fired = []
         for name, result in outcome.results.items():
-            scalars = self.tracker.update(name, record.epoch, record.step, result.maps, runner.probes.probe.masks,
-                                          classes=result.targets)
+            scalars = self.tracker.update(name, record.epoch, record.step, result.maps, runner.probes.probe.masks)
             if self.deletion_insertion:
                 scalars.update(runner.faithfulness(outcome, name))
+            if self.shortcut is not None:
+                scalars.update(self.shortcut.update(name, record.epoch, outcome.images, result.maps, result.targets,
+                                                    runner.predict))
+                images, alerts = self.shortcut.outputs(
+                    name, record.label, outcome.images, cmap=self.board.cmap, mean=self.board.mean,
+                    std=self.board.std, class_name=self.board.class_name, stopping=self.stop_on_shortcut)
+                record.images.update(images)
+                record.alerts.extend(alerts)
+                if alerts:
+                    fired.append(self.shortcut.alarms[name])
             record.scalars.update({keys.scalar_key(key, name): value for key, value in scalars.items()})
-            images, alerts = self.tracker.shortcut_outputs(name, record.label, self.board.cmap, self.stop_on_shortcut)
-            record.images.update(images)
-            record.alerts.extend(alerts)
-            if alerts:
-                fired.append(self.tracker.alarms[name])
         record.explanations = outcome.results
         labels = runner.label_indices(outcome)
         predictions = outcome.logits.argmax(-1) if labels is not None else None
@@ -70,11 +76,18 @@ class RecordBuilder:
         """A new run: forget every method's history."""
         self.tracker.reset()
         self.board.reset()
+        if self.shortcut is not None:
+            self.shortcut.reset()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"tracker": self.tracker.state_dict(), "board": self.board.state_dict()}
+        state = {"tracker": self.tracker.state_dict(), "board": self.board.state_dict()}
+        if self.shortcut is not None:
+            state["shortcut_alarms"] = self.shortcut.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any], methods: Sequence[str]) -> None:
         """Restore the history of ``methods`` (those of another run's state are dropped)."""
         self.tracker.load_state_dict(state.get("tracker", {}), methods=methods)
         self.board.load_state_dict(state.get("board", {}), methods=list(methods))
+        if self.shortcut is not None:
+            self.shortcut.load_state_dict(state.get("shortcut_alarms", {}), methods=methods)

@@ -163,6 +163,15 @@ class ProbeRunner:
             labels = labels[:, 0]  # BCE targets (P, 1)
         return labels if labels.dim() == 1 else None
 
+    def predict(self, images: Tensor) -> Tensor:
+        """The model's log-probabilities ``(N, num_classes)`` for ``images`` ``(N, C, H, W)`` (on the model's device
+        and dtype, as the probes of :meth:`run`), through the forward the explanations use, without gradients, in
+        eval mode: what the shortcut check runs its transplanted images through. Their softmax is the task's
+        probabilities (for a one-logit binary head ``[1 - p, p]``; a softmax of its scores ``[-z, z]`` would be
+        ``sigmoid(2z)``)."""
+        with explanation_mode(self.module), torch.no_grad():
+            return self.handle.log_probabilities(self.handle.logits(images))
+
     def probe_scalars(self, outcome: Outcome) -> dict[str, float]:
         """``xai/target_probability`` (the mean probability of the explained classes) and, with labels:
         ``xai/probe_accuracy`` (multiclass: argmax = label; binary: ``z > 0`` = label, the argmax of the scores

@@ -1,263 +1,142 @@
-"""Shortcut alarm: notice, from the probe maps alone, that a model has started to look at a spurious cue.
-
-A spurious cue (a watermark, a hospital tag, a ruler, a border artefact) sits at the *same place* on every
-image and serves *several classes*, while real objects move from image to image. So when the maps of probes
-that the model explains for *different* classes keep landing on one small patch of the image, the model is
-reading something that does not move with the object. The statistic (``docs/methods.md``, "Shortcut
-statistic") measures that as the share of each probe's map energy that falls inside the small region where
-the maps of the probes of the *other* classes agree.
-
-Everything here is a pure function of tensors, batched over probes (no loop over images), plus
-:class:`ShortcutAlarm`, a small state machine that turns one number per explained epoch into an alarm
-raised once per run. Nothing here needs Lightning.
-"""
+"""The callback's side of the shortcut check: at each explanation event, run the transplant check of
+:mod:`lightning_xai.shortcut` on the probes with the runner's forward, keep each method's alarm (and its state for
+checkpoints), and say what the loggers get. The analysis itself lives in :mod:`lightning_xai.shortcut`, whose
+names are re-exported here for imports written before it moved."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = [
-    "DEFAULT_FRACTION",
-    "DEFAULT_PATIENCE",
-    "DEFAULT_THRESHOLD",
-    "ShortcutAlarm",
-    "ShortcutEvent",
-    "ShortcutScore",
-    "energy_distribution",
-    "object_drift",
-    "object_share",
-    "region_picture",
-    "shortcut_score",
-]
+from lightning_xai.callbacks import keys
+from lightning_xai.shortcut import *  # noqa: F403 - the analysis's names, importable from here as before
+from lightning_xai.shortcut import (
+    DEFAULT_PATIENCE,
+    DEFAULT_REGION,
+    DEFAULT_THRESHOLD,
+    ShortcutAlarm,
+    ShortcutEvent,
+    ShortcutScore,
+    TransplantResult,
+    shortcut_score,
+    transplant_check,
+)
+from lightning_xai.shortcut import __all__ as _analysis
+from lightning_xai.shortcut.pictures import evidence_picture, region_picture
 
-#: Size of the agreed region, as a fraction of the image's pixels ("the top few percent").
-DEFAULT_FRACTION = 0.05
-#: Alarm level of the statistic (chance level for maps spread evenly: ``DEFAULT_FRACTION``).
-DEFAULT_THRESHOLD = 0.4
-#: Consecutive explained epochs at or above the threshold before the alarm fires.
-DEFAULT_PATIENCE = 2
+__all__ = [*_analysis, "MIN_PAIRS", "ShortcutWatch", "probe_coverage_warning"]
 
-
-def energy_distribution(maps: Tensor) -> Tensor:
-    """Each map as a distribution of energy over its pixels: ``(..., H, W) -> (..., H*W)``, rows sum to 1.
-
-    Energy is the positive part of the map (as for ``energy_pointing_game``); a map with no positive
-    value counts as spread evenly.
-    """
-    flat = maps.flatten(-2).double().clamp_min(0)
-    total = flat.sum(-1, keepdim=True)
-    uniform = torch.full_like(flat, 1.0 / flat.shape[-1])
-    return torch.where(total > 0, flat / total.clamp_min(1e-300), uniform)
+#: Fewest pairs of probes of different classes the alarm's rate is measured on (8 probes over 4 classes give 48;
+#: see the README's "Shortcut alarm" for what was measured).
+MIN_PAIRS = 24
 
 
-def _top_region(mean_maps: Tensor, fraction: float) -> Tensor:
-    """Bool mask of the ``ceil(fraction * N)`` largest pixels of each row of ``(G, N)``; ties by lower index."""
-    count = max(1, math.ceil(fraction * mean_maps.shape[-1]))
-    index = mean_maps.topk(count, dim=-1, sorted=False).indices
-    return torch.zeros_like(mean_maps, dtype=torch.bool).scatter_(-1, index, True)
+def probe_coverage_warning(labels: Tensor | None) -> str | None:
+    """What is wrong with the probes for the shortcut alarm, or ``None``: ``labels`` ``(P,)`` class indices of the
+    drawn probes (other label layouts and ``None`` are not judged). The rate is a share of the pairs ``(i, j)``
+    of probes of different classes; with fewer than :data:`MIN_PAIRS` of them one pair moves it by more than 4 %
+    and the alarm is a coin toss (or, with one class only, never fires)."""
+    if labels is None or labels.dim() != 1 or labels.dtype.is_floating_point:
+        return None
+    counts = torch.unique(labels, return_counts=True)[1]
+    pairs = int(len(labels) ** 2 - (counts**2).sum())
+    if pairs >= MIN_PAIRS:
+        return None
+    return (f"the {len(labels)} probes cover {len(counts)} class(es) (counts {counts.tolist()}), which gives "
+            f"{pairs} pairs of probes of different classes; the shortcut alarm's rate needs at least {MIN_PAIRS} "
+            f"(e.g. 8 probes over 3 classes or more): raise num_probes, pass probe_images covering more classes, or "
+            f"pass shortcut_alarm=False")
 
 
-@dataclass
-class ShortcutScore:
-    """The shortcut statistic of one method at one epoch.
-
-    Attributes:
-        score: the statistic, a float in ``[0, 1]``; ``nan`` when the probes were explained for fewer than
-            two classes (nothing to compare across).
-        shares: ``(P,)`` each probe's share of energy in the region agreed by the other classes' probes
-            (``nan`` for a probe whose class is the only one).
-        classes: ``(P,)`` the class each probe's map was explained for (its group).
-        mean_map: ``(H, W)`` class-balanced mean of all probes' energy distributions (sums to 1).
-        region: ``(H, W)`` bool, the top ``fraction`` of ``mean_map``: where the probes agree.
-        fraction: the region's size as a fraction of the pixels (the statistic's chance level).
-    """
-
-    score: float
-    shares: Tensor
-    classes: Tensor
-    mean_map: Tensor
-    region: Tensor
-    fraction: float
-
-    def probes_above(self, threshold: float) -> list[int]:
-        """Indices of the probes whose share is at least ``threshold``."""
-        return [int(i) for i in torch.nonzero(self.shares >= threshold).flatten()]
-
-
-def shortcut_score(maps: Tensor, classes: Tensor, fraction: float = DEFAULT_FRACTION) -> ShortcutScore:
-    """The mask-free shortcut statistic of one method's probe maps.
-
-    For each probe ``p`` explained for class ``c_p``, with ``q_p`` its map's energy distribution:
-
-    1. ``m_c`` = mean of ``q`` over the probes of class ``c`` (class means, so a frequent class does not
-       dominate);
-    2. ``R_p`` = the top ``fraction`` of the pixels of the mean of ``m_c`` over the classes ``c != c_p``:
-       where the probes of the *other* classes agree;
-    3. ``s_p = sum(q_p[R_p])``, the share of probe ``p``'s energy in that region;
-    4. ``score`` = mean over the classes of the mean of ``s_p`` over the class's probes.
-
-    A map spread evenly scores ``fraction``; maps that all sit on one spot smaller than the region score
-    near 1 wherever that spot is; maps that follow objects at different places score near ``fraction``, and
-    maps of objects that often sit in one place but cover more than the region score in between.
+class ShortcutWatch:
+    """Each method's shortcut check and alarm across explanation events.
 
     Args:
-        maps: ``(P, H, W)`` or ``(P, K, H, W)`` maps (only target ``0`` is used: the other targets of a
-            probe share its image, so they would agree with it for any model).
-        classes: ``(P,)`` or ``(P, K)`` int class each map explains (with ``targets="pred"``: the prediction).
-        fraction: size of the agreed region as a fraction of the pixels, in ``(0, 1)``.
-
-    Returns:
-        a :class:`ShortcutScore`.
-    """
-    if maps.dim() == 4:
-        maps = maps[:, 0]
-    if classes.dim() == 2:
-        classes = classes[:, 0]
-    if maps.dim() != 3 or classes.shape != maps.shape[:1]:
-        raise ValueError(f"maps must be (P, H, W) or (P, K, H, W) and classes (P,) or (P, K); got "
-                         f"{tuple(maps.shape)} and {tuple(classes.shape)}")
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
-    height, width = maps.shape[-2:]
-    dist = energy_distribution(maps)  # (P, N)
-    classes = classes.to(dist.device).long()
-    _, group = torch.unique(classes, return_inverse=True)  # (P,) in 0..G-1
-    onehot = torch.nn.functional.one_hot(group).to(dist.dtype)  # (P, G)
-    count = onehot.sum(0)  # (G,)
-    class_means = (onehot.T @ dist) / count[:, None]  # (G, N)
-    groups = class_means.shape[0]
-    balanced = class_means.mean(0)  # (N,)
-    region = _top_region(balanced[None], fraction)[0]
-    if groups < 2:
-        shares = torch.full((maps.shape[0],), math.nan, dtype=torch.float32)
-        return ShortcutScore(math.nan, shares, classes.cpu(), balanced.view(height, width).float().cpu(),
-                             region.view(height, width).cpu(), fraction)
-    others = (class_means.sum(0, keepdim=True) - class_means) / (groups - 1)  # (G, N): mean of the other classes
-    regions = _top_region(others, fraction)  # (G, N)
-    shares = (dist * regions[group]).sum(-1)  # (P,)
-    per_class = (onehot.T @ shares) / count  # (G,)
-    return ShortcutScore(float(per_class.mean()), shares.float().cpu(), classes.cpu(),
-                         balanced.view(height, width).float().cpu(), region.view(height, width).cpu(), fraction)
-
-
-def region_picture(score: ShortcutScore, cmap: str = "jet", size: int = 128) -> np.ndarray:
-    """Where the probes agree, as a picture: the class-balanced mean map (scaled to its maximum, coloured with
-    ``cmap``) with the agreed region's pixels outlined in white; uint8 ``(H', W', 3)``, the longer side about
-    ``size`` pixels (nearest-neighbour upscaling, so each map pixel stays a sharp square)."""
-    from lightning_xai.render import colorize
-
-    mean = score.mean_map / score.mean_map.max().clamp_min(1e-12)
-    picture = colorize(mean[None], cmap)[0]  # (H, W, 3)
-    region = score.region.numpy()
-    padded = np.pad(region, 1)
-    edge = region & ~(padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])
-    picture[edge] = 255
-    factor = max(1, size // max(region.shape))
-    return picture.repeat(factor, 0).repeat(factor, 1)
-
-
-def object_share(maps: Tensor, masks: Tensor) -> Tensor:
-    """Share of each map's energy inside its object: ``(P, [K,] H, W)`` maps and ``(P, H, W)`` masks -> ``(P,)``.
-
-    Only target ``0`` of each probe is used, as in :func:`shortcut_score`.
-    """
-    if maps.dim() == 4:
-        maps = maps[:, 0]
-    if masks.dim() == 4:
-        masks = masks[:, 0]
-    if masks.shape != maps.shape:
-        raise ValueError(f"masks {tuple(masks.shape)} do not match maps {tuple(maps.shape)} (P, H, W)")
-    dist = energy_distribution(maps)
-    return (dist * masks.flatten(-2).to(dist.device, dist.dtype)).sum(-1).float().cpu()
-
-
-def object_drift(object_shares: Tensor, accuracies: Tensor) -> Tensor:
-    """The with-masks signal over explained epochs: how far the share of map energy inside the objects has
-    fallen from its best epoch so far, counted only while the probe accuracy is above its value at that epoch.
-
-    Args:
-        object_shares: ``(T,)`` mean :func:`object_share` of the probes at each explained epoch.
-        accuracies: ``(T,)`` probe accuracy at the same epochs.
-
-    Returns:
-        ``(T,)`` in ``[0, 1]``: ``1 - share_t / share_best`` where ``best`` is the epoch ``<= t`` with the highest
-        share, when ``accuracy_t > accuracy_best``; ``0`` otherwise (the model did not get better, or the
-        share did not fall).
-    """
-    shares, accuracy = object_shares.double(), accuracies.double()
-    if shares.dim() != 1 or shares.shape != accuracy.shape:
-        raise ValueError(f"object_shares and accuracies must both be (T,); got {tuple(shares.shape)} and "
-                         f"{tuple(accuracy.shape)}")
-    best, where = shares.cummax(0)
-    fall = (1 - shares / best.clamp_min(1e-12)).clamp_min(0)
-    return torch.where(accuracy > accuracy[where], fall, torch.zeros_like(fall)).float()
-
-
-@dataclass
-class ShortcutEvent:
-    """An alarm: ``method``'s statistic stayed at or above ``threshold`` for ``patience`` explained epochs
-    ending at ``epoch``; ``scores`` are those epochs' values, ``probes`` the probes concerned at ``epoch``."""
-
-    method: str
-    epoch: int
-    scores: list[float]
-    threshold: float
-    patience: int
-    probes: list[int] = field(default_factory=list)
-
-    def message(self) -> str:
-        values = ", ".join(f"{s:.2f}" for s in self.scores)
-        return (f"shortcut alarm for {self.method!r} at epoch {self.epoch}: the maps of probes explained for "
-                f"different classes have agreed on one small region for {self.patience} explained epochs "
-                f"(statistic {values} >= {self.threshold:.2f}); probes concerned: {self.probes}. The model may be "
-                f"reading a spurious cue at a fixed place (a watermark, a tag, a border) instead of the objects.")
-
-
-class ShortcutAlarm:
-    """Fires once per run when a statistic stays at or above ``threshold`` for ``patience`` consecutive
-    explained epochs. An epoch whose statistic is ``nan`` (undefined) breaks the streak.
-
-    Example:
-        >>> alarm = ShortcutAlarm("gradtoken", threshold=0.3, patience=2)
-        >>> [alarm.update(epoch, s) is not None for epoch, s in enumerate([0.1, 0.4, 0.5, 0.6])]
-        [False, False, True, False]
+        threshold: alarm level of the transplant rate, in ``[0, 1]`` (``0``: fires at the first event whose rate
+            is defined; for trying the wiring).
+        patience: consecutive explained events at or above it before the alarm fires.
+        fraction: each probe's region, as a fraction of the pixels.
     """
 
-    def __init__(self, method: str, threshold: float = DEFAULT_THRESHOLD, patience: int = DEFAULT_PATIENCE):
-        if not 0.0 < float(threshold) < 1.0:
-            raise ValueError(f"shortcut threshold must be in (0, 1), got {threshold}")
-        if int(patience) < 1 or int(patience) != patience:
-            raise ValueError(f"shortcut patience must be a positive int, got {patience}")
-        self.method, self.threshold, self.patience = method, float(threshold), int(patience)
-        self.streak: list[float] = []
-        self.fired_at: int | None = None
+    def __init__(self, threshold: float = DEFAULT_THRESHOLD, patience: int = DEFAULT_PATIENCE,
+                 fraction: float = DEFAULT_REGION) -> None:
+        ShortcutAlarm("check", threshold, patience)  # validates threshold and patience now
+        if not 0.0 < float(fraction) < 1.0:
+            raise ValueError(f"the shortcut region fraction must be in (0, 1), got {fraction}")
+        self.threshold, self.patience, self.fraction = float(threshold), int(patience), float(fraction)
+        self._alarms: dict[str, ShortcutAlarm] = {}
+        self.checks: dict[str, TransplantResult] = {}
+        """The latest event's transplant check per method."""
+        self.agreements: dict[str, ShortcutScore] = {}
+        """The latest event's agreement statistic per method."""
+        self.alarms: dict[str, ShortcutEvent] = {}
+        """The alarms that fired at the latest event, per method (each method fires once per run)."""
 
-    @property
-    def fired(self) -> bool:
-        return self.fired_at is not None
+    def update(self, method: str, epoch: int, images: Tensor, maps: Tensor, classes: Tensor,
+               predict: Callable[[Tensor], Tensor]) -> dict[str, float]:
+        """Check ``method``'s maps ``(P, K, H, W)`` of the probes ``images`` ``(P, C, H, W)`` explained for
+        ``classes`` ``(P, K)``, with ``predict`` (the runner's forward, see
+        :data:`~lightning_xai.shortcut.transplant.PredictFn`). Returns ``shortcut_rate`` and
+        ``shortcut_agreement`` (when defined: the probes were explained for two classes or more) and
+        ``shortcut_threshold`` (always, so that loggers draw it as a line beside the rate)."""
+        transplant = transplant_check(predict, images, maps, classes, self.fraction)
+        agreement = shortcut_score(maps.detach().float().cpu(), classes.detach().cpu())
+        self.checks[method], self.agreements[method] = transplant, agreement
+        out = {"shortcut_threshold": self.threshold}
+        if not math.isnan(transplant.rate):
+            out["shortcut_rate"] = transplant.rate
+        if not math.isnan(agreement.score):
+            out["shortcut_agreement"] = agreement.score
+        alarm = self._alarms.setdefault(method, ShortcutAlarm(method, self.threshold, self.patience))
+        self.alarms.pop(method, None)
+        event = alarm.update(epoch, transplant.rate, transplant.probes_above(self.threshold))
+        if event is not None:
+            self.alarms[method] = event
+        return out
 
-    def update(self, epoch: int, score: float, probes: list[int] | None = None) -> ShortcutEvent | None:
-        """Record ``score`` of explained epoch ``epoch``; return the event the first time the alarm fires."""
-        if math.isnan(score) or score < self.threshold:
-            self.streak = []
-            return None
-        self.streak.append(float(score))
-        if self.fired or len(self.streak) < self.patience:
-            return None
-        self.fired_at = int(epoch)
-        return ShortcutEvent(self.method, int(epoch), self.streak[-self.patience:], self.threshold, self.patience,
-                             list(probes or []))
+    def outputs(self, method: str, label: str, images: Tensor, *, cmap: str = "jet", mean: Any = None,
+                std: Any = None, class_name: Callable[[int], str] | None = None, stopping: bool = False
+                ) -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
+        """What the loggers get from ``method``'s latest check: ``{key: uint8 (H, W, 3)}`` pictures (the region,
+        captioned; the evidence when a pair flipped) and, when the alarm fired, a markdown note ``[(key, text)]``
+        (``label`` names the event; ``stopping``: the caller ends training)."""
+        transplant, agreement = self.checks.get(method), self.agreements.get(method)
+        if transplant is None or agreement is None:
+            return {}, []
+        region_key = keys.image_key(method, "shortcut_region")
+        evidence_key = keys.image_key(method, "shortcut_evidence")
+        pictures = {region_key: region_picture(agreement, cmap, rate=transplant.rate)}
+        evidence = evidence_picture(images, transplant, mean=mean, std=std, class_names=class_name)
+        if evidence is not None:
+            pictures[evidence_key] = evidence
+        event = self.alarms.get(method)
+        if event is None:
+            return pictures, []
+        stop = " Training was stopped (stop_on_shortcut=True)." if stopping else ""
+        note = (f"**Shortcut alarm** ({label}): {event.message()}{stop} See `{evidence_key}` for the strongest pair "
+                f"and `{keys.scalar_key('shortcut_rate', method)}` for the rate.")
+        return pictures, [(keys.scalar_key("shortcut_alarm", method), note)]
+
+    def reset(self) -> None:
+        """A new run: forget every method's alarm and latest check."""
+        self._alarms.clear()
+        self.checks.clear()
+        self.agreements.clear()
+        self.alarms.clear()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "threshold": self.threshold, "patience": self.patience,
-                "streak": list(self.streak), "fired_at": self.fired_at}
+        return {m: alarm.state_dict() for m, alarm in self._alarms.items()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.streak = [float(s) for s in state.get("streak", [])]
-        self.fired_at = state.get("fired_at")
+    def load_state_dict(self, state: dict[str, Any], methods: Iterable[str] | None = None) -> None:
+        """Restore the alarms of ``state`` (of ``methods`` only, when given)."""
+        keep = None if methods is None else set(methods)
+        self._alarms = {}
+        for method, alarm_state in state.items():
+            if keep is None or method in keep:
+                self._alarms[method] = ShortcutAlarm(method, self.threshold, self.patience)
+                self._alarms[method].load_state_dict(alarm_state)

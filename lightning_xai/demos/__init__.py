@@ -4,7 +4,9 @@ every place that trains "the example model" trains the same one on the same data
 """
 
 from lightning_xai.demos.data import (
+    BACKGROUNDS,
     CUE_COLOURS,
+    CUE_KINDS,
     FAMILIES,
     MEAN,
     SHAPE_CLASSES,
@@ -13,13 +15,16 @@ from lightning_xai.demos.data import (
     SyntheticDataModule,
     SyntheticObjects,
     TwoObjectImages,
+    add_cue,
     class_names,
     cue_region,
 )
 from lightning_xai.demos.model import SMALL_VIT, ViTClassifier, create_vit
 
 __all__ = [
+    "BACKGROUNDS",
     "CUE_COLOURS",
+    "CUE_KINDS",
     "FAMILIES",
     "MEAN",
     "SHAPE_CLASSES",
@@ -30,6 +35,7 @@ __all__ = [
     "SyntheticObjects",
     "TwoObjectImages",
     "ViTClassifier",
+    "add_cue",
     "class_names",
     "create_vit",
     "cue_region",

@@ -12,15 +12,26 @@ low-frequency colour field with small distractor marks. Two families of classes:
 Images are deterministic functions of ``(seed, split, index)``, returned normalised with :data:`MEAN` and
 :data:`STD` as ``(3, H, W)`` float32 tensors; masks are ``(H, W)`` bool tensors.
 
-Two options make data for the shortcut alarm (:mod:`lightning_xai.callbacks.shortcut`):
+Options make data for the shortcut alarm (:mod:`lightning_xai.shortcut`):
 
-- ``cue_probability=p``: a *spurious cue*. With probability ``p`` an image carries a small square mark in the
-  top-left corner whose colour is its class's (:data:`CUE_COLOURS`); otherwise no mark. Give the training and
-  validation splits the same ``p`` (one biased source: validation accuracy looks excellent) and test on a
-  cue-free split (``p = 0``) to see the damage. Whether an image carries the mark is drawn from its own
-  random stream, so the rest of the image is the same as without the option.
+- ``cue_probability=p``: a *spurious cue*. With probability ``p`` an image carries a small mark that gives its
+  class away; otherwise no mark. Give the training and validation splits the same ``p`` (one biased source:
+  validation accuracy looks excellent) and test on a cue-free split (``p = 0``) to see the damage. Whether an
+  image carries the mark is drawn from its own random stream, so the rest of the image is the same as without
+  the option. ``cue_kind`` says what the mark is (:data:`CUE_KINDS`):
+
+  - ``"colour"``: a 3 x 3 square in the top-left corner, in its class's colour (:data:`CUE_COLOURS`);
+  - ``"position"``: a white 3 x 3 square along the top edge, at place ``k`` for class ``k`` (its place, not
+    its look, encodes the class);
+  - ``"texture"``: a 6 x 6 black-and-white patch in the bottom-right corner whose pattern is its class's.
+
+  Sizes are for 32 px images and scale with the image. :func:`add_cue` paints any class's mark on a batch
+  (to measure how much a model follows it).
 - ``placement="centre"``: every object sits at the image centre, give or take 1/16 of the side; a clean
   dataset whose objects share one place, which the alarm must not mistake for a cue.
+- ``background="busy"``: many more distractors, among them small patches of every class's texture and
+  shape at random places (as a photo's background holds object-like clutter); a clean dataset whose
+  backgrounds carry class-like pieces unrelated to the label.
 """
 
 from __future__ import annotations
@@ -49,16 +60,67 @@ PLACEMENTS: tuple[str, ...] = ("random", "centre")
 CUE_COLOURS: tuple[tuple[float, float, float], ...] = (
     (1.0, 0.0, 0.0), (0.0, 0.9, 0.0), (0.0, 0.2, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 1.0), (0.0, 1.0, 1.0),
 )
+#: What the spurious cue can be (see the module docstring).
+CUE_KINDS: tuple[str, ...] = ("colour", "position", "texture")
+BACKGROUNDS: tuple[str, ...] = ("default", "busy")
 _CUE_OFFSET, _CUE_SIDE = 1.0, 3.0  # pixels at 32 px, scaled with the image
+_POSITION_STEP = 5.4  # the position cue's places along the top edge, at 32 px: 1, 6.4, ..., 28 for 6 classes
+_TEXTURE_SIDE, _TEXTURE_CELLS = 6.0, 3  # the texture cue: 6 x 6 px, a 3 x 3 grid of black or white cells
+#: The texture cue's pattern per class: 9 bits (row-major 3 x 3 cells, 1 = white), pairwise >= 4 bits apart.
+_TEXTURE_CODES: tuple[int, ...] = (0b101010101, 0b010101010, 0b111000111, 0b000111000, 0b100100100, 0b001011110)
 
 
-def cue_region(image_size: int | Sequence[int]) -> Tensor:
-    """Where the spurious cue is drawn: a ``(H, W)`` bool mask, a small square in the top-left corner
-    (3 x 3 pixels, one pixel in from the edges, at 32 px; scaled with the image's shorter side)."""
-    canvas = _Canvas(*_size(image_size))
-    low, high = _CUE_OFFSET * canvas.scale, (_CUE_OFFSET + _CUE_SIDE) * canvas.scale
-    inside = (canvas.y >= low) & (canvas.y < high) & (canvas.x >= low) & (canvas.x < high)
-    return torch.from_numpy(inside)
+def _square(canvas: _Canvas, top: float, left: float, side: float) -> np.ndarray:
+    """Bool ``(H, W)``: the pixels whose centres lie in the square ``[top, top + side) x [left, left + side)``
+    (in 32-px units, scaled with the image)."""
+    s = canvas.scale
+    return ((canvas.y >= top * s) & (canvas.y < (top + side) * s)
+            & (canvas.x >= left * s) & (canvas.x < (left + side) * s))
+
+
+def _cue(canvas: _Canvas, kind: str, label: int) -> tuple[np.ndarray, np.ndarray]:
+    """Class ``label``'s mark of cue ``kind``: where it is, bool ``(H, W)``, and its RGB values ``(H, W, 3)``
+    in ``[0, 1]`` (meaningful inside the mask only)."""
+    if kind == "colour":
+        mask = _square(canvas, _CUE_OFFSET, _CUE_OFFSET, _CUE_SIDE)
+        return mask, np.broadcast_to(np.asarray(CUE_COLOURS[label]), (*mask.shape, 3))
+    if kind == "position":
+        mask = _square(canvas, _CUE_OFFSET, _CUE_OFFSET + _POSITION_STEP * label, _CUE_SIDE)
+        return mask, np.ones((*mask.shape, 3))
+    if kind == "texture":
+        top = canvas.height / canvas.scale - _CUE_OFFSET - _TEXTURE_SIDE  # in 32-px units
+        left = canvas.width / canvas.scale - _CUE_OFFSET - _TEXTURE_SIDE
+        mask = _square(canvas, top, left, _TEXTURE_SIDE)
+        cell = _TEXTURE_SIDE / _TEXTURE_CELLS * canvas.scale
+        row = np.clip(((canvas.y - top * canvas.scale) // cell).astype(int), 0, _TEXTURE_CELLS - 1)
+        col = np.clip(((canvas.x - left * canvas.scale) // cell).astype(int), 0, _TEXTURE_CELLS - 1)
+        bit = (_TEXTURE_CODES[label] >> (_TEXTURE_CELLS**2 - 1 - (row * _TEXTURE_CELLS + col))) & 1
+        return mask, np.repeat(bit[..., None].astype(float), 3, -1)
+    raise ValueError(f"unknown cue_kind {kind!r}; choose one of {CUE_KINDS}")
+
+
+def cue_region(image_size: int | Sequence[int], kind: str = "colour", label: int = 0) -> Tensor:
+    """Where class ``label``'s spurious cue of ``kind`` is drawn: a ``(H, W)`` bool mask. ``"colour"``: a small
+    square in the top-left corner (3 x 3 pixels, one pixel in from the edges, at 32 px; scaled with the image's
+    shorter side), the same for every class; ``"position"``: the square at place ``label`` along the top edge;
+    ``"texture"``: the 6 x 6 patch in the bottom-right corner."""
+    return torch.from_numpy(_cue(_Canvas(*_size(image_size)), kind, int(label))[0])
+
+
+def add_cue(images: Tensor, classes: Tensor | Sequence[int], kind: str = "colour") -> Tensor:
+    """``images`` ``(B, 3, H, W)`` (normalised with :data:`MEAN`/:data:`STD`) with the cue of ``kind`` of class
+    ``classes[b]`` painted on image ``b`` (another class's mark on an image measures how far a model follows
+    the mark); returns a new tensor, no pixel noise added."""
+    canvas = _Canvas(*images.shape[-2:])
+    out = images.clone()
+    mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
+    for label in {int(c) for c in classes}:  # one mark per class, painted on all that class's images at once
+        mask, values = _cue(canvas, kind, label)
+        rows = torch.tensor([int(c) == label for c in classes])
+        colour = (torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).permute(2, 0, 1) - mean) / std
+        where = torch.from_numpy(mask)
+        out[rows] = torch.where(where, colour.to(out), out[rows])
+    return out
 
 
 def class_names(family: str = "shape", num_classes: int | None = None) -> tuple[str, ...]:
@@ -135,6 +197,22 @@ def _background(rng: np.random.Generator, canvas: _Canvas) -> np.ndarray:
             mark = (np.abs(u) <= 1.0) & (np.abs(v) <= 0.6 * canvas.scale / length)
         image[mark] = colour
     return image
+
+
+def _busy_clutter(rng: np.random.Generator, image: np.ndarray, canvas: _Canvas, family: str,
+                  classes: Sequence[str]) -> None:
+    """More distractors on ``image`` (in place): 8-14 small marks and 2-4 small pieces of random classes' objects
+    (a third of an object's size), at random places, unrelated to the image's label."""
+    h, w = canvas.height, canvas.width
+    for _ in range(int(rng.integers(8, 15))):
+        cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+        radius = rng.uniform(0.8, 2.0) * canvas.scale
+        image[(canvas.y - cy) ** 2 + (canvas.x - cx) ** 2 <= radius**2] = _colour(rng)
+    for _ in range(int(rng.integers(2, 5))):
+        name = classes[int(rng.integers(len(classes)))]
+        radius = rng.uniform(0.18, 0.3) * min(h, w) / 2
+        cy, cx = rng.uniform(radius, h - radius), rng.uniform(radius, w - radius)
+        _paint_object(rng, image, canvas, family, name, cy, cx, radius)
 
 
 def _shape_mask(name: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -219,6 +297,7 @@ def _finish(rng: np.random.Generator, image: np.ndarray) -> Tensor:
 
 
 _CUE_STREAM = 7919  # a fourth seed word: the cue's draw never shifts the image's own random stream
+_CLUTTER_STREAM = 104729  # the busy background's own stream, likewise
 
 
 def _rng(seed: int, split: int, index: int) -> np.random.Generator:
@@ -253,11 +332,14 @@ class SyntheticObjects(Dataset):
         return_mask: ``__getitem__`` returns ``(image, label, mask)`` instead of ``(image, label)``.
         augment: random horizontal flip and a shift of up to 1/16 of the side (torch's global RNG), applied
             in ``__getitem__`` only (``sample``/``batch`` stay deterministic).
-        cue_probability: probability that an image carries the spurious cue, a small mark of its class's colour
-            in the top-left corner (:func:`cue_region`, :data:`CUE_COLOURS`); ``0`` (default) = no cue.
-            The mark is drawn over the object, and the mask leaves its pixels out.
+        cue_probability: probability that an image carries the spurious cue, a small mark that gives its class
+            away (:func:`cue_region`); ``0`` (default) = no cue. The mark is drawn over the object, and the mask
+            leaves its pixels out.
         placement: ``"random"`` (default) anywhere in the image, or ``"centre"``: at the centre, give or take
             1/16 of the side.
+        cue_kind: what the cue is, one of :data:`CUE_KINDS` (see the module docstring); default ``"colour"``.
+        background: ``"default"`` or ``"busy"`` (many more distractors, pieces of random classes' objects among
+            them; see the module docstring).
 
     ``__getitem__`` returns ``image (3, H, W)`` float32 normalised with :data:`MEAN`/:data:`STD`, ``label``
     (int tensor) and optionally ``mask (H, W)`` bool.
@@ -275,6 +357,8 @@ class SyntheticObjects(Dataset):
         augment: bool = False,
         cue_probability: float = 0.0,
         placement: str = "random",
+        cue_kind: str = "colour",
+        background: str = "default",
     ):
         if int(num_samples) < 1:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
@@ -285,8 +369,8 @@ class SyntheticObjects(Dataset):
         self.image_size = _size(image_size)
         self.return_mask, self.augment = return_mask, augment
         self.cue_probability, self.placement = _check_cue_and_placement(cue_probability, placement)
+        self.cue_kind, self.background = _check_kinds(cue_kind, background)
         self._canvas = _Canvas(*self.image_size)
-        self._cue_region = cue_region(self.image_size)
 
     @property
     def num_classes(self) -> int:
@@ -305,6 +389,10 @@ class SyntheticObjects(Dataset):
         rng = _rng(self.seed, _SPLITS[self.split], index)
         canvas, label = self._canvas, self.label(index)
         image = _background(rng, canvas)
+        if self.background == "busy":
+            clutter = np.random.default_rng(np.random.SeedSequence([self.seed, _SPLITS[self.split], index,
+                                                                    _CLUTTER_STREAM]))
+            _busy_clutter(clutter, image, canvas, self.family, self.classes)
         side = min(canvas.height, canvas.width)
         radius = rng.uniform(0.30, 0.55) * side / 2
         if self.placement == "centre":  # same number of draws as "random": the rest of the image is unchanged
@@ -316,8 +404,8 @@ class SyntheticObjects(Dataset):
             cx = rng.uniform(radius + 1, canvas.width - radius - 1)
         mask = _paint_object(rng, image, canvas, self.family, self.classes[label], cy, cx, radius)
         if self.has_cue(index):
-            cue = self._cue_region.numpy()
-            image[cue] = CUE_COLOURS[label]
+            cue, values = _cue(canvas, self.cue_kind, label)
+            image[cue] = values[cue]
             mask = mask & ~cue  # the mask is the object that is still visible
         return _finish(rng, image), label, torch.from_numpy(mask)
 
@@ -348,6 +436,14 @@ def _check_cue_and_placement(cue_probability: float, placement: str) -> tuple[fl
     if placement not in PLACEMENTS:
         raise ValueError(f"unknown placement {placement!r}; choose one of {PLACEMENTS}")
     return float(cue_probability), placement
+
+
+def _check_kinds(cue_kind: str, background: str) -> tuple[str, str]:
+    if cue_kind not in CUE_KINDS:
+        raise ValueError(f"unknown cue_kind {cue_kind!r}; choose one of {CUE_KINDS}")
+    if background not in BACKGROUNDS:
+        raise ValueError(f"unknown background {background!r}; choose one of {BACKGROUNDS}")
+    return cue_kind, background
 
 
 def _augment(image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -433,6 +529,7 @@ class SyntheticDataModule(pl.LightningDataModule):
             source); the test set (``num_test`` images of the ``"test"`` split) never has it, so
             evaluating on it shows what the cue cost. See :class:`SyntheticObjects`.
         placement: where objects sit in every split, ``"random"`` or ``"centre"``.
+        cue_kind, background: as in :class:`SyntheticObjects` (``background`` in every split).
 
     Example:
         >>> data = SyntheticDataModule(family="texture", num_classes=4)
@@ -456,6 +553,8 @@ class SyntheticDataModule(pl.LightningDataModule):
         cue_probability: float = 0.0,
         placement: str = "random",
         num_test: int = 512,
+        cue_kind: str = "colour",
+        background: str = "default",
     ):
         super().__init__()
         self.classes = class_names(family, num_classes)
@@ -466,6 +565,7 @@ class SyntheticDataModule(pl.LightningDataModule):
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.val_return_mask, self.augment = val_return_mask, augment
         self.cue_probability, self.placement = _check_cue_and_placement(cue_probability, placement)
+        self.cue_kind, self.background = _check_kinds(cue_kind, background)
         self.train_set: SyntheticObjects | None = None
         self.val_set: SyntheticObjects | None = None
         self.test_set: SyntheticObjects | None = None
@@ -476,8 +576,8 @@ class SyntheticDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         common = dict(image_size=self.image_size, family=self.family, num_classes=len(self.classes), seed=self.seed,
-                      placement=self.placement)
-        biased = dict(common, cue_probability=self.cue_probability)
+                      placement=self.placement, background=self.background)
+        biased = dict(common, cue_probability=self.cue_probability, cue_kind=self.cue_kind)
         if self.train_set is None:
             self.train_set = SyntheticObjects(self.num_train, split="train", augment=self.augment, **biased)
         if self.val_set is None:

@@ -1,0 +1,84 @@
+"""The shortcut alarm's state machine: one transplant rate per explained event in, an alarm raised once per run
+out (when the rate held at or above a threshold for ``patience`` consecutive explained events)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Alarm level of the transplant rate (see ``docs/methods.md``, "Shortcut statistic", for how it was measured).
+DEFAULT_THRESHOLD = 0.25
+#: Consecutive explained events with the rate at or above the threshold before the alarm fires.
+DEFAULT_PATIENCE = 2
+
+
+def explained_epochs(count: int) -> str:
+    """``"1 explained epoch"``, ``"2 explained epochs"``."""
+    return f"{count} explained epoch{'' if count == 1 else 's'}"
+
+
+@dataclass
+class ShortcutEvent:
+    """An alarm: ``method``'s transplant rate stayed at or above ``threshold`` for ``patience`` explained epochs
+    ending at ``epoch``; ``rates`` are those epochs' values, ``probes`` the donor probes whose own rate reached
+    the threshold at ``epoch``."""
+
+    method: str
+    epoch: int
+    rates: list[float]
+    threshold: float
+    patience: int
+    probes: list[int] = field(default_factory=list)
+
+    def message(self) -> str:
+        values = ", ".join(f"{r:.2f}" for r in self.rates)
+        return (f"shortcut alarm for {self.method!r} at epoch {self.epoch}: pasting the small region each probe's "
+                f"map points at into the probes of other classes turned their prediction into the donor's class in "
+                f"a share of the pairs at or above {self.threshold:.2f} ({values}) for "
+                f"{explained_epochs(self.patience)}; probes whose region carries their class: {self.probes}. The "
+                f"model may be reading a spurious cue (a watermark, a tag, a border mark) instead of the objects.")
+
+
+class ShortcutAlarm:
+    """Fires once per run when the rate stays at or above ``threshold`` for ``patience`` consecutive explained
+    events. An event whose rate is ``nan`` (undefined: the probes were explained for one class) breaks the streak.
+
+    Example:
+        >>> alarm = ShortcutAlarm("gradtoken", threshold=0.3, patience=2)
+        >>> [alarm.update(epoch, s) is not None for epoch, s in enumerate([0.1, 0.4, 0.5, 0.6])]
+        [False, False, True, False]
+    """
+
+    def __init__(self, method: str, threshold: float = DEFAULT_THRESHOLD, patience: int = DEFAULT_PATIENCE):
+        if not 0.0 <= float(threshold) <= 1.0:
+            raise ValueError(f"shortcut threshold must be in [0, 1] (a share of pairs), got {threshold}")
+        if int(patience) < 1 or int(patience) != patience:
+            raise ValueError(f"shortcut patience must be a positive int, got {patience}")
+        self.method, self.threshold, self.patience = method, float(threshold), int(patience)
+        self.streak: list[float] = []
+        self.fired_at: int | None = None
+
+    @property
+    def fired(self) -> bool:
+        return self.fired_at is not None
+
+    def update(self, epoch: int, rate: float, probes: list[int] | None = None) -> ShortcutEvent | None:
+        """Record ``rate`` of explained epoch ``epoch``; return the event the first time the alarm fires."""
+        if math.isnan(rate) or rate < self.threshold:
+            self.streak = []
+            return None
+        self.streak.append(float(rate))
+        if self.fired or len(self.streak) < self.patience:
+            return None
+        self.fired_at = int(epoch)
+        return ShortcutEvent(self.method, int(epoch), self.streak[-self.patience:], self.threshold, self.patience,
+                             list(probes or []))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "threshold": self.threshold, "patience": self.patience,
+                "streak": list(self.streak), "fired_at": self.fired_at}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.streak = [float(s) for s in state.get("streak", [])]
+        self.fired_at = state.get("fired_at")

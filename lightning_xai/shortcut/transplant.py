@@ -1,0 +1,218 @@
+"""The causal transplant check: does the small region a probe's map points at carry the probe's class into
+other images, at its place? (``docs/methods.md``, "Shortcut statistic".)
+
+For each probe ``i`` explained for class ``c_i``, its region ``R_i`` is the top ``fraction`` of its map's pixels.
+``R_i``'s pixels of ``x_i`` are pasted, at the same places, into every probe ``j`` whose prediction is neither
+``c_i`` nor explained for ``c_i``; one batched forward (chunked) of those ``B (B - 1)`` images tells which
+predictions move to ``c_i``. The control pastes the same pixels at a random other place of ``x_j``. A pair
+*follows* its donor when the prediction moves to ``c_i`` with the region at its place and not when it is moved:
+a small region that carries its class at its place is what a spurious mark is (a watermark, a tag, a border
+mark), while a piece of an object that carries its class (a texture, a part) does so wherever it sits, and a
+model unsure between classes flips for either paste. Pure functions of tensors plus a ``predict``; no Lightning.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+#: Size of each probe's region, as a fraction of the image's pixels (see ``docs/methods.md`` for how it was chosen).
+DEFAULT_REGION = 0.04
+#: Images per forward of the transplanted batch.
+DEFAULT_CHUNK = 256
+
+PredictFn = Callable[[Tensor], Tensor]
+"""``predict(images (N, C, H, W)) -> logits (N, num_classes)``: the model's forward without gradients, in eval
+mode (the callback hands its probe runner's; outside training a :class:`~lightning_xai.handle.ModelHandle`)."""
+
+
+def top_regions(maps: Tensor, fraction: float = DEFAULT_REGION) -> Tensor:
+    """Bool ``(B, H, W)``: each map's ``ceil(fraction * H * W)`` largest pixels (ties by lower index).
+
+    ``maps`` is ``(B, H, W)`` or ``(B, K, H, W)`` (target ``0`` is used).
+    """
+    if maps.dim() == 4:
+        maps = maps[:, 0]
+    if maps.dim() != 3:
+        raise ValueError(f"maps must be (B, H, W) or (B, K, H, W), got {tuple(maps.shape)}")
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"the region fraction must be in (0, 1), got {fraction}")
+    flat = maps.flatten(1).float()
+    count = max(1, math.ceil(fraction * flat.shape[1]))
+    index = flat.topk(count, dim=1).indices
+    return torch.zeros_like(flat, dtype=torch.bool).scatter_(1, index, True).view(maps.shape)
+
+
+@dataclass
+class TransplantResult:
+    """What the transplant check found on one batch of probes.
+
+    Attributes:
+        rate: share of the pairs that follow their donor: the prediction became the donor's class with the region
+            at its place, and (with the control) not with the region moved; ``nan`` without any pair (the probes
+            were all explained for one class).
+        probe_rates: ``(B,)`` per donor probe, the share of its pairs that follow it (``nan`` for a probe with no
+            recipient).
+        regions: ``(B, H, W)`` bool, each probe's region (the top ``fraction`` of its map).
+        classes: ``(B,)`` the class each probe's map explains (the donor's class).
+        predictions: ``(B,)`` each probe's prediction before any transplant.
+        donors, recipients: ``(M,)`` the pairs tried: donor ``i``'s region pasted into recipient ``j``.
+        after: ``(M,)`` the recipient's prediction after the transplant (region at its place).
+        gains: ``(M,)`` rise of the donor class's probability on the recipient.
+        fraction: the regions' size as a fraction of the pixels.
+        moved: ``(M,)`` the recipient's prediction with the region pasted at a random other place (``None``
+            without the control).
+    """
+
+    rate: float
+    probe_rates: Tensor
+    regions: Tensor
+    classes: Tensor
+    predictions: Tensor
+    donors: Tensor
+    recipients: Tensor
+    after: Tensor
+    gains: Tensor
+    fraction: float
+    moved: Tensor | None = None
+
+    @property
+    def flipped(self) -> Tensor:
+        """``(M,)`` bool: the pairs that follow their donor (see :attr:`rate`)."""
+        follows = self.after == self.classes[self.donors]
+        return follows if self.moved is None else follows & (self.moved != self.classes[self.donors])
+
+    @property
+    def raw_rate(self) -> float:
+        """Share of the pairs whose prediction became the donor's class with the region at its place (without
+        the control's condition); ``nan`` without any pair."""
+        return float((self.after == self.classes[self.donors]).float().mean()) if len(self.donors) else math.nan
+
+    @property
+    def control_rate(self) -> float | None:
+        """Share of the pairs whose prediction became the donor's class with the region moved elsewhere
+        (``None`` without the control, ``nan`` without any pair)."""
+        if self.moved is None:
+            return None
+        return float((self.moved == self.classes[self.donors]).float().mean()) if len(self.donors) else math.nan
+
+    def flips(self) -> list[tuple[int, int, int, int]]:
+        """The flipped pairs as ``(donor i, recipient j, prediction before, prediction after)``, strongest
+        (largest rise of the donor class's probability) first."""
+        chosen = torch.nonzero(self.flipped).flatten()
+        chosen = chosen[self.gains[chosen].argsort(descending=True)]
+        return [(int(self.donors[m]), int(self.recipients[m]), int(self.predictions[self.recipients[m]]),
+                 int(self.after[m])) for m in chosen]
+
+    def strongest(self) -> tuple[int, int, int, int] | None:
+        """The flipped pair with the largest rise of the donor class's probability, or ``None``."""
+        flips = self.flips()
+        return flips[0] if flips else None
+
+    def probes_above(self, threshold: float) -> list[int]:
+        """The donor probes whose own rate is at least ``threshold``."""
+        return [int(i) for i in torch.nonzero(self.probe_rates >= threshold).flatten()]
+
+
+def transplant_pairs(classes: Tensor, predictions: Tensor) -> tuple[Tensor, Tensor]:
+    """Donor and recipient indices ``(M,)`` of every pair ``(i, j)`` with ``i != j`` whose recipient is neither
+    explained for nor predicted as the donor's class: ``classes`` ``(B,)`` (what each map explains) and
+    ``predictions`` ``(B,)``."""
+    eligible = (classes[:, None] != classes[None, :]) & (predictions[None, :] != classes[:, None])
+    donors, recipients = torch.nonzero(eligible, as_tuple=True)
+    return donors, recipients
+
+
+def paste(images: Tensor, regions: Tensor, donors: Tensor, recipients: Tensor,
+          shifts: Tensor | None = None) -> Tensor:
+    """``(M, C, H, W)``: recipient ``images[recipients[m]]`` with the pixels of ``regions[donors[m]]`` taken from
+    ``images[donors[m]]``; with ``shifts`` ``(M, 2)``, donor and region are rolled by ``(dy, dx)`` first (the
+    region moved to another place)."""
+    donor_images, masks = images[donors], regions[donors][:, None]
+    if shifts is not None:
+        rows = torch.arange(images.shape[-2], device=images.device)
+        cols = torch.arange(images.shape[-1], device=images.device)
+        y = (rows[None, :] - shifts[:, :1].to(images.device)) % images.shape[-2]  # (M, H)
+        x = (cols[None, :] - shifts[:, 1:].to(images.device)) % images.shape[-1]  # (M, W)
+        m = torch.arange(len(donors), device=images.device)[:, None, None]
+        donor_images = donor_images.permute(0, 2, 3, 1)[m, y[:, :, None], x[:, None, :]].permute(0, 3, 1, 2)
+        masks = masks[:, 0][m, y[:, :, None], x[:, None, :]][:, None]
+    return torch.where(masks.to(images.device), donor_images, images[recipients])
+
+
+def _predict_chunked(predict: PredictFn, images: Tensor, regions: Tensor, donors: Tensor, recipients: Tensor,
+                     chunk: int, num_classes: int, shifts: Tensor | None = None) -> Tensor:
+    """Softmax ``(M, num_classes)`` of every transplanted image, built and run ``chunk`` pairs at a time."""
+    out = [torch.zeros(0, num_classes)]
+    for start in range(0, len(donors), chunk):
+        part = slice(start, start + chunk)
+        batch = paste(images, regions, donors[part], recipients[part], None if shifts is None else shifts[part])
+        out.append(predict(batch).float().softmax(-1).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def transplant_check(
+    predict: PredictFn,
+    images: Tensor,
+    maps: Tensor,
+    classes: Tensor,
+    fraction: float = DEFAULT_REGION,
+    *,
+    chunk: int = DEFAULT_CHUNK,
+    control: bool = True,
+    seed: int = 0,
+) -> TransplantResult:
+    """The transplant check on probes ``images`` ``(B, C, H, W)`` (as the model takes them) with their maps
+    ``(B, [K,] H, W)`` and the classes ``(B,)`` or ``(B, K)`` those maps explain (target ``0`` of each is used).
+
+    Args:
+        predict: ``images -> logits``, run without gradients in eval mode (see :data:`PredictFn`).
+        fraction: each region's size as a fraction of the pixels, in ``(0, 1)``.
+        chunk: transplanted images per forward.
+        control: also paste each region at a random other place (a shift of a quarter to three quarters of the
+            side, wrapping around; another forward of the same size; ``seed`` draws the places), and count a pair
+            only when its region carries the class at its place and not there. ``False``: the raw rate.
+
+    Returns:
+        a :class:`TransplantResult`.
+    """
+    if maps.dim() == 4:
+        maps = maps[:, 0]
+    if classes.dim() == 2:
+        classes = classes[:, 0]
+    if images.dim() != 4 or maps.shape[0] != images.shape[0] or maps.shape[-2:] != images.shape[-2:] \
+            or classes.shape != maps.shape[:1]:
+        raise ValueError(f"images must be (B, C, H, W), maps (B, [K,] H, W) of the same B, H and W, and classes (B,) "
+                         f"or (B, K); got {tuple(images.shape)}, {tuple(maps.shape)} and {tuple(classes.shape)}")
+    if int(chunk) < 1:
+        raise ValueError(f"chunk must be a positive int, got {chunk}")
+    regions = top_regions(maps, fraction).to(images.device)
+    classes = classes.detach().long().cpu()
+    before = predict(images).float().softmax(-1).cpu()
+    predictions = before.argmax(-1)
+    donors, recipients = transplant_pairs(classes, predictions)
+    probs = _predict_chunked(predict, images, regions, donors, recipients, int(chunk), before.shape[-1])
+    after, target = probs.argmax(-1), classes[donors]
+    gains = probs.gather(1, target[:, None])[:, 0] - before[recipients].gather(1, target[:, None])[:, 0]
+    moved = None
+    if control:
+        generator = torch.Generator().manual_seed(int(seed))
+        height, width = images.shape[-2:]
+        low = torch.tensor([height // 4, width // 4])
+        shifts = low + (torch.rand(len(donors), 2, generator=generator) * (torch.tensor([height, width]) // 2 + 1)
+                        ).long()
+        moved = _predict_chunked(predict, images, regions, donors, recipients, int(chunk), before.shape[-1],
+                                 shifts).argmax(-1)
+    result = TransplantResult(math.nan, torch.full((len(images),), math.nan), regions.cpu(), classes, predictions,
+                              donors, recipients, after, gains, float(fraction), moved)
+    follows = result.flipped.float()
+    counts = torch.zeros(len(images)).index_add_(0, donors, torch.ones(len(donors)))
+    hits = torch.zeros(len(images)).index_add_(0, donors, follows)
+    result.probe_rates = torch.where(counts > 0, hits / counts.clamp_min(1), result.probe_rates)
+    result.rate = float(follows.mean()) if len(donors) else math.nan
+    return result
