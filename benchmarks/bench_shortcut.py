@@ -25,7 +25,15 @@ no clean run; the lag is ``alarm epoch - first epoch with damage >= 0.10``.
     python benchmarks/bench_shortcut.py --quick                        # one seed, one cue and one clean kind
 
 Each run took 10-16 minutes with one thread on a shared, busy 2-core machine (GradToken and C2F); run (kind, seed)
-pairs as separate processes (``OMP_NUM_THREADS=1 nice``, two at a time) and merge their JSON with ``--load``.
+pairs as separate processes (``OMP_NUM_THREADS=1 nice``) and merge their JSON with ``--load``.
+
+Faster, to compare statistics: ``--save FOLDER`` trains without explaining (the damage per epoch, each epoch's
+weights, the probes and the damage images under ``FOLDER/<kind>_<seed>/``; 0.6-1.9 minutes a run on the same
+machine, the same weights as a run with the recorder), then ``benchmarks/eval_shortcut.py FOLDER/*/ --results
+benchmarks/results/shortcut`` explains and checks every saved epoch and writes the runs that ``--load`` reads:
+
+    python benchmarks/bench_shortcut.py --save /tmp/sc_ckpt                # 8 kinds x 3 seeds, weights only
+    python benchmarks/eval_shortcut.py /tmp/sc_ckpt/*/ --results benchmarks/results/shortcut
 """
 
 from __future__ import annotations

@@ -323,6 +323,8 @@ def test_check_shortcut_audits_a_model_outside_training_and_leaves_it_as_it_was(
     check = lx.check_shortcut(model, images, maps=maps, targets=labels)
     assert check.rate == pytest.approx(1.0) and check.suspicious and check.explanation is None
     assert check.flipped_pairs[0][3] == labels[check.flipped_pairs[0][0]] and check.regions.shape == (8, 32, 32)
+    stamps = lx.check_shortcut(model, images, maps=maps, targets=labels, recurrence=True)  # two marks per class
+    assert check.transplant.recurs is None and stamps.transplant.recurs.all() and stamps.rate == check.rate
     tiny_vit.train()
     before = {k: v.clone() for k, v in tiny_vit.state_dict().items()}
     audit = lx.check_shortcut(tiny_vit, torch.randn(6, 3, 32, 32), targets=torch.arange(6) % 3)
