@@ -19,7 +19,14 @@ Candidates (each a share of the pairs ``(i, j)``: donor ``i``'s region ``R_i`` p
 - ``occlw_<fill>``: ``old`` and the neutral fill does not turn ``j`` into ``c_i``;
 - ``conc``: ``old`` and the donor's next region (its top ``2q`` minus top ``q``) pasted at its place does not
   turn ``j`` into ``c_i`` -- the class sits in a small compact region;
-- the library's own ``transplant_check`` rate (``lib``), to check the one the callback logs.
+- ``stamp1``, ``core``, ``half``, ``placed``: ``old`` and the donor's region recurs in another probe of its class
+  (nearer than every probe of another class) over the whole region, its top quarter or half, or (``placed``) unless
+  no probe of its class has its own region at that place;
+- ``share<l>``/``sq<l>``: ``old`` and the region holds at least ``l`` of the donor map's (squared) energy.
+
+Each row also holds what ``bench_shortcut.py --load`` summarises: the library's check as the callback runs it
+(``rate8_<q>``, ``raw8_<q>``, ``control8_<q>``; ``rate_0.04`` on all probes), the same with
+``recurrence=True`` (``recur8_<q>``, ``recur_0.04``), the agreement statistic and the damage.
 """
 
 from __future__ import annotations
