@@ -25,7 +25,15 @@ no clean run; the lag is ``alarm epoch - first epoch with damage >= 0.10``.
     python benchmarks/bench_shortcut.py --quick                        # one seed, one cue and one clean kind
 
 Each run took 10-16 minutes with one thread on a shared, busy 2-core machine (GradToken and C2F); run (kind, seed)
-pairs as separate processes (``OMP_NUM_THREADS=1 nice``, two at a time) and merge their JSON with ``--load``.
+pairs as separate processes (``OMP_NUM_THREADS=1 nice``) and merge their JSON with ``--load``.
+
+Faster, to compare statistics: ``--save FOLDER`` trains without explaining (the damage per epoch, each epoch's
+weights, the probes and the damage images under ``FOLDER/<kind>_<seed>/``; 0.6-1.9 minutes a run on the same
+machine, the same weights as a run with the recorder), then ``benchmarks/eval_shortcut.py FOLDER/*/ --results
+benchmarks/results/shortcut`` explains and checks every saved epoch and writes the runs that ``--load`` reads:
+
+    python benchmarks/bench_shortcut.py --save /tmp/sc_ckpt                # 8 kinds x 3 seeds, weights only
+    python benchmarks/eval_shortcut.py /tmp/sc_ckpt/*/ --results benchmarks/results/shortcut
 """
 
 from __future__ import annotations
@@ -129,7 +137,32 @@ class ProbeRecorder(pl.Callback):
         module.train(was_training)
 
 
-def run(kind: str, seed: int, epochs: int, num_train: int, num_probes: int, methods: list[str]) -> dict:
+class CheckpointSaver(pl.Callback):
+    """After each validation epoch: the damage (accuracy without, with its own and with another class's cue) and
+    the model's ``state_dict`` saved to ``folder/epoch{e}.pt``; no explanation in the loop (``--evaluate`` does
+    that afterwards from the saved weights)."""
+
+    def __init__(self, folder: Path, damage: dict):
+        self.folder, self.damage, self.rows = folder, damage, []
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        was_training = module.training
+        module.eval()
+        with torch.no_grad():
+            acc = {k: float((module(self.damage[k]).argmax(-1) == self.damage["labels"]).float().mean())
+                   for k in ("none", "own", "other")}
+        module.train(was_training)
+        epoch = trainer.current_epoch
+        torch.save({k: v.detach().clone() for k, v in module.state_dict().items()}, self.folder / f"epoch{epoch}.pt")
+        self.rows.append(dict(epoch=epoch, acc_none=acc["none"], acc_own=acc["own"], acc_other=acc["other"],
+                              damage=acc["none"] - acc["other"]))
+        print(f"  ep {epoch}  acc none/own/other {acc['none']:.2f}/{acc['own']:.2f}/{acc['other']:.2f}", flush=True)
+
+
+def run(kind: str, seed: int, epochs: int, num_train: int, num_probes: int, methods: list[str],
+        save: Path | None = None) -> dict:
     """Train one model on ``kind`` data; return its per-method per-epoch rows."""
     print(f"\n# {kind}, seed {seed}", flush=True)
     pl.seed_everything(seed, workers=True)
@@ -141,14 +174,24 @@ def run(kind: str, seed: int, epochs: int, num_train: int, num_probes: int, meth
     generator = torch.Generator().manual_seed(1000 + seed)  # the probes: a seeded draw from validation
     indices = torch.randperm(len(data.val_set), generator=generator)[:num_probes]
     probes, _, _ = data.val_set.batch(indices)
-    recorder = ProbeRecorder(probes, damage_images(data, 256), methods)
+    damage = damage_images(data, 256)
+    if save is not None:
+        save.mkdir(parents=True, exist_ok=True)
+        recorder = CheckpointSaver(save, damage)
+    else:
+        recorder = ProbeRecorder(probes, damage, methods)
     module = ViTClassifier(num_classes=NUM_CLASSES, lr=2e-3, warmup_epochs=1, **EXAMPLE_VIT)
     start = time.perf_counter()
     pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                callbacks=[recorder]).fit(module, datamodule=data)
-    return dict(kind=kind, seed=seed, cue=is_cue(kind), rows=recorder.rows, epochs=epochs, num_train=num_train,
-                minutes=(time.perf_counter() - start) / 60)
+    out = dict(kind=kind, seed=seed, cue=is_cue(kind), rows=recorder.rows, epochs=epochs, num_train=num_train,
+               minutes=(time.perf_counter() - start) / 60)
+    if save is not None:
+        torch.save(dict(probes=probes, labels=data.val_set.batch(indices)[1], damage=damage), save / "probes.pt")
+        (save / "run.json").write_text(json.dumps(out))
+        print(f"  saved to {save} in {out['minutes']:.1f} min", flush=True)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ judging
@@ -228,8 +271,10 @@ def summary(results: list[dict], methods: list[str], threshold: float = DEFAULT_
               "highest clean rate | lowest follower rate after damage |")
         print("|---:|---|---:|---:|---|---|---|---|---:|---:|")
         for q in REGIONS:
-            settings = (("8", "rate8_"), ("8 raw", "raw8_")) + ((("all", "rate_"), ("all raw", "raw_"))
-                                                               if q == DEFAULT_REGION else ())
+            settings = (("8", "rate8_"), ("8 raw", "raw8_"), ("8 recurrence", "recur8_")) + (
+                (("all", "rate_"), ("all raw", "raw_"), ("all recurrence", "recur_")) if q == DEFAULT_REGION else ())
+            settings = tuple((n, k) for n, k in settings if all(f"{k}{q}" in row for r in results
+                                                                 for row in r["rows"][method]))
             for probes, prefix in settings:
                 k = f"{prefix}{q}"
                 clean = [row[k] for r in results if not r["cue"] for row in r["rows"][method]
@@ -250,6 +295,11 @@ def summary(results: list[dict], methods: list[str], threshold: float = DEFAULT_
         print(f"\n- {method} (defaults): alarm on {j['hits']} of {j['followers']} runs that follow the cue within one "
               f"epoch of the damage (lags {j['lags']}); missed {j['missed']}, late {j['late']}; false alarms "
               f"{j['false']} -> {'holds' if j['holds'] else 'FAILS'}")
+        if all(f"recur8_{DEFAULT_REGION}" in row for r in results for row in r["rows"][method]):
+            j = judge(results, method, f"recur8_{DEFAULT_REGION}", threshold, patience)
+            print(f"- {method} with recurrence=True: alarm on {j['hits']} of {j['followers']} within one epoch (lags "
+                  f"{j['lags']}); missed {j['missed']}, late {j['late']}; false alarms {j['false']} -> "
+                  f"{'holds' if j['holds'] else 'FAILS'}")
         times = [row["transplant_s"] for r in results for row in r["rows"][method]]
         print(f"- transplant check on 8 probes with its control: {sum(times) / max(1, len(times)) * 1000:.0f} ms "
               f"per check (one thread, shared CPU)")
@@ -267,6 +317,8 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="save the runs here (JSON)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--load", nargs="+", default=None, help="summarise runs saved with --json; train nothing")
+    parser.add_argument("--save", default=None, help="train without explaining: save each epoch's weights, the probes "
+                        "and the damage images under SAVE/<kind>_<seed>/ (for --evaluate)")
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
     parser.add_argument("--patience", type=int, default=DEFAULT_PATIENCE)
     args = parser.parse_args()
@@ -278,14 +330,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     seeds, kinds = (args.seeds[:1], ["colour90", "clean"]) if args.quick else (args.seeds, args.kinds)
     epochs, num_train = (3, 1024) if args.quick else (args.epochs, args.num_train)
+    if args.save:
+        args.json = None
     results = []
     for seed in seeds:
         for kind in kinds:
-            results.append(run(kind, seed, epochs, num_train, args.probes, args.methods))
+            save = Path(args.save) / f"{kind}_{seed}" if args.save else None
+            results.append(run(kind, seed, epochs, num_train, args.probes, args.methods, save))
             if args.json:
                 Path(args.json).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.json).write_text(json.dumps(results))
-    summary(results, args.methods, args.threshold, args.patience)
+    if not args.save:
+        summary(results, args.methods, args.threshold, args.patience)
 
 
 if __name__ == "__main__":

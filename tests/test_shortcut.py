@@ -19,6 +19,7 @@ from lightning_xai.shortcut import (
     object_drift,
     object_share,
     paste,
+    recurring_regions,
     shortcut_score,
     top_regions,
     transplant_check,
@@ -227,8 +228,79 @@ def test_a_mark_whose_place_encodes_the_class_is_caught_and_object_pieces_are_no
     images, labels, _, maps = _cue_batch("position", carriers=4)
     result = transplant_check(model, images, maps, labels[:, None])
     assert (result.probe_rates[:4] >= 0.5).all() and (result.probe_rates[4:] == 0).all(), result.probe_rates
-    assert result.probes_above(0.5) == [0, 1, 2, 3] and result.rate >= 0.3
+    assert result.probes_above(0.5) == [0, 1, 2, 3] and result.rate >= 0.3 and result.recurs is None
     assert shortcut_score(maps, labels).score < AGREEMENT_LEVEL
+
+
+def test_a_region_recurs_when_another_probe_of_its_class_holds_the_same_pixels_there():
+    images = torch.rand(6, 3, 8, 8)
+    classes = torch.tensor([0, 0, 1, 1, 2, 2])
+    regions = torch.zeros(6, 8, 8, dtype=torch.bool)
+    regions[:, :2, :2] = True
+    images[1, :, :2, :2] = images[0, :, :2, :2] + 0.01  # probes 0 and 1 (class 0) share a stamp
+    images[3, :, :2, :2] = images[4, :, :2, :2]  # probe 3 (class 1) shares it with a probe of another class
+    recurs = recurring_regions(images, regions, classes, chunk=7)  # a chunk of one donor at a time
+    assert recurs[:2].tolist() == [True, True] and not recurs[3] and not recurs[4]
+    alone = recurring_regions(images[:3], regions[:3], torch.tensor([0, 0, 1]))
+    assert alone.tolist() == [True, True, False]  # probe 2 has no other probe of its class to recur in
+    with pytest.raises(ValueError, match="same number of pixels"):
+        recurring_regions(images, regions & (torch.rand(6, 8, 8) < 0.5), classes)
+
+
+class CentreStripeReader(torch.nn.Module):
+    """A real (hand-built) classifier that reads only the image's centre, as a model trained on objects that always
+    sit at the centre does: logit ``k`` = minus the mean change of the centre 6 x 6 pixels along direction
+    ``STEPS[k]``; stripes of class ``k`` do not change along it, whatever their colours and phase."""
+
+    STEPS = ((0, 1), (1, 0), (1, 1), (1, -1))  # (dy, dx): along rows, columns, the diagonal, the anti-diagonal
+
+    def forward(self, images):  # (B, 3, H, W) -> (B, K)
+        centre = images[:, :, 13:19, 13:19]
+        return -torch.stack([(centre - images[:, :, 13 + dy:19 + dy, 13 + dx:19 + dx]).abs().mean((1, 2, 3))
+                             for dy, dx in self.STEPS], -1) * 10
+
+
+def _centred_stripes(count: int = 8, seed: int = 0):
+    """``count`` images of classes ``arange % 4``: a 14 x 14 square of stripes (period 3-6 px) at the centre that
+    do not change along ``CentreStripeReader.STEPS[class]``, in two random colours with a random phase (each object
+    differs from the others of its class), on a grey background with pixel noise; maps on the objects' centre."""
+    generator = torch.Generator().manual_seed(seed)
+    classes = torch.arange(count) % 4
+    images = 0.5 + 0.05 * torch.randn(count, 3, 32, 32, generator=generator)
+    y, x = torch.arange(32.0).view(-1, 1), torch.arange(32.0).view(1, -1)
+    across = (y + 0 * x, x + 0 * y, x - y, x + y)  # what each class's stripes change with
+    for b in range(count):
+        period, phase = 3 + 3 * torch.rand(2, generator=generator)
+        on = ((across[int(classes[b])] + phase) % period) < period / 2  # (H, W)
+        first, second = torch.rand(2, 3, 1, 1, generator=generator)
+        images[b, :, 9:23, 9:23] = torch.where(on, first, second)[:, 9:23, 9:23]
+    return images, classes, blobs([(16.0, 16.0)] * count, sigma=3.0)
+
+
+def test_pieces_of_objects_that_always_sit_at_the_centre_follow_at_their_place_unless_they_must_recur():
+    """A model that reads objects at the centre only flips for another object's centre pasted there, and not for
+    that piece moved elsewhere, exactly as for a fixed-place mark: the default check counts nearly every pair (its
+    known false alarm on centred objects); with ``recurrence=True`` a pair counts only when the donor's piece is
+    nearer to another object of its class than to every object of another class, which pieces that differ from
+    object to object are only by chance (here 1 of the 7 other probes is of the donor's class)."""
+    model = CentreStripeReader().eval()
+    default, recurring = [], []
+    for seed in range(10):
+        images, classes, maps = _centred_stripes(8, seed)
+        assert (model(images).argmax(-1) == classes).all()
+        old = transplant_check(model, images, maps, classes)
+        new = transplant_check(model, images, maps, classes, recurrence=True)
+        assert old.control_rate < 0.2 and new.recurs is not None and old.recurs is None
+        assert torch.equal(new.flipped, old.flipped & new.recurs[new.donors])
+        default.append(old.rate)
+        recurring.append(new.rate)
+    chance = 1 / 7
+    assert min(default) >= 0.8 and sum(recurring) / 10 < 1.5 * chance, (default, recurring)
+    # a stamp (the same pixels in every image of its class, at one place) still recurs and still counts
+    images, classes, maps = _centred_stripes(8, 0)
+    images[4:] = images[:4] + 0.01 * torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    stamped = transplant_check(model, images, maps, classes, recurrence=True)
+    assert stamped.recurs.all() and stamped.rate >= 0.8
 
 
 def test_transplant_check_without_pairs_is_undefined_and_bad_input_is_refused():
@@ -251,6 +323,8 @@ def test_check_shortcut_audits_a_model_outside_training_and_leaves_it_as_it_was(
     check = lx.check_shortcut(model, images, maps=maps, targets=labels)
     assert check.rate == pytest.approx(1.0) and check.suspicious and check.explanation is None
     assert check.flipped_pairs[0][3] == labels[check.flipped_pairs[0][0]] and check.regions.shape == (8, 32, 32)
+    stamps = lx.check_shortcut(model, images, maps=maps, targets=labels, recurrence=True)  # two marks per class
+    assert check.transplant.recurs is None and stamps.transplant.recurs.all() and stamps.rate == check.rate
     tiny_vit.train()
     before = {k: v.clone() for k, v in tiny_vit.state_dict().items()}
     audit = lx.check_shortcut(tiny_vit, torch.randn(6, 3, 32, 32), targets=torch.arange(6) % 3)

@@ -87,6 +87,7 @@ def check_shortcut(
     threshold: float = DEFAULT_THRESHOLD,
     chunk: int = DEFAULT_CHUNK,
     control: bool = True,
+    recurrence: bool = False,
     **options: Any,
 ) -> ShortcutCheck:
     """Does ``model`` read a shortcut in ``images``? The transplant check of ``docs/methods.md`` on one batch.
@@ -109,6 +110,9 @@ def check_shortcut(
         chunk: transplanted images per forward.
         control: count a pair only when the region moved elsewhere does not carry the class (``False``: the raw
             rate, half the forwards).
+        recurrence: also count a pair only when the donor's region recurs in another image of its class (a
+            stamp; see :func:`~lightning_xai.shortcut.transplant.recurring_regions`): tells a fixed-place mark
+            from objects that always sit at one place, but needs two images carrying the mark per class.
         **options: the method's options, plus ``vit``, ``output_transform`` and ``forward`` (as for
             :class:`~lightning_xai.handle.ModelHandle`).
 
@@ -148,6 +152,6 @@ def check_shortcut(
             if classes.dim() == 0:
                 classes = classes.expand(len(images))
         transplant = transplant_check(predict, prepared, maps.to(prepared.device), classes, fraction, chunk=chunk,
-                                      control=control)
+                                      control=control, recurrence=recurrence)
     agreement = shortcut_score(maps.detach().float().cpu(), transplant.classes)
     return ShortcutCheck(transplant, agreement, explanation, float(threshold))

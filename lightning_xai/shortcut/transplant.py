@@ -8,7 +8,14 @@ predictions move to ``c_i``. The control pastes the same pixels at a random othe
 *follows* its donor when the prediction moves to ``c_i`` with the region at its place and not when it is moved:
 a small region that carries its class at its place is what a spurious mark is (a watermark, a tag, a border
 mark), while a piece of an object that carries its class (a texture, a part) does so wherever it sits, and a
-model unsure between classes flips for either paste. Pure functions of tensors plus a ``predict``; no Lightning.
+model unsure between classes flips for either paste.
+
+Optional (``recurrence=True``, off by default): a pair also needs the donor's region to *recur*, its pixels at its
+place nearer to another probe of ``c_i`` than to every probe of another class. A mark is a stamp (the same pixels
+at the same place in the images of its class), a piece of an object differs between images of its class, so the
+condition tells a fixed-place mark from objects that always sit at one place (which the moved control cannot);
+but it needs two carriers of the mark among the probes of one class, which 8 probes of a cue on half the images
+rarely give (measured in ``docs/methods.md``). Pure functions of tensors plus a ``predict``; no Lightning.
 """
 
 from __future__ import annotations
@@ -53,8 +60,9 @@ class TransplantResult:
 
     Attributes:
         rate: share of the pairs that follow their donor: the prediction became the donor's class with the region
-            at its place, and (with the control) not with the region moved; ``nan`` without any pair (the probes
-            were all explained for one class).
+            at its place, (with the control) not with the region moved, and (with the recurrence condition) the
+            donor's region recurs in another probe of its class; ``nan`` without any pair (the probes were all
+            explained for one class).
         probe_rates: ``(B,)`` per donor probe, the share of its pairs that follow it (``nan`` for a probe with no
             recipient).
         regions: ``(B, H, W)`` bool, each probe's region (the top ``fraction`` of its map).
@@ -66,6 +74,8 @@ class TransplantResult:
         fraction: the regions' size as a fraction of the pixels.
         moved: ``(M,)`` the recipient's prediction with the region pasted at a random other place (``None``
             without the control).
+        recurs: ``(B,)`` bool, whether each probe's region recurs in another probe of its class
+            (:func:`recurring_regions`; ``None`` without that condition).
     """
 
     rate: float
@@ -79,12 +89,15 @@ class TransplantResult:
     gains: Tensor
     fraction: float
     moved: Tensor | None = None
+    recurs: Tensor | None = None
 
     @property
     def flipped(self) -> Tensor:
         """``(M,)`` bool: the pairs that follow their donor (see :attr:`rate`)."""
         follows = self.after == self.classes[self.donors]
-        return follows if self.moved is None else follows & (self.moved != self.classes[self.donors])
+        if self.moved is not None:
+            follows = follows & (self.moved != self.classes[self.donors])
+        return follows if self.recurs is None else follows & self.recurs[self.donors]
 
     @property
     def raw_rate(self) -> float:
@@ -127,6 +140,39 @@ def transplant_pairs(classes: Tensor, predictions: Tensor) -> tuple[Tensor, Tens
     return donors, recipients
 
 
+def recurring_regions(images: Tensor, regions: Tensor, classes: Tensor, chunk: int = DEFAULT_CHUNK) -> Tensor:
+    """Bool ``(B,)``: whether each probe's region recurs in another probe of its class.
+
+    ``images`` ``(B, C, H, W)``, ``regions`` ``(B, H, W)`` bool with the same number of pixels each (as
+    :func:`top_regions` gives), ``classes`` ``(B,)``. The distance of probe ``k`` to probe ``i``'s region is the
+    mean absolute difference of their pixels over ``R_i`` (all channels, at the same places); ``i``'s region
+    recurs when the nearest other probe of class ``c_i`` is nearer than every probe of another class. ``False``
+    for a probe without another probe of its class (nothing to recur in) or without a probe of another class.
+    """
+    count = int(regions[0].sum())
+    if regions.dim() != 3 or not bool((regions.flatten(1).sum(1) == count).all()):
+        raise ValueError("regions must be (B, H, W) with the same number of pixels in each (see top_regions)")
+    batch = len(images)
+    index = regions.flatten(1).nonzero()[:, 1].view(batch, count)  # (B, n) each region's pixels
+    flat = images.flatten(2)  # (B, C, H*W)
+    classes = classes.to(images.device)
+    nearest_same = torch.full((batch,), math.inf, device=images.device)
+    nearest_other = torch.full((batch,), math.inf, device=images.device)
+    step = max(1, int(chunk) // max(1, batch))
+    for start in range(0, batch, step):  # donors a chunk at a time: (b, B, C, n) differences
+        part = slice(start, start + step)
+        where = index[part][:, None, None, :].expand(-1, batch, flat.shape[1], -1)
+        own = flat[part].gather(2, index[part][:, None, :].expand(-1, flat.shape[1], -1))  # (b, C, n)
+        others = flat[None].expand(where.shape[0], -1, -1, -1).gather(3, where)  # (b, B, C, n)
+        distance = (others - own[:, None]).abs().float().mean((2, 3))  # (b, B)
+        same = classes[None, :] == classes[part, None]
+        itself = torch.arange(batch, device=images.device)[None, :] == torch.arange(start, start + len(own),
+                                                                                     device=images.device)[:, None]
+        nearest_same[part] = torch.where(same & ~itself, distance, math.inf).amin(1)
+        nearest_other[part] = torch.where(~same, distance, math.inf).amin(1)
+    return ((nearest_same < nearest_other) & torch.isfinite(nearest_other)).cpu()
+
+
 def paste(images: Tensor, regions: Tensor, donors: Tensor, recipients: Tensor,
           shifts: Tensor | None = None) -> Tensor:
     """``(M, C, H, W)``: recipient ``images[recipients[m]]`` with the pixels of ``regions[donors[m]]`` taken from
@@ -165,6 +211,7 @@ def transplant_check(
     *,
     chunk: int = DEFAULT_CHUNK,
     control: bool = True,
+    recurrence: bool = False,
     seed: int = 0,
 ) -> TransplantResult:
     """The transplant check on probes ``images`` ``(B, C, H, W)`` (as the model takes them) with their maps
@@ -177,6 +224,9 @@ def transplant_check(
         control: also paste each region at a random other place (a shift of a quarter to three quarters of the
             side, wrapping around; another forward of the same size; ``seed`` draws the places), and count a pair
             only when its region carries the class at its place and not there. ``False``: the raw rate.
+        recurrence: also count a pair only when the donor's region recurs in another probe of its class
+            (:func:`recurring_regions`: a stamp, not a piece of one object); the probes then need two carriers of
+            the mark in one class for a pair to count. Off by default (see the module docstring for why).
 
     Returns:
         a :class:`TransplantResult`.
@@ -208,8 +258,9 @@ def transplant_check(
                         ).long()
         moved = _predict_chunked(predict, images, regions, donors, recipients, int(chunk), before.shape[-1],
                                  shifts).argmax(-1)
+    recurs = recurring_regions(images, regions, classes, int(chunk)) if recurrence else None
     result = TransplantResult(math.nan, torch.full((len(images),), math.nan), regions.cpu(), classes, predictions,
-                              donors, recipients, after, gains, float(fraction), moved)
+                              donors, recipients, after, gains, float(fraction), moved, recurs)
     follows = result.flipped.float()
     counts = torch.zeros(len(images)).index_add_(0, donors, torch.ones(len(donors)))
     hits = torch.zeros(len(images)).index_add_(0, donors, follows)
