@@ -214,5 +214,5 @@ def gae_step(q: Tensor, k: Tensor, v: Tensor, grad: Tensor, scale: float, bias: 
     at ``o`` ``(B, K, H, T, d)`` and the logits' bias (or ``None``): ``(B, K, T, T)``, one block's whole
     matrices at a time."""
     attn = attention_rows(q, k, scale, slice(None), bias)  # (B, H, T, T)
-    grad_attn = grad @ v.unsqueeze(1).transpose(-2, -1)  # (B, K, H, T, T)
-    return (grad_attn * attn.unsqueeze(1)).clamp_min(0).mean(2)
+    weighted = grad @ v.unsqueeze(1).transpose(-2, -1)  # dy/dA (B, K, H, T, T), a fresh tensor: work in place
+    return weighted.mul_(attn.unsqueeze(1)).clamp_min_(0).mean(2)
