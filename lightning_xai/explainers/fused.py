@@ -138,6 +138,16 @@ def attention_rows(q: Tensor, k: Tensor, scale: float, rows: Tensor | slice, bia
     return logits.softmax(-1)
 
 
+def attention_columns(q: Tensor, k: Tensor, scale: float, rows: Tensor | slice, bias: Tensor | None = None) -> Tensor:
+    """:func:`attention_rows` transposed, ``(B, H, T, R)``: ``k (q_rows * scale)^T (+ bias_rows^T)``, softmax over
+    the keys (dim -2). For a few rows this reads the recorded ``k`` as it lies, where ``q_rows k^T`` would first
+    copy ``k^T``."""
+    logits = k @ (q[:, :, rows] * scale).transpose(-2, -1)
+    if bias is not None:
+        logits = logits + bias.float()[:, :, rows].transpose(-2, -1)
+    return logits.softmax(-2)
+
+
 def attention_matrix(record: QKVRecord, index: int) -> Tensor:
     """The whole attention matrix of recorded block ``index``, ``(B, H, T, T)``."""
     return attention_rows(record.q[index], record.k[index], record.scale[index], slice(None), record.logit_bias(index))
@@ -173,7 +183,8 @@ def readout_contribution_fused(
     """GradToken's per-block contribution (METHODS.md) from ``q, k, v`` and the gradient at ``o``:
     ``c_i = relu( Σ_h Σ_q w_q A[h, q, P+i] · G[h, q, P+i] )`` with ``G = (dy/do) v^T``, computed as
     ``Σ_h Σ_d v[h, P+i, d] · M[h, P+i, d]``, ``M = A_rows^T (w ⊙ dy/do_rows)``, over the readout rows in
-    chunks, so that no ``(B, K, H, R, T)`` tensor is formed.
+    chunks, so that no ``(B, K, H, R, T)`` tensor is formed; ``A_rows^T`` is formed as it is used
+    (:func:`attention_columns`).
 
     Args:
         q, k, v: ``(B, H, T, d)``.
@@ -187,11 +198,11 @@ def readout_contribution_fused(
     """
     total = None
     for rows, weights in chunks:
-        a = attention_rows(q, k, scale, rows, bias)[..., prefix:]  # (B, H, c, N)
+        a = attention_columns(q, k, scale, rows, bias)[:, :, prefix:]  # (B, H, N, c)
         g = grad[:, :, :, rows]  # (B, K, H, c, d)
         if weights is not None:
             g = g * weights.to(grad)[:, None]
-        part = a.unsqueeze(1).transpose(-2, -1) @ g  # (B, K, H, N, d)
+        part = a.unsqueeze(1) @ g  # (B, K, H, N, d)
         total = part if total is None else total + part
     return (total * v[:, None, :, prefix:]).sum((2, 4)).clamp_min(0)
 
