@@ -10,8 +10,10 @@ The fused-path table times the attention methods on the fused path (the model's 
 ``q, k, v`` recorded, rows recomputed) and on the recorded-attention path (probabilities in the graph),
 interleaved with a training step (forward and backward with parameter gradients) of the same batch, and
 judges issue 17's targets. Each explainer is built once and called every round, as the callbacks do; one
-extra row times GradToken through ``lx.explain``, which builds the explainer at every call. Ratios are given
-in wall-clock time and in the process's CPU time (which leaves out waiting for a core on a shared machine).
+extra row times GradToken through ``lx.explain``, which builds the explainer at every call, and one the floor of
+any gradient method on the fused path (a forward and the gradient at the attention outputs, nothing else, in
+plain torch). Ratios are given in wall-clock time and in the process's CPU time (which leaves out waiting for
+a core on a shared machine).
 
 The second table times ViT-CX and C2F with the masks' cosine distances in float32 on the masks' device (the
 library's) against the float64 CPU computation they replaced (``bench_quality.float64_cosine_distances``,
@@ -195,10 +197,30 @@ def explain_on(path: str, explainer: lx.Explainer, images: torch.Tensor, targets
 EXPLAIN_PER_CALL = ("gradtoken", "fused, lx.explain")
 
 
+#: the floor row of the fused table: what any fused-path gradient method must spend, nothing more
+FLOOR = ("floor: forward + dy/do", "-")
+
+
+def forward_and_attention_output_gradients(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor) -> None:
+    """The fused path's floor, written with plain torch for a timm ViT: one forward with the fused attention
+    kernel and one gradient of the targets' logits at each block's attention output (no weight gradients);
+    no explainer, no recomputed rows, no maps."""
+    outputs: list[torch.Tensor] = []
+    hooks = [block.attn.norm.register_forward_pre_hook(lambda _m, args: outputs.append(args[0]))
+             for block in model.blocks]
+    try:
+        logits = model(images)
+        torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), outputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def fused_rows(size: str, image_size: int, batch: int, repeats: int, memory: bool) -> dict[tuple[str, str], tuple]:
     """One model's rows: ``{(method, path): (seconds, CPU seconds, peak MiB)}``, the training step under
     ``("train", "-")``; ``repeats=0``: one warm-up call each and no times (NaN). Each method's explainer is built
-    once and called every round, as the callbacks do; :data:`EXPLAIN_PER_CALL` times ``lx.explain`` as well."""
+    once and called every round, as the callbacks do; :data:`EXPLAIN_PER_CALL` times ``lx.explain`` as well, and
+    :data:`FLOOR` the fused path's floor."""
     set_mmap_threshold(64 * 2**20)
     model = build(size, image_size)
     images = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
@@ -209,6 +231,7 @@ def fused_rows(size: str, image_size: int, batch: int, repeats: int, memory: boo
         for path in ("recorded", "fused"):
             runs[(method, path)] = partial(explain_on, path, explainer, images, targets)
     runs[EXPLAIN_PER_CALL] = partial(lx.explain, model, images, method="gradtoken", targets=targets)
+    runs[FLOOR] = partial(forward_and_attention_output_gradients, model, images, targets)
     times = interleaved(runs, repeats)
     return {key: (*times[key], peak_memory_mib(fn) if memory else float("nan")) for key, fn in runs.items()}
 
