@@ -12,7 +12,7 @@ from conftest import make_vit
 from family_models import PixelValues, hf_config, hf_deit_from_timm, hf_vit_from_timm, timm_vit, torchvision_from_timm
 
 import lightning_xai as lx
-from lightning_xai.adapters import find_vit
+from lightning_xai.adapters import find_vit, geometry
 from lightning_xai.adapters.base import Family
 from lightning_xai.explainers import fused
 from lightning_xai.explainers.fused import recorded_path, uses_fused_path
@@ -155,3 +155,19 @@ def test_gradient_checkpointing_and_unknown_families_keep_the_recorded_path():
     model.set_grad_checkpointing(False)
     assert uses_fused_path(model)
     assert Family().attach_qkv(model, model.blocks[0], None, None) is False  # a family opts in in its own code
+
+
+def test_readout_rows_as_a_slice_or_as_an_index_give_the_same_contribution():
+    """Consecutive readout rows are read through a slice (a view); any other row set through an index: the
+    contribution is the same either way."""
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 3, 9, 4, generator=gen) for _ in range(3))
+    grad = torch.randn(2, 2, 3, 9, 4, generator=gen)
+    weights = torch.full((8,), 1 / 8)
+    as_slice = fused.readout_contribution_fused(q, k, v, grad, 0.5, [(slice(1, 9), weights)], 1)
+    as_index = fused.readout_contribution_fused(q, k, v, grad, 0.5, [(torch.arange(1, 9), weights)], 1)
+    assert as_slice.shape == (2, 2, 8) and float(as_slice.abs().max()) > 0
+    assert torch.allclose(as_slice, as_index, rtol=1e-6, atol=0)
+    geom = geometry(make_vit(depth=1, global_pool="avg"), (32, 32))
+    ((rows, row_weights),) = fused.readout_chunks(geom, 1, "cpu")
+    assert rows == slice(1, 17) and torch.allclose(row_weights, torch.full((16,), 1 / 16))

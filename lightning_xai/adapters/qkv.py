@@ -79,17 +79,26 @@ def attach_timm_attention(attn: nn.Module, record: QKVRecord, stack: contextlib.
     if attn.fused_attn and abs(attn.scale - head_dim**-0.5) > 1e-12 * head_dim**-0.5:
         return False  # the fused kernel uses 1/sqrt(d), the written-out one attn.scale: the model disagrees
     record.scale.append(float(attn.scale))
+    # without q/k normalisation (nn.Identity returns its input) q and k are read from the projection's output as
+    # v is: one hook instead of three per block
+    unnormed = type(attn.q_norm) is nn.Identity and type(attn.k_norm) is nn.Identity
+    wanted = (0, 1, 2) if unnormed else (2,)
 
-    def values(_m: nn.Module, _args: tuple, out: Tensor) -> None:
-        record.v.append(out.detach().unflatten(-1, (3, heads, head_dim))[:, :, 2].transpose(1, 2))
+    def projections(_m: nn.Module, _args: tuple, out: Tensor) -> None:
+        qkv = out.detach().unflatten(-1, (3, heads, head_dim))  # (B, T, 3, H, d)
+        for which in wanted:
+            (record.q, record.k, record.v)[which].append(qkv[:, :, which].transpose(1, 2))
 
     hooks = [
         attn.register_forward_pre_hook(_refuse_masks(type(attn).__name__), with_kwargs=True),
-        attn.qkv.register_forward_hook(values),
-        attn.q_norm.register_forward_hook(lambda _m, _a, out: record.q.append(out.detach())),
-        attn.k_norm.register_forward_hook(lambda _m, _a, out: record.k.append(out.detach())),
+        attn.qkv.register_forward_hook(projections),
         attn.norm.register_forward_pre_hook(lambda _m, args: record.o.append(args[0])),  # before scale_norm
     ]
+    if not unnormed:
+        hooks += [
+            attn.q_norm.register_forward_hook(lambda _m, _a, out: record.q.append(out.detach())),
+            attn.k_norm.register_forward_hook(lambda _m, _a, out: record.k.append(out.detach())),
+        ]
     for hook in hooks:
         stack.callback(hook.remove)
     return True

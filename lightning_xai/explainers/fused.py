@@ -138,6 +138,16 @@ def attention_rows(q: Tensor, k: Tensor, scale: float, rows: Tensor | slice, bia
     return logits.softmax(-1)
 
 
+def attention_columns(q: Tensor, k: Tensor, scale: float, rows: Tensor | slice, bias: Tensor | None = None) -> Tensor:
+    """:func:`attention_rows` transposed, ``(B, H, T, R)``: ``k (q_rows * scale)^T (+ bias_rows^T)``, softmax over
+    the keys (dim -2). For a few rows this reads the recorded ``k`` as it lies, where ``q_rows k^T`` would first
+    copy ``k^T``."""
+    logits = k @ (q[:, :, rows] * scale).transpose(-2, -1)
+    if bias is not None:
+        logits = logits + bias.float()[:, :, rows].transpose(-2, -1)
+    return logits.softmax(-2)
+
+
 def attention_matrix(record: QKVRecord, index: int) -> Tensor:
     """The whole attention matrix of recorded block ``index``, ``(B, H, T, T)``."""
     return attention_rows(record.q[index], record.k[index], record.scale[index], slice(None), record.logit_bias(index))
@@ -148,40 +158,66 @@ def attention_matrices(record: QKVRecord) -> Iterator[Tensor]:
     return (attention_matrix(record, i) for i in range(len(record.blocks)))
 
 
-def _row_chunks(geom: Geometry, per_row: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """The readout rows and their weights in chunks of at most ``CHUNK_ELEMENTS / per_row`` rows."""
+#: readout rows of one chunk: a slice when they are consecutive (a view, no gather), else an index tensor
+RowChunk = tuple[slice | Tensor, Tensor | None]
+
+
+def readout_chunks(geom: Geometry, per_row: int, device: torch.device | str) -> list[RowChunk]:
+    """The readout rows in chunks of at most ``CHUNK_ELEMENTS / per_row`` rows, each with its weights ``(c,)``,
+    or ``None`` where every weight is 1 (a class-token readout reads row 0 as it is)."""
     rows, weights = geom.readout_rows()
     size = max(1, CHUNK_ELEMENTS // max(per_row, 1))
+    chunks: list[RowChunk] = []
     for start in range(0, len(rows), size):
-        yield torch.tensor(rows[start : start + size]), weights[start : start + size]
+        part, part_weights = rows[start : start + size], weights[start : start + size]
+        consecutive = part[-1] - part[0] == len(part) - 1  # rows are sorted and distinct
+        index = slice(part[0], part[-1] + 1) if consecutive else torch.tensor(part, device=device)
+        chunks.append((index, None if bool((part_weights == 1).all()) else part_weights.to(device)))
+    return chunks
 
 
 def readout_contribution_fused(
-    q: Tensor, k: Tensor, v: Tensor, grad: Tensor, scale: float, geom: Geometry, bias: Tensor | None = None
+    q: Tensor, k: Tensor, v: Tensor, grad: Tensor, scale: float, chunks: list[RowChunk], prefix: int,
+    bias: Tensor | None = None,
 ) -> Tensor:
     """GradToken's per-block contribution (METHODS.md) from ``q, k, v`` and the gradient at ``o``:
     ``c_i = relu( Σ_h Σ_q w_q A[h, q, P+i] · G[h, q, P+i] )`` with ``G = (dy/do) v^T``, computed as
     ``Σ_h Σ_d v[h, P+i, d] · M[h, P+i, d]``, ``M = A_rows^T (w ⊙ dy/do_rows)``, over the readout rows in
-    chunks, so that no ``(B, K, H, R, T)`` tensor is formed.
+    chunks, so that no ``(B, K, H, R, T)`` tensor is formed; ``A_rows^T`` is formed as it is used
+    (:func:`attention_columns`).
 
     Args:
         q, k, v: ``(B, H, T, d)``.
         grad: ``(B, K, H, T, d)``, the targets' gradients at the attention output.
+        chunks: the readout rows and their weights (:func:`readout_chunks`).
+        prefix: ``P``, the tokens before the patches.
         bias: ``(1 or B, H, T, T)`` added to the attention logits, or ``None``.
 
     Returns:
         ``(B, K, N)`` contributions, one per patch.
     """
-    prefix = geom.num_prefix
-    batch, heads, tokens, _ = q.shape
     total = None
-    for rows, weights in _row_chunks(geom, batch * heads * tokens * grad.shape[1]):
-        rows = rows.to(q.device)
-        a = attention_rows(q, k, scale, rows, bias)[..., prefix:]  # (B, H, c, N)
-        g = grad.index_select(3, rows) * weights.to(grad)[:, None]  # (B, K, H, c, d)
-        part = a.unsqueeze(1).transpose(-2, -1) @ g  # (B, K, H, N, d)
+    for rows, weights in chunks:
+        a = attention_columns(q, k, scale, rows, bias)[:, :, prefix:]  # (B, H, N, c)
+        g = grad[:, :, :, rows]  # (B, K, H, c, d)
+        if weights is not None:
+            g = g * weights.to(grad)[:, None]
+        part = a.unsqueeze(1) @ g  # (B, K, H, N, d)
         total = part if total is None else total + part
     return (total * v[:, None, :, prefix:]).sum((2, 4)).clamp_min(0)
+
+
+def readout_contributions_fused(fused: FusedGradients, geom: Geometry) -> Iterator[Tensor]:
+    """GradToken's contribution ``(B, K, N)`` of each recorded block, in block order, one at a time (see
+    :func:`readout_contribution_fused`); the readout rows are chunked once for all blocks."""
+    record, chunks = fused.record, {}
+    for i, grad in enumerate(fused.grads):
+        batch, heads, tokens, _ = record.q[i].shape
+        per_row = batch * heads * tokens * grad.shape[1]
+        if per_row not in chunks:
+            chunks[per_row] = readout_chunks(geom, per_row, grad.device)
+        yield readout_contribution_fused(record.q[i], record.k[i], record.v[i], grad, record.scale[i],
+                                         chunks[per_row], geom.num_prefix, record.logit_bias(i))
 
 
 def gae_step(q: Tensor, k: Tensor, v: Tensor, grad: Tensor, scale: float, bias: Tensor | None = None) -> Tensor:
@@ -189,5 +225,5 @@ def gae_step(q: Tensor, k: Tensor, v: Tensor, grad: Tensor, scale: float, bias: 
     at ``o`` ``(B, K, H, T, d)`` and the logits' bias (or ``None``): ``(B, K, T, T)``, one block's whole
     matrices at a time."""
     attn = attention_rows(q, k, scale, slice(None), bias)  # (B, H, T, T)
-    grad_attn = grad @ v.unsqueeze(1).transpose(-2, -1)  # (B, K, H, T, T)
-    return (grad_attn * attn.unsqueeze(1)).clamp_min(0).mean(2)
+    weighted = grad @ v.unsqueeze(1).transpose(-2, -1)  # dy/dA (B, K, H, T, T), a fresh tensor: work in place
+    return weighted.mul_(attn.unsqueeze(1)).clamp_min_(0).mean(2)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from lightning_xai.adapters import Geometry, depth
 from lightning_xai.explainers.base import Explainer, RawMaps
-from lightning_xai.explainers.fused import fused_gradients, gae_step, readout_contribution_fused
+from lightning_xai.explainers.fused import fused_gradients, gae_step, readout_contributions_fused
 from lightning_xai.explainers.registry import register
 from lightning_xai.explainers.relevance import query_row, readout_contribution
 
@@ -171,13 +171,8 @@ class GradToken(Explainer):
     def compute(self, x: Tensor, targets: Any, geom: Geometry) -> RawMaps:
         fused = fused_gradients(self, x, targets, self.objective, self.block_indices)
         if fused is not None:  # the readout rows recomputed from q, k, v and dy/do
-            record, resolved, probs = fused.record, fused.targets, fused.probs
-            contributions = (
-                readout_contribution_fused(
-                    record.q[i], record.k[i], record.v[i], grad, record.scale[i], geom, record.logit_bias(i)
-                )
-                for i, grad in enumerate(fused.grads)
-            )
+            resolved, probs = fused.targets, fused.probs
+            contributions = readout_contributions_fused(fused, geom)
         else:
             attn, grads, resolved, probs = self.attention_gradients(x, targets, self.objective, self.block_indices)
             # readout rows only: A (B, 1, H, R, N) times dy/dA (B, K, H, R, N), heads and rows summed, rectified
