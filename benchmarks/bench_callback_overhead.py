@@ -95,7 +95,8 @@ def main() -> None:
             wall[arm].extend(timer.times[1:])
             cpu[arm].extend(timer.cpu[1:])
             # the hook's CPU time over the rest of the same epoch's: the overhead, measured in one process
-            share[arm].extend(h / (c - h) for h, c in zip(hook[1:], timer.cpu[1:], strict=True))
+            if hook:
+                share[arm].extend(h / (c - h) for h, c in zip(hook[1:], timer.cpu[1:], strict=True))
     median = {arm: (statistics.median(wall[arm]), statistics.median(cpu[arm])) for arm in ARMS}
     base_wall, base_cpu = median["without"]
     print(f"\n## Callback overhead (CPU, {torch.get_num_threads()} threads, example defaults)\n")

@@ -121,12 +121,12 @@ class ProbeRecorder(pl.Callback):
                        classes8=len(set(classes[few].tolist())))
             start = time.perf_counter()
             for q in REGIONS:  # region sizes on the callback's 8 probes; all probes at the default size only
-                small = transplant_check(predict, self.probes[few], maps[few], classes[few], q)
+                small = transplant_check(predict, self.probes[few], maps[few], classes[few], q, control_all=True)
                 row[f"rate8_{q}"], row[f"raw8_{q}"], row[f"control8_{q}"] = small.rate, small.raw_rate, \
                     small.control_rate
             row["transplant_s"] = (time.perf_counter() - start) / len(REGIONS)
             q = DEFAULT_REGION
-            full = transplant_check(predict, self.probes, maps, classes, q)
+            full = transplant_check(predict, self.probes, maps, classes, q, control_all=True)
             row[f"rate_{q}"], row[f"raw_{q}"], row[f"control_{q}"] = full.rate, full.raw_rate, full.control_rate
             self.rows[method].append(row)
             print(f"  {method:9s} ep {epoch}  rate8 " + " ".join(f"{row[f'rate8_{r}']:.2f}" for r in REGIONS)

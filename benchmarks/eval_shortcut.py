@@ -175,14 +175,15 @@ def evaluate(folder: Path, methods: list[str], probes8: int = 8) -> dict:
             row["agreement"] = shortcut_score(maps[:probes8], classes[:probes8]).score
             start = time.perf_counter()
             for q in REGIONS:  # the library's check as the callback runs it, and round 1's (no recurrence)
-                check = transplant_check(predict, probes[:probes8], maps[:probes8], classes[:probes8], q)
+                check = transplant_check(predict, probes[:probes8], maps[:probes8], classes[:probes8], q,
+                                         control_all=True)
                 row[f"rate8_{q}"], row[f"raw8_{q}"], row[f"control8_{q}"] = check.rate, check.raw_rate, \
                     check.control_rate
             row["transplant_s"] = (time.perf_counter() - start) / len(REGIONS)
             for q in REGIONS:
                 row[f"recur8_{q}"] = transplant_check(predict, probes[:probes8], maps[:probes8], classes[:probes8],
                                                       q, recurrence=True).rate
-            full = transplant_check(predict, probes, maps, classes)
+            full = transplant_check(predict, probes, maps, classes, control_all=True)
             q = DEFAULT_REGION
             row[f"rate_{q}"], row[f"raw_{q}"], row[f"control_{q}"] = full.rate, full.raw_rate, full.control_rate
             row[f"recur_{q}"] = transplant_check(predict, probes, maps, classes, recurrence=True).rate

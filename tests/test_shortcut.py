@@ -697,3 +697,25 @@ def test_shortcut_example_runs_end_to_end(tmp_path, capsys):
     assert timeline.exists() and len(list((tmp_path / "runs").rglob("events.out.tfevents.*"))) == 2
     # absolute paths, and a TensorBoard command that works from any folder
     assert f"timeline: {timeline.resolve()}" in out and f"--logdir {(tmp_path / 'runs').resolve()}" in out
+
+
+def test_the_control_runs_only_on_pairs_that_followed_and_gives_the_same_rate():
+    """The moved-region control can only rule out pairs that followed their donor at its place: by default it runs
+    on those alone (about half the forwards on a model without a shortcut), and the rate is the one the control
+    on every pair gives."""
+    model = MarkReader("position").eval()
+    images, labels, _, maps = _cue_batch("position", carriers=4)
+    seen: list[int] = []
+
+    def counting(batch):
+        seen.append(len(batch))
+        return model(batch)
+
+    lean = transplant_check(counting, images, maps, labels)
+    lean_images, seen[:] = sum(seen), []
+    full = transplant_check(counting, images, maps, labels, control_all=True)
+    assert lean.rate == full.rate and torch.equal(lean.flipped, full.flipped)
+    followed = int((lean.after == lean.classes[lean.donors]).sum())
+    assert 0 < followed < len(lean.donors)
+    assert lean_images == len(images) + len(lean.donors) + followed < sum(seen)
+    assert bool((lean.moved[lean.after != lean.classes[lean.donors]] == -1).all())
