@@ -26,7 +26,10 @@ Candidates (each a share of the pairs ``(i, j)``: donor ``i``'s region ``R_i`` p
 
 Each row also holds what ``bench_shortcut.py --load`` summarises: the library's check as the callback runs it
 (``rate8_<q>``, ``raw8_<q>``, ``control8_<q>``; ``rate_0.04`` on all probes), the same with
-``recurrence=True`` (``recur8_<q>``, ``recur_0.04``), the agreement statistic and the damage.
+``recurrence=True`` (``recur8_<q>``, ``recur_0.04``), the agreement statistic and the damage; and
+``carriers8``, the share of the 8 probes that are stamped carriers with all saved probes and their labels as the
+references (``transplant_check(..., references=...)``): judge it with ``--keys carriers8 --threshold 0.01
+--patience 1`` (one stamped carrier is the evidence).
 """
 
 from __future__ import annotations
@@ -187,6 +190,10 @@ def evaluate(folder: Path, methods: list[str], probes8: int = 8) -> dict:
             q = DEFAULT_REGION
             row[f"rate_{q}"], row[f"raw_{q}"], row[f"control_{q}"] = full.rate, full.raw_rate, full.control_rate
             row[f"recur_{q}"] = transplant_check(predict, probes, maps, classes, recurrence=True).rate
+            # stamped carriers: the callback's 8 probes, with every saved probe and its label as the references
+            stamped = transplant_check(predict, probes[:probes8], maps[:probes8], classes[:probes8],
+                                       references=(probes, saved["labels"]))
+            row["carriers8"] = stamped.carrier_share
             rows[method].append(row)
     return dict(kind=run["kind"], seed=run["seed"], cue=run["cue"], rows=rows, epochs=run["epochs"],
                 num_train=run["num_train"])

@@ -3,6 +3,7 @@ its own forward (``docs/methods.md``, "Shortcut statistic"). Pure functions usab
 callback's alarm (:class:`~lightning_xai.callbacks.ExplanationMonitor`) only calls them and routes the result.
 
 - :mod:`.transplant`: the causal transplant check (the alarm's rate);
+- :mod:`.stamps`: whether a probe's region is a stamp of its class among labelled references;
 - :mod:`.agreement`: the auxiliary agreement statistic and the with-masks helpers;
 - :mod:`.alarm`: the alarm's state machine;
 - :mod:`.pictures`: the evidence and region pictures;
@@ -25,6 +26,7 @@ from lightning_xai.shortcut.alarm import (
     explained_epochs,
 )
 from lightning_xai.shortcut.audit import ShortcutCheck, check_shortcut
+from lightning_xai.shortcut.stamps import DEFAULT_STAMP_RATIO, region_distances, stamp_regions, stamped_carriers
 from lightning_xai.shortcut.transplant import (
     DEFAULT_REGION,
     TransplantResult,
@@ -39,6 +41,7 @@ __all__ = [
     "DEFAULT_FRACTION",
     "DEFAULT_PATIENCE",
     "DEFAULT_REGION",
+    "DEFAULT_STAMP_RATIO",
     "DEFAULT_THRESHOLD",
     "ShortcutAlarm",
     "ShortcutCheck",
@@ -52,7 +55,10 @@ __all__ = [
     "object_share",
     "paste",
     "recurring_regions",
+    "region_distances",
     "shortcut_score",
+    "stamp_regions",
+    "stamped_carriers",
     "top_regions",
     "transplant_check",
     "transplant_pairs",

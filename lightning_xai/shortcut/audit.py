@@ -55,6 +55,13 @@ class ShortcutCheck:
         return self.transplant.flips()
 
     @property
+    def carriers(self) -> list[int] | None:
+        """The stamped carriers (probes whose region is a stamp of their class among the references and carries
+        it into at least a third of their transplants); ``None`` when no ``references`` were given."""
+        carriers = self.transplant.carriers
+        return None if carriers is None else [int(i) for i in torch.nonzero(carriers).flatten()]
+
+    @property
     def suspicious(self) -> bool:
         """The rate is at or above the threshold (what one explained epoch of the alarm asks)."""
         return not math.isnan(self.rate) and self.rate >= self.threshold
@@ -88,6 +95,7 @@ def check_shortcut(
     chunk: int = DEFAULT_CHUNK,
     control: bool = True,
     recurrence: bool = False,
+    references: tuple[Tensor, Any] | None = None,
     **options: Any,
 ) -> ShortcutCheck:
     """Does ``model`` read a shortcut in ``images``? The transplant check of ``docs/methods.md`` on one batch.
@@ -113,6 +121,11 @@ def check_shortcut(
         recurrence: also count a pair only when the donor's region recurs in another image of its class (a
             stamp; see :func:`~lightning_xai.shortcut.transplant.recurring_regions`): tells a fixed-place mark
             from objects that always sit at one place, but needs two images carrying the mark per class.
+        references: ``(images (R, C, H, W), labels (R,))``: labelled images of the training data, in the same
+            input space (``images`` with their labels may be among them; 24 or more). Each image's region is then
+            also tested for being a stamp of its class among them, and :attr:`ShortcutCheck.carriers` lists the
+            images whose region is a stamp that carries its class (the evidence that tells a spurious mark from
+            objects that always sit at one place; ``docs/methods.md``, "Stamped carriers").
         **options: the method's options, plus ``vit``, ``output_transform`` and ``forward`` (as for
             :class:`~lightning_xai.handle.ModelHandle`).
 
@@ -133,11 +146,15 @@ def check_shortcut(
             raise ValueError("check_shortcut asks whether a region moves an image's one predicted class to another, "
                              "which a multi-label model does not have: it supports task='multiclass' and 'binary'")
         prepared = handle.prepare(images)
+        if references is not None:
+            references = (handle.prepare(references[0]), references[1])
 
         def logits(batch: Tensor) -> Tensor:  # log-probabilities: their softmax is the task's probabilities
             return handle.log_probabilities(handle.logits(batch))
     else:  # the maps are given: any classifier will do, no ViT needed
         prepared, logits = _plain_model(model, images, options.get("output_transform"), options.get("forward"))
+        if references is not None:
+            references = (references[0].detach().to(prepared), references[1])
     with explanation_mode(model):
         def predict(batch: Tensor) -> Tensor:
             with torch.no_grad():
@@ -152,6 +169,6 @@ def check_shortcut(
             if classes.dim() == 0:
                 classes = classes.expand(len(images))
         transplant = transplant_check(predict, prepared, maps.to(prepared.device), classes, fraction, chunk=chunk,
-                                      control=control, recurrence=recurrence)
+                                      control=control, recurrence=recurrence, references=references)
     agreement = shortcut_score(maps.detach().float().cpu(), transplant.classes)
     return ShortcutCheck(transplant, agreement, explanation, float(threshold))

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_xai.shortcut.stamps import DEFAULT_STAMP_RATIO, stamp_regions, stamped_carriers
+
 #: Size of each probe's region, as a fraction of the image's pixels (see ``docs/methods.md`` for how it was chosen).
 DEFAULT_REGION = 0.04
 #: Images per forward of the transplanted batch.
@@ -76,6 +78,8 @@ class TransplantResult:
             without the control; ``-1`` for a pair it did not run on, see ``control_all``).
         recurs: ``(B,)`` bool, whether each probe's region recurs in another probe of its class
             (:func:`recurring_regions`; ``None`` without that condition).
+        stamps: ``(B,)`` bool, whether each probe's region is a stamp of its class among the labelled reference
+            images (:func:`~lightning_xai.shortcut.stamps.stamp_regions`; ``None`` without references).
     """
 
     rate: float
@@ -90,6 +94,7 @@ class TransplantResult:
     fraction: float
     moved: Tensor | None = None
     recurs: Tensor | None = None
+    stamps: Tensor | None = None
 
     @property
     def flipped(self) -> Tensor:
@@ -128,6 +133,21 @@ class TransplantResult:
         """The flipped pair with the largest rise of the donor class's probability, or ``None``."""
         flips = self.flips()
         return flips[0] if flips else None
+
+    @property
+    def carriers(self) -> Tensor | None:
+        """``(B,)`` bool: the *stamped carriers*, probes whose region is a stamp of their class and carries it into at
+        least a third of their transplants (``None`` without references; see ``docs/methods.md``)."""
+        return None if self.stamps is None else stamped_carriers(self.probe_rates, self.stamps)
+
+    @property
+    def carrier_share(self) -> float | None:
+        """Share of the donor probes (those with pairs) that are stamped carriers: ``nan`` without pairs, ``None``
+        without references. One stamped carrier is the evidence of a shortcut (``docs/methods.md``)."""
+        if self.carriers is None:
+            return None
+        donors = ~torch.isnan(self.probe_rates)
+        return float(self.carriers[donors].float().mean()) if bool(donors.any()) else math.nan
 
     def probes_above(self, threshold: float) -> list[int]:
         """The donor probes whose own rate is at least ``threshold``."""
@@ -216,6 +236,8 @@ def transplant_check(
     control: bool = True,
     recurrence: bool = False,
     control_all: bool = False,
+    references: tuple[Tensor, Tensor] | None = None,
+    stamp_ratio: float = DEFAULT_STAMP_RATIO,
     seed: int = 0,
 ) -> TransplantResult:
     """The transplant check on probes ``images`` ``(B, C, H, W)`` (as the model takes them) with their maps
@@ -236,6 +258,14 @@ def transplant_check(
             (few pairs follow) the check costs about one forward of the pairs instead of two. The other pairs'
             ``moved`` is ``-1`` (not run), and :attr:`TransplantResult.control_rate` is then the control's rate
             among the pairs it ran on.
+        references: ``(images (R, C, H, W), labels (R,))``, labelled images of the data the model learns from (the
+            probes with their labels may be among them; about 24 or more, several per class): each probe's region
+            is also tested for being a stamp of its class among them
+            (:func:`~lightning_xai.shortcut.stamps.stamp_regions`), which gives
+            :attr:`TransplantResult.stamps`, :attr:`~TransplantResult.carriers` and
+            :attr:`~TransplantResult.carrier_share`; the rate is unchanged.
+        stamp_ratio: how much nearer a stamp's nearest reference of its class must be than its nearest reference of
+            another class (see :func:`~lightning_xai.shortcut.stamps.stamp_regions`).
 
     Returns:
         a :class:`TransplantResult`.
@@ -270,8 +300,12 @@ def transplant_check(
         moved[ran] = _predict_chunked(predict, images, regions, donors[ran], recipients[ran], int(chunk),
                                       before.shape[-1], shifts[ran]).argmax(-1)
     recurs = recurring_regions(images, regions, classes, int(chunk)) if recurrence else None
+    stamps = None
+    if references is not None:
+        pool, labels = references
+        stamps = stamp_regions(images, regions, classes, pool.to(images), labels, stamp_ratio, int(chunk))
     result = TransplantResult(math.nan, torch.full((len(images),), math.nan), regions.cpu(), classes, predictions,
-                              donors, recipients, after, gains, float(fraction), moved, recurs)
+                              donors, recipients, after, gains, float(fraction), moved, recurs, stamps)
     follows = result.flipped.float()
     counts = torch.zeros(len(images)).index_add_(0, donors, torch.ones(len(donors)))
     hits = torch.zeros(len(images)).index_add_(0, donors, follows)
