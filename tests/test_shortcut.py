@@ -317,6 +317,11 @@ def test_a_region_is_a_stamp_when_its_pixels_recur_with_its_label_among_the_refe
     distances = region_distances(probes, regions, references, chunk=5)
     assert distances.shape == (3, 6) and distances[0, 1] == pytest.approx(0.01, abs=1e-6)
     assert torch.allclose(distances[2, 3], (probes[2] - references[3])[:, :2, :2].abs().mean())
+    # weighted by a map within the region: a map on one pixel measures that pixel only
+    weights = torch.zeros(3, 8, 8)
+    weights[:, 1, 1] = 1.0
+    weighted = region_distances(probes, regions, references, weights=weights)
+    assert torch.allclose(weighted, (probes[:, None, :, 1, 1] - references[None, :, :, 1, 1]).abs().mean(-1))
     classes = torch.tensor([0, 0, 2])
     assert stamp_regions(probes, regions, classes, references, labels).tolist() == [True, False, False]
     # the probes may be among the references: a probe is never its own stamp
@@ -337,8 +342,8 @@ def test_a_region_is_a_stamp_when_its_pixels_recur_with_its_label_among_the_refe
 def test_stamped_carriers_catch_marks_and_not_objects_that_always_sit_at_the_centre():
     """The centre reader follows other objects' centres at their place (the default rate's false alarm), but an
     object's centre is only rarely a stamp among labelled references of other objects (by chance, when a class-mate
-    has similar colours and phase: 5 of 30 draws hold a carrier at the default ratio, ``docs/methods.md``); a mark
-    is, for a model that reads it, wherever its class puts it."""
+    has similar colours and phase: 1 of 60 draws holds a carrier at the default ratio, 12 of 60 at 0.7,
+    ``docs/methods.md``); a mark is, for a model that reads it, wherever its class puts it."""
     model = CentreStripeReader().eval()
     shares = []
     for seed in range(10):
@@ -348,7 +353,7 @@ def test_stamped_carriers_catch_marks_and_not_objects_that_always_sit_at_the_cen
                                                                             torch.cat([classes, labels])))
         assert result.rate >= 0.8 and result.stamps is not None and result.carriers.shape == (8,)
         shares.append(result.carrier_share)
-    assert sum(shares) / len(shares) <= 0.1 and shares.count(0.0) >= 7, shares
+    assert shares.count(0.0) >= 9, shares
     from lightning_xai.demos import SyntheticObjects, add_cue
 
     for kind in ("colour", "position"):

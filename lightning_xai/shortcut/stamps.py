@@ -19,15 +19,18 @@ import torch
 from torch import Tensor
 
 #: A region is a stamp when its nearest reference image of the same class is nearer than this share of the distance
-#: to its nearest reference image of another class (measured in ``docs/methods.md``).
-DEFAULT_STAMP_RATIO = 0.7
+#: to its nearest reference image of another class (measured in ``docs/methods.md``: 0.5-0.7 worked on the
+#: benchmark, chance stamps on a hand-built centred case grow above 0.5).
+DEFAULT_STAMP_RATIO = 0.5
 #: A probe carries its class when at least this share of its transplants follow it (see ``docs/methods.md``).
 DEFAULT_CARRIER_LEVEL = 1 / 3
 
 
-def region_distances(images: Tensor, regions: Tensor, pool: Tensor, chunk: int = 256) -> Tensor:
+def region_distances(images: Tensor, regions: Tensor, pool: Tensor, chunk: int = 256,
+                     weights: Tensor | None = None) -> Tensor:
     """``(B, R)``: mean absolute difference between each image's pixels and each pool image's pixels over the
-    image's region, at the same places, all channels.
+    image's region, at the same places, all channels; with ``weights`` ``(B, H, W)`` (e.g. the maps, >= 0), the
+    mean is weighted by them within the region (the pixels the map points at most count most).
 
     ``images`` ``(B, C, H, W)``, ``regions`` ``(B, H, W)`` bool with the same number of pixels each (as
     :func:`~lightning_xai.shortcut.transplant.top_regions` gives), ``pool`` ``(R, C, H, W)``. ``chunk`` bounds the
@@ -45,6 +48,12 @@ def region_distances(images: Tensor, regions: Tensor, pool: Tensor, chunk: int =
     batch, size = len(images), len(pool)
     index = regions.flatten(1).nonzero()[:, 1].view(batch, count).to(images.device)  # (B, n)
     flat, others = images.flatten(2), pool.to(images).flatten(2)  # (B, C, N), (R, C, N)
+    if weights is None:
+        weight = torch.ones(batch, count, device=images.device)
+    else:
+        weight = weights.detach().float().to(images.device).flatten(1).clamp_min(0).gather(1, index)  # (B, n)
+        weight = torch.where(weight.sum(1, keepdim=True) > 0, weight, torch.ones_like(weight))
+    weight = weight / weight.sum(1, keepdim=True)
     out = torch.empty(batch, size, device=images.device)
     step = max(1, int(chunk) // max(1, size))
     for start in range(0, batch, step):  # a few donors at a time: (b, R, C, n) differences
@@ -52,15 +61,17 @@ def region_distances(images: Tensor, regions: Tensor, pool: Tensor, chunk: int =
         own = flat[start:start + step].gather(2, part[:, None, :].expand(-1, flat.shape[1], -1))  # (b, C, n)
         where = part[:, None, None, :].expand(-1, size, flat.shape[1], -1)
         theirs = others[None].expand(len(part), -1, -1, -1).gather(3, where)  # (b, R, C, n)
-        out[start:start + step] = (theirs - own[:, None]).abs().float().mean((2, 3))
+        difference = (theirs - own[:, None]).abs().float().mean(2)  # (b, R, n)
+        out[start:start + step] = (difference * weight[start:start + step, None, :]).sum(2)
     return out
 
 
 def stamp_regions(images: Tensor, regions: Tensor, classes: Tensor, references: Tensor, labels: Tensor,
-                  ratio: float = DEFAULT_STAMP_RATIO, chunk: int = 256) -> Tensor:
+                  ratio: float = DEFAULT_STAMP_RATIO, chunk: int = 256, weights: Tensor | None = None) -> Tensor:
     """Bool ``(B,)``: whether each probe's region is a stamp of its class among the reference images.
 
-    The distance of reference ``r`` to probe ``i``'s region is :func:`region_distances`'s; ``i``'s region is a stamp
+    The distance of reference ``r`` to probe ``i``'s region is :func:`region_distances`'s (weighted by ``weights``
+    ``(B, H, W)``, the maps, when given: the transplant check passes them); ``i``'s region is a stamp
     when its nearest reference labelled ``classes[i]`` is nearer than ``ratio`` times its nearest reference of
     another label. A reference equal to the probe itself (the probes may be among the references) is left out.
     ``False`` without a reference of the probe's class or without one of another class.
@@ -78,7 +89,7 @@ def stamp_regions(images: Tensor, regions: Tensor, classes: Tensor, references: 
     if len(labels) != len(references):
         raise ValueError(f"the reference labels must be (R,) for {len(references)} reference images, got "
                          f"{len(labels)} labels")
-    distance = region_distances(images, regions, references, chunk)  # (B, R)
+    distance = region_distances(images, regions, references, chunk, weights)  # (B, R)
     itself = (images.flatten(1)[:, None, :] == references.to(images).flatten(1)[None]).all(-1)  # (B, R)
     classes = classes.to(images.device).long()
     same = (labels[None, :] == classes[:, None]) & ~itself

@@ -261,7 +261,7 @@ def transplant_check(
         references: ``(images (R, C, H, W), labels (R,))``, labelled images of the data the model learns from (the
             probes with their labels may be among them; about 24 or more, several per class): each probe's region
             is also tested for being a stamp of its class among them
-            (:func:`~lightning_xai.shortcut.stamps.stamp_regions`), which gives
+            (:func:`~lightning_xai.shortcut.stamps.stamp_regions`, distances weighted by the maps), which gives
             :attr:`TransplantResult.stamps`, :attr:`~TransplantResult.carriers` and
             :attr:`~TransplantResult.carrier_share`; the rate is unchanged.
         stamp_ratio: how much nearer a stamp's nearest reference of its class must be than its nearest reference of
@@ -303,7 +303,8 @@ def transplant_check(
     stamps = None
     if references is not None:
         pool, labels = references
-        stamps = stamp_regions(images, regions, classes, pool.to(images), labels, stamp_ratio, int(chunk))
+        stamps = stamp_regions(images, regions, classes, pool.to(images), labels, stamp_ratio, int(chunk),
+                               weights=maps)
     result = TransplantResult(math.nan, torch.full((len(images),), math.nan), regions.cpu(), classes, predictions,
                               donors, recipients, after, gains, float(fraction), moved, recurs, stamps)
     follows = result.flipped.float()
