@@ -105,14 +105,45 @@ def explanation_mode(model: nn.Module) -> Iterator[None]:
     ``param.grad`` are never written by explainers (gradients are taken with ``torch.autograd.grad`` with
     respect to captured activations only).
     """
-    modes = [(m, m.training) for m in model.modules()]
+    modules = list(model.modules())
+    modes = [m.training for m in modules]
     try:
-        model.eval()
+        _eval(model, modules)
         with torch.inference_mode(False), torch.enable_grad():
             yield
     finally:
-        for module, training in modes:
-            module.training = training
+        for module, training in zip(modules, modes, strict=True):
+            if module.training is not training:
+                module.training = training
+
+
+def _eval(model: nn.Module, modules: list[nn.Module]) -> None:
+    """``model.eval()``, given ``modules = list(model.modules())``. Where neither ``model.eval`` nor any module's
+    ``train`` is overridden, that call sets ``training = False`` on each of them (``Module.train`` recurses into the
+    children), which is done here directly on those still training: ~0.1 ms on ViT-Tiny against ~0.6 ms for the
+    recursion. Otherwise ``model.eval()`` is called, so that an override runs as it would."""
+    if _overrides_mode(model, modules):
+        model.eval()
+        return
+    for module in modules:
+        if module.training is not False:
+            module.training = False
+
+
+def _overrides_mode(model: nn.Module, modules: list[nn.Module]) -> bool:
+    """Whether ``model.eval`` or the ``train`` of any of ``modules`` is not ``nn.Module``'s own."""
+    if type(model).eval is not nn.Module.eval or "eval" in vars(model):
+        return True
+    plain: set[type] = set()  # classes seen that keep Module.train
+    for module in modules:
+        cls = type(module)
+        if cls not in plain:
+            if cls.train is not nn.Module.train:
+                return True
+            plain.add(cls)
+        if "train" in vars(module):
+            return True
+    return False
 
 
 class Explainer:
