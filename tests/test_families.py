@@ -353,6 +353,30 @@ def test_good_option_values_pass_and_depth_checks_wait_for_the_model():
         lx.create_explainer("rollout", make_vit(depth=2), start_layer=5)
 
 
+def test_option_names_follow_a_constructor_replaced_after_they_were_read():
+    """The option names are read from the constructors once per class and again when one of them changes: a
+    subclass's own names, a constructor replaced after a first read, and the parent left as it was."""
+    from lightning_xai.explainers.gradient import GradToken
+
+    class Sharper(GradToken):
+        def __init__(self, model: nn.Module, *, sharpness: float = 1.0, **kwargs) -> None:
+            super().__init__(model, **kwargs)
+            self.sharpness = sharpness
+
+    parent = GradToken.option_names()
+    assert Sharper.option_names() == ["sharpness", *parent]
+
+    def replaced(self, model: nn.Module, *, sharpness: float = 1.0, gamma: float = 2.0, **kwargs) -> None:
+        GradToken.__init__(self, model, **kwargs)
+        self.sharpness, self.gamma = sharpness, gamma
+
+    Sharper.__init__ = replaced
+    assert Sharper.option_names() == ["sharpness", "gamma", *parent]
+    assert Sharper(make_vit(depth=2), gamma=3.0).options() == {"sharpness": 1.0, "gamma": 3.0, "layers": "all",
+                                                                 "per_layer_norm": False, "objective": "logit"}
+    assert GradToken.option_names() == parent
+
+
 # -- the published extension contract --------------------------------------------------------------------------------
 def test_a_method_written_against_the_public_contract_runs_everywhere(pairs, images):
     from lightning_xai.explainers import Explainer, Geometry, RawMaps, capture, minmax, register, unregister, upsample
