@@ -76,23 +76,24 @@ class ModelHandle:
         self.output_transform = output_transform
         self.forward = forward
         self._geometries: dict[tuple[int, ...], Geometry] = {}
+        self._uncompiled = False  # inside uncompiled()
         self.task = tasks.check_task(task)
 
     def _compiled_parts(self) -> tuple[list, list, list]:
         """The model's compiled parts: ``OptimizedModule`` children ``(parent, name, child)``, modules compiled in
-        place ``(module, compiled call)`` and Lightning's in-place compiled forwards ``(module, forward)``."""
-        swapped = [
-            (parent, name, child)
-            for parent in self.model.modules()
-            for name, child in parent.named_children()
-            if type(child).__name__ == "OptimizedModule"
-        ]
-        in_place = [(m, m._compiled_call_impl) for m in self.model.modules()
-                    if getattr(m, "_compiled_call_impl", None) is not None]
+        place ``(module, compiled call)`` and Lightning's in-place compiled forwards ``(module, forward)``.
+
+        Found afresh at every call, in one walk of the module tree: the user may compile a submodule in place or
+        swap one for its compiled version between calls, which nothing cheaper than the walk would notice."""
+        modules = list(self.model.modules())
+        swapped = [(parent, name, child) for parent in modules for name, child in parent.named_children()
+                   if type(child).__name__ == "OptimizedModule"]
+        in_place = [(m, m._compiled_call_impl) for m in modules if getattr(m, "_compiled_call_impl", None) is not None]
         # trainer.fit(torch.compile(module)): Lightning unwraps the module and compiles its forward in place
-        # (an instance attribute), keeping the original in module._compiler_ctx
-        lightning = [(m, vars(m)["forward"]) for m in self.model.modules()
-                     if isinstance(getattr(m, "_compiler_ctx", None), dict) and "forward" in vars(m)]
+        # (an instance attribute), keeping the original in module._compiler_ctx; "forward" in vars(m) is asked
+        # first, as it is cheap and almost never true, where a missing _compiler_ctx costs an AttributeError
+        lightning = [(m, vars(m)["forward"]) for m in modules
+                     if "forward" in vars(m) and isinstance(getattr(m, "_compiler_ctx", None), dict)]
         return swapped, in_place, lightning
 
     @property
@@ -103,8 +104,14 @@ class ModelHandle:
     @contextlib.contextmanager
     def uncompiled(self) -> Iterator[None]:
         """Within the context, every ``torch.compile``d submodule of the model is replaced by its original
-        module; the compiled ones are put back on exit (also on errors)."""
+        module; the compiled ones are put back on exit (also on errors). Nested in another ``uncompiled`` of this
+        handle (the forwards of an explanation, inside :meth:`explaining`) it does nothing: the outer one has
+        already swapped every compiled part out."""
+        if self._uncompiled:
+            yield
+            return
         swapped, in_place, lightning = self._compiled_parts()
+        self._uncompiled = True
         try:
             for parent, name, child in swapped:
                 setattr(parent, name, unwrap_compiled(child))
@@ -114,6 +121,7 @@ class ModelHandle:
                 module.forward = module._compiler_ctx["original_forward"]
             yield
         finally:
+            self._uncompiled = False
             for parent, name, child in swapped:
                 setattr(parent, name, child)
             for module, compiled in in_place:

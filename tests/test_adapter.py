@@ -147,3 +147,51 @@ def test_modules_that_are_not_vits_get_a_helpful_error():
         find_vit(Wrapped(), "encoder")
     with pytest.raises(TypeError, match="not a supported Vision Transformer"):
         find_vit(Wrapped(), lambda m: m.backbone.head)
+
+
+class _ClassFlag(nn.Module):
+    grad_checkpointing = True  # a class attribute, never set on the instance
+
+
+class _PropertyFlag(nn.Module):
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return True
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value: bool) -> None:
+        self.__dict__["_set"] = value
+
+
+class _Forwarding(nn.Module):
+    """A wrapper that answers unknown attributes from the module it wraps (as PEFT's wrappers do)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+
+def test_checkpointing_flags_are_found_as_getattr_finds_them():
+    """``without_checkpointing`` reads the flags without ``getattr``'s AttributeErrors; what it finds is what
+    ``getattr(module, name, None) is True`` finds, on instance, class and property flags and behind a
+    ``__getattr__`` that forwards, and every flag is restored."""
+    from lightning_xai.adapters import _checkpointing_flags, without_checkpointing
+
+    vit = make_vit(depth=2)
+    vit.set_grad_checkpointing(True)
+    vit.blocks[0].add_module("extra", nn.ModuleList([_ClassFlag(), _PropertyFlag(), _Forwarding(_ClassFlag())]))
+    vit.blocks[1].gradient_checkpointing = False
+    names = ("grad_checkpointing", "gradient_checkpointing")
+    expected = [(m, n) for m in vit.modules() for n in names if getattr(m, n, None) is True]
+    found = _checkpointing_flags(vit)
+    assert [(id(m), n) for m, n in found] == [(id(m), n) for m, n in expected]
+    assert {type(m).__name__ for m, _ in found} == {"VisionTransformer", "_ClassFlag", "_PropertyFlag", "_Forwarding"}
+    with without_checkpointing(vit):
+        assert not vit.grad_checkpointing
+    assert vit.grad_checkpointing and vit.blocks[1].gradient_checkpointing is False

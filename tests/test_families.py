@@ -238,6 +238,58 @@ def test_compiled_models_are_explained_through_their_original_module(images):
     assert find_vit(compiled) is model
 
 
+def test_a_model_compiled_or_swapped_after_a_first_explanation_is_explained_through_its_original_modules(images):
+    """The compiled parts are looked up at every call, not remembered from the first: a backbone swapped for its
+    compiled version, then one compiled in place, after the explainer has run, are both explained through their
+    original forwards (the compiled graphs are not traced again, the maps do not change) and kept for training."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    vit = make_vit(depth=2)
+    holder = Holder(vit)
+    explainer = lx.create_explainer("gradtoken", holder)
+    expected = explainer(images, TARGETS).raw
+    assert not explainer.handle.compiled
+    swapped_counter, in_place_counter = CompileCounterWithBackend("eager"), CompileCounterWithBackend("eager")
+
+    holder.backbone = torch.compile(vit, backend=swapped_counter)
+    with torch.no_grad():
+        holder(images)
+    traced = swapped_counter.frame_count
+    assert explainer.handle.compiled
+    torch.testing.assert_close(explainer(images, TARGETS).raw, expected)
+    assert swapped_counter.frame_count == traced > 0 and type(holder.backbone).__name__ == "OptimizedModule"
+
+    holder.backbone = vit
+    vit.compile(backend=in_place_counter)
+    with torch.no_grad():
+        holder(images)
+    traced = in_place_counter.frame_count
+    assert explainer.handle.compiled
+    torch.testing.assert_close(explainer(images, TARGETS).raw, expected)
+    assert in_place_counter.frame_count == traced > 0 and vit._compiled_call_impl is not None
+
+
+def test_nested_uncompiled_contexts_restore_the_compiled_modules_once_on_the_outer_exit(images):
+    """``ModelHandle.uncompiled`` nested in itself (the explainers' forwards inside ``explaining``) leaves the
+    swap to the outer context, also after an error inside."""
+    vit = make_vit(depth=2)
+    holder = Holder(torch.compile(vit, backend="eager"))
+    handle = lx.create_explainer("gradtoken", holder).handle
+    compiled = holder.backbone
+    with handle.uncompiled():
+        with handle.uncompiled():
+            assert holder.backbone is vit
+        assert holder.backbone is vit  # the inner exit did not put the compiled module back
+    assert holder.backbone is compiled
+    with pytest.raises(RuntimeError, match="inside"), handle.uncompiled():
+        raise RuntimeError("inside")
+    assert holder.backbone is compiled
+    with handle.uncompiled():  # the error left nothing behind: the next context swaps again
+        assert holder.backbone is vit
+    assert holder.backbone is compiled
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     not os.environ.get("LIGHTNING_XAI_TEST_INDUCTOR"),
@@ -299,6 +351,30 @@ def test_good_option_values_pass_and_depth_checks_wait_for_the_model():
     assert lx.get_explainer("rollout").check_options({"start_layer": 5}) == {"start_layer": 5}
     with pytest.raises(ValueError, match="start_layer must be in"):
         lx.create_explainer("rollout", make_vit(depth=2), start_layer=5)
+
+
+def test_option_names_follow_a_constructor_replaced_after_they_were_read():
+    """The option names are read from the constructors once per class and again when one of them changes: a
+    subclass's own names, a constructor replaced after a first read, and the parent left as it was."""
+    from lightning_xai.explainers.gradient import GradToken
+
+    class Sharper(GradToken):
+        def __init__(self, model: nn.Module, *, sharpness: float = 1.0, **kwargs) -> None:
+            super().__init__(model, **kwargs)
+            self.sharpness = sharpness
+
+    parent = GradToken.option_names()
+    assert Sharper.option_names() == ["sharpness", *parent]
+
+    def replaced(self, model: nn.Module, *, sharpness: float = 1.0, gamma: float = 2.0, **kwargs) -> None:
+        GradToken.__init__(self, model, **kwargs)
+        self.sharpness, self.gamma = sharpness, gamma
+
+    Sharper.__init__ = replaced
+    assert Sharper.option_names() == ["sharpness", "gamma", *parent]
+    assert Sharper(make_vit(depth=2), gamma=3.0).options() == {"sharpness": 1.0, "gamma": 3.0, "layers": "all",
+                                                                 "per_layer_norm": False, "objective": "logit"}
+    assert GradToken.option_names() == parent
 
 
 # -- the published extension contract --------------------------------------------------------------------------------

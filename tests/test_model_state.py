@@ -88,3 +88,38 @@ def test_autocast_gives_float32_maps():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         result = lx.explain(model, images, method="gradtoken")
     assert result.maps.dtype == torch.float32 and torch.isfinite(result.maps).all()
+
+
+class _CountsTrain(torch.nn.Module):
+    """A module whose ``train`` override must run when the model is put in eval mode (as Hugging Face's does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[bool] = []
+
+    def train(self, mode: bool = True):
+        self.calls.append(mode)
+        return super().train(mode)
+
+
+@pytest.mark.parametrize("override", [False, True])
+def test_explanation_mode_sets_eval_as_model_eval_does_and_restores_each_flag(override):
+    """``explanation_mode`` sets the flags directly unless ``train`` is overridden somewhere, where it calls
+    ``model.eval()``: inside, every module is in eval mode (a module shared by two parents too) and an override
+    was called as ``eval()`` calls it; on exit every flag is back, mixed modes included."""
+    from lightning_xai.explainers.base import explanation_mode
+
+    model = make_vit(depth=2).train()
+    shared = torch.nn.Linear(2, 2)
+    model.blocks[1].eval()
+    model.blocks[0].add_module("shared", shared)
+    model.blocks[1].add_module("shared_again", shared)  # a training module inside an eval-mode block
+    counter = _CountsTrain()  # in training mode, as built
+    if override:
+        model.blocks[0].add_module("counter", counter)
+    before = [m.training for m in model.modules()]
+    with explanation_mode(model):
+        assert not any(m.training for m in model.modules())
+        assert torch.is_grad_enabled()
+    assert [m.training for m in model.modules()] == before and shared.training
+    assert counter.calls == ([False] if override else [])

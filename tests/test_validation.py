@@ -31,6 +31,34 @@ def test_bad_images(model, images, error, message):
         lx.explain(model, images)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_all_finite_answers_as_isfinite_all(dtype):
+    """The finiteness check reads the minimum and maximum; it agrees with ``isfinite(x).all()`` wherever a NaN or
+    an infinity sits, on strided and empty tensors, and a dtype without ``aminmax`` gets ``isfinite``'s answer."""
+    from lightning_xai.validation import all_finite
+
+    base = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)).to(dtype)
+    cases = [base, base.transpose(-1, -2), base[:, :, ::2], torch.empty(2, 3, 0, 8, dtype=dtype)]
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for where in ((0, 0, 0, 0), (1, 2, 7, 7), (1, 0, 3, 5)):
+            case = base.clone()
+            case[where] = bad
+            cases += [case, case.transpose(-1, -2)]
+    cases.append(torch.tensor([float("-inf"), float("inf")], dtype=dtype))
+    cases.append(torch.full((1, 1, 2, 2), float("nan"), dtype=dtype))
+    for case in cases:
+        assert all_finite(case) == bool(torch.isfinite(case).all())
+    if dtype is torch.float32 and hasattr(torch, "float8_e4m3fn"):
+        eight = base.to(torch.float8_e4m3fn)
+        try:
+            expected = bool(torch.isfinite(eight).all())
+        except RuntimeError as err:
+            with pytest.raises(type(err)):
+                all_finite(eight)
+        else:
+            assert all_finite(eight) == expected
+
+
 def test_size_not_divisible_by_patch_on_dynamic_model():
     dynamic = make_vit(dynamic_img_size=True)
     with pytest.raises(ValueError, match="not divisible by the patch size 8x8"):

@@ -318,6 +318,30 @@ def _grid_for(patches: int, size: tuple[int, int]) -> tuple[int, int] | None:
     return best if abs(math.log(best[0] / best[1] / aspect)) < math.log(1.25) else None
 
 
+_CHECKPOINTING_FLAGS = ("grad_checkpointing", "gradient_checkpointing")
+
+
+def _checkpointing_flags(vit: nn.Module) -> list[tuple[nn.Module, str]]:
+    """``(module, name)`` of every submodule of ``vit`` whose flag ``name`` (timm's or Hugging Face's gradient
+    checkpointing) ``is True``, as ``getattr(module, name, None) is True`` says, but without the
+    ``AttributeError`` that ``nn.Module.__getattr__`` raises for each missing flag (slow, and asked of every
+    submodule at every explanation): for a class that neither defines a flag nor overrides ``__getattr__``, an
+    instance's flag is in its ``__dict__`` or is no ``True`` (``nn.Module.__getattr__`` finds only parameters,
+    buffers and submodules)."""
+    plain: dict[type, bool] = {}  # per class, within this walk
+    flags = []
+    for module in unwrap_compiled(vit).modules():
+        cls = type(module)
+        if cls not in plain:
+            defined = any(hasattr(cls, name) for name in _CHECKPOINTING_FLAGS)
+            plain[cls] = cls.__getattr__ is nn.Module.__getattr__ and not defined
+        own = vars(module)
+        for name in _CHECKPOINTING_FLAGS:
+            if (own.get(name) if plain[cls] else getattr(module, name, None)) is True:
+                flags.append((module, name))
+    return flags
+
+
 @contextlib.contextmanager
 def without_checkpointing(vit: nn.Module) -> Iterator[None]:
     """Gradient checkpointing off in ``vit`` inside the context (timm ``grad_checkpointing``, Hugging Face
@@ -328,16 +352,11 @@ def without_checkpointing(vit: nn.Module) -> Iterator[None]:
     (torch's ``CheckpointError``), or detaches the captured tensors altogether (reentrant checkpointing).
     The explanation pass is a forward and a backward of a few images, so the memory checkpointing saves is small.
     """
-    flags = [
-        (module, name, getattr(module, name))
-        for module in unwrap_compiled(vit).modules()
-        for name in ("grad_checkpointing", "gradient_checkpointing")
-        if getattr(module, name, None) is True
-    ]
+    flags = _checkpointing_flags(vit)
     try:
-        for module, name, _ in flags:
+        for module, name in flags:
             setattr(module, name, False)
         yield
     finally:
-        for module, name, value in flags:
-            setattr(module, name, value)
+        for module, name in flags:
+            setattr(module, name, True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -105,14 +106,49 @@ def explanation_mode(model: nn.Module) -> Iterator[None]:
     ``param.grad`` are never written by explainers (gradients are taken with ``torch.autograd.grad`` with
     respect to captured activations only).
     """
-    modes = [(m, m.training) for m in model.modules()]
+    modules = list(model.modules())
+    modes = [m.training for m in modules]
     try:
-        model.eval()
+        _eval(model, modules)
         with torch.inference_mode(False), torch.enable_grad():
             yield
     finally:
-        for module, training in modes:
-            module.training = training
+        for module, training in zip(modules, modes, strict=True):
+            if module.training is not training:
+                module.training = training
+
+
+def _eval(model: nn.Module, modules: list[nn.Module]) -> None:
+    """``model.eval()``, given ``modules = list(model.modules())``. Where neither ``model.eval`` nor any module's
+    ``train`` is overridden, that call sets ``training = False`` on each of them (``Module.train`` recurses into the
+    children), which is done here directly on those still training: ~0.1 ms on ViT-Tiny against ~0.6 ms for the
+    recursion. Otherwise ``model.eval()`` is called, so that an override runs as it would."""
+    if _overrides_mode(model, modules):
+        model.eval()
+        return
+    for module in modules:
+        if module.training is not False:
+            module.training = False
+
+
+def _overrides_mode(model: nn.Module, modules: list[nn.Module]) -> bool:
+    """Whether ``model.eval`` or the ``train`` of any of ``modules`` is not ``nn.Module``'s own."""
+    if type(model).eval is not nn.Module.eval or "eval" in vars(model):
+        return True
+    plain: set[type] = set()  # classes seen that keep Module.train
+    for module in modules:
+        cls = type(module)
+        if cls not in plain:
+            if cls.train is not nn.Module.train:
+                return True
+            plain.add(cls)
+        if "train" in vars(module):
+            return True
+    return False
+
+
+#: per explainer class, its option names and what they were read from (see :meth:`Explainer.option_names`)
+_OPTION_NAMES: weakref.WeakKeyDictionary[type, tuple[tuple, tuple[str, ...]]] = weakref.WeakKeyDictionary()
 
 
 class Explainer:
@@ -167,7 +203,20 @@ class Explainer:
     # -- options --------------------------------------------------------------------------------------
     @classmethod
     def option_names(cls) -> list[str]:
-        """The method-specific keyword options its constructor accepts."""
+        """The method-specific keyword options its constructor accepts.
+
+        Read from the constructors' signatures once per class (every explanation records its options, and
+        ``inspect.signature`` costs ~0.5 ms), and read again when a constructor in the class's MRO or its
+        ``COMMON_OPTIONS`` is not the one they were read from."""
+        key = (cls.COMMON_OPTIONS, *(vars(klass).get("__init__") for klass in cls.__mro__))
+        cached = _OPTION_NAMES.get(cls)
+        if cached is None or cached[0] != key:
+            cached = _OPTION_NAMES[cls] = (key, cls._read_option_names())
+        return list(cached[1])
+
+    @classmethod
+    def _read_option_names(cls) -> tuple[str, ...]:
+        """:meth:`option_names` read from the signatures of the constructors in the MRO."""
         base = {"self", "model", *cls.COMMON_OPTIONS}
         names: list[str] = []
         for klass in cls.__mro__:  # subclasses first, then the options they pass on through **kwargs
@@ -176,7 +225,7 @@ class Explainer:
             for p, v in inspect.signature(klass.__init__).parameters.items():
                 if p not in base and p not in names and v.kind is inspect.Parameter.KEYWORD_ONLY:
                     names.append(p)
-        return names
+        return tuple(names)
 
     @classmethod
     def check_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
