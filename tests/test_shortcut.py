@@ -355,6 +355,13 @@ def test_stamped_carriers_catch_marks_and_not_objects_that_always_sit_at_the_cen
         assert result.rate >= 0.8 and result.stamps is not None and result.carriers.shape == (8,)
         shares.append(result.carrier_share)
     assert shares.count(0.0) >= 9, shares
+    import lightning_xai as lx
+
+    images, classes, maps = _centred_stripes(8, 1)
+    more, labels, _ = _centred_stripes(24, 101)
+    plain = lx.check_shortcut(model, images, maps=maps, targets=classes)
+    audited = lx.check_shortcut(model, images, maps=maps, targets=classes, references=(more, labels))
+    assert plain.suspicious and plain.carriers is None and audited.carriers == [] and not audited.suspicious
     from lightning_xai.demos import SyntheticObjects, add_cue
 
     for kind in ("colour", "position"):
