@@ -51,6 +51,7 @@ import lightning_xai as lx
 from lightning_xai.demos import SMALL_VIT, SyntheticDataModule, SyntheticObjects, ViTClassifier, add_cue
 from lightning_xai.shortcut import (
     DEFAULT_PATIENCE,
+    DEFAULT_PATIENCE_WITH_REFERENCES,
     DEFAULT_REGION,
     DEFAULT_THRESHOLD,
     ShortcutAlarm,
@@ -246,21 +247,38 @@ def fmt(values: list[float]) -> str:
     return " ".join("nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}" for v in values)
 
 
+def with_carriers(results: list[dict], method: str) -> bool:
+    """Add ``alarm8`` to every row of ``method`` when the runs hold ``carriers8`` (``eval_shortcut.py
+    --add-carriers``): the rate as the callback's alarm counts it with labelled references, i.e. the rate when a
+    probe is a stamped carrier and 0 otherwise. Returns whether they did."""
+    rows = [row for r in results for row in r["rows"][method]]
+    if not rows or not all("carriers8" in row for row in rows):
+        return False
+    for row in rows:
+        rate, share = row[f"rate8_{DEFAULT_REGION}"], row["carriers8"]
+        row["alarm8"] = rate if math.isnan(rate) or (share is not None and share > 0) else 0.0
+    return True
+
+
 def summary(results: list[dict], methods: list[str], threshold: float = DEFAULT_THRESHOLD,
             patience: int = DEFAULT_PATIENCE) -> None:
-    key = f"rate8_{DEFAULT_REGION}"
     results = sorted(results, key=lambda r: (list(KINDS).index(r["kind"]), r["seed"]))
     for method in methods:
+        key, rule_patience = f"rate8_{DEFAULT_REGION}", patience
+        if with_carriers(results, method):  # the callback's rule with references: carriers gate, patience 1
+            key, rule_patience = "alarm8", DEFAULT_PATIENCE_WITH_REFERENCES
         print(f"\n## {method}: transplant rate per epoch (8 probes, region {DEFAULT_REGION:.0%}), threshold "
-              f"{threshold}, patience {patience}\n")
-        print("| data | seed | rate per epoch | raw rate | control | agreement | damage per epoch | "
-              "acc with other cue (end) | follows | damage >= 0.1 at | alarm at | lag |")
-        print("|---|---:|---|---|---|---|---|---:|---|---:|---:|---:|")
+              f"{threshold}, patience {rule_patience}"
+              f"{', an event counts only with a stamped carrier' if key == 'alarm8' else ''}\n")
+        print("| data | seed | rate per epoch | stamped carriers (share of the 8) | raw rate | control | agreement | "
+              "damage per epoch | acc with other cue (end) | follows | damage >= 0.1 at | alarm at | lag |")
+        print("|---|---:|---|---|---|---|---|---|---:|---|---:|---:|---:|")
         for r in results:
             rows = r["rows"][method]
-            fired, damaged = alarm_epoch(rows, key, threshold, patience), damage_epoch(rows)
+            fired, damaged = alarm_epoch(rows, key, threshold, rule_patience), damage_epoch(rows)
             lag = "-" if fired is None or damaged is None else str(fired - damaged)
-            print(f"| {r['kind']} | {r['seed']} | {fmt([row[key] for row in rows])} | "
+            print(f"| {r['kind']} | {r['seed']} | {fmt([row[f'rate8_{DEFAULT_REGION}'] for row in rows])} | "
+                  f"{fmt([row.get('carriers8') for row in rows])} | "
                   f"{fmt([row[f'raw8_{DEFAULT_REGION}'] for row in rows])} | "
                   f"{fmt([row[f'control8_{DEFAULT_REGION}'] for row in rows])} | "
                   f"{fmt([row['agreement'] for row in rows])} | {fmt([row['damage'] for row in rows])} | "
@@ -291,8 +309,15 @@ def summary(results: list[dict], methods: list[str], threshold: float = DEFAULT_
                               f"{' '.join(j['missed']) or '-'} | {' '.join(j['late']) or '-'} | "
                               f"{' '.join(j['false']) or '-'} | {max(clean, default=math.nan):.2f} | "
                               f"{min((a for a in after if not math.isnan(a)), default=math.nan):.2f} |")
+        if key == "alarm8":
+            j = judge(results, method, key, threshold, rule_patience)
+            print(f"\n- {method} (the callback's defaults with labelled references: rate >= {threshold} and a stamped "
+                  f"carrier, patience {rule_patience}): alarm on {j['hits']} of {j['followers']} runs that follow the "
+                  f"cue within one epoch of the damage (lags {j['lags']}); missed {j['missed']}, late {j['late']}; "
+                  f"false alarms {j['false']} -> {'holds' if j['holds'] else 'FAILS'}")
+        key = f"rate8_{DEFAULT_REGION}"
         j = judge(results, method, key, threshold, patience)
-        print(f"\n- {method} (defaults): alarm on {j['hits']} of {j['followers']} runs that follow the cue within one "
+        print(f"\n- {method} (the rate alone, as without references, patience {patience}): alarm on {j['hits']} of {j['followers']} runs that follow the cue within one "
               f"epoch of the damage (lags {j['lags']}); missed {j['missed']}, late {j['late']}; false alarms "
               f"{j['false']} -> {'holds' if j['holds'] else 'FAILS'}")
         if all(f"recur8_{DEFAULT_REGION}" in row for r in results for row in r["rows"][method]):

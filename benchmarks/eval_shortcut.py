@@ -199,6 +199,35 @@ def evaluate(folder: Path, methods: list[str], probes8: int = 8) -> dict:
                 num_train=run["num_train"])
 
 
+def add_carriers(folder: Path, results: Path, methods: list[str], probes8: int = 8) -> None:
+    """Fill ``carriers8`` (the callback's rule: the share of its 8 probes that are stamped carriers, with the saved
+    probes and their labels as the references) into the saved results of ``folder``'s run, explaining the 8 probes
+    as the callback does, without re-computing the other candidates."""
+    run = json.loads((folder / "run.json").read_text())
+    path = results / f"{run['kind']}_{run['seed']}.json"
+    saved_rows = json.loads(path.read_text())
+    saved = torch.load(folder / "probes.pt")
+    probes, labels = saved["probes"], saved["labels"]
+    module = ViTClassifier(num_classes=NUM_CLASSES, lr=2e-3, warmup_epochs=1, **EXAMPLE_VIT)
+
+    def predict(x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return module(x)
+
+    for base in run["rows"]:
+        module.load_state_dict(torch.load(folder / f"epoch{base['epoch']}.pt"))
+        module.eval()
+        for method in methods:
+            if method not in saved_rows[0]["rows"]:
+                continue
+            result = lx.explain(module, probes[:probes8], method=method)
+            check = transplant_check(predict, probes[:probes8], result.maps[:, 0], result.targets[:, 0].long(),
+                                     references=(probes, labels))
+            row = next(r for r in saved_rows[0]["rows"][method] if r["epoch"] == base["epoch"])
+            row["carriers8"] = check.carrier_share
+    path.write_text(json.dumps(saved_rows))
+
+
 def nan(v) -> float:
     return math.nan if v is None else v
 
@@ -255,10 +284,18 @@ def main() -> None:
                         "(for bench_shortcut.py --load)")
     parser.add_argument("--keys", nargs="+", default=None, help="candidates to judge (default: all)")
     parser.add_argument("--show", nargs="+", default=[], help="candidates to print per run")
+    parser.add_argument("--add-carriers", action="store_true", help="only fill carriers8 into the runs that "
+                        "--results already holds (explaining the 8 probes of each saved epoch), then judge them")
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
     parser.add_argument("--patience", type=int, default=DEFAULT_PATIENCE)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.add_carriers:
+        for folder in args.folders:
+            start = time.perf_counter()
+            add_carriers(Path(folder), Path(args.results), args.methods)
+            print(f"added carriers8 to {folder} in {time.perf_counter() - start:.0f} s", flush=True)
+        return
     if args.load:
         results = [r for path in args.load for r in json.loads(Path(path).read_text())]
     else:

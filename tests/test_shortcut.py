@@ -12,6 +12,7 @@ import torch
 from lightning_xai.shortcut import (
     DEFAULT_FRACTION,
     DEFAULT_PATIENCE,
+    DEFAULT_PATIENCE_WITH_REFERENCES,
     DEFAULT_REGION,
     DEFAULT_THRESHOLD,
     ShortcutAlarm,
@@ -354,6 +355,13 @@ def test_stamped_carriers_catch_marks_and_not_objects_that_always_sit_at_the_cen
         assert result.rate >= 0.8 and result.stamps is not None and result.carriers.shape == (8,)
         shares.append(result.carrier_share)
     assert shares.count(0.0) >= 9, shares
+    import lightning_xai as lx
+
+    images, classes, maps = _centred_stripes(8, 1)
+    more, labels, _ = _centred_stripes(24, 101)
+    plain = lx.check_shortcut(model, images, maps=maps, targets=classes)
+    audited = lx.check_shortcut(model, images, maps=maps, targets=classes, references=(more, labels))
+    assert plain.suspicious and plain.carriers is None and audited.carriers == [] and not audited.suspicious
     from lightning_xai.demos import SyntheticObjects, add_cue
 
     for kind in ("colour", "position"):
@@ -589,10 +597,16 @@ def test_alarm_rate_threshold_evidence_and_note_reach_tensorboard_wandb_and_png(
     # the warning: once, naming the method, the epoch, the patience and the probes concerned
     assert len(alarms) == 1 and alarms[0].category is RuntimeWarning
     text = str(alarms[0].message)
-    assert "'gradtoken'" in text and "epoch 1" in text and "for 2 explained epochs" in text and "probes" in text
-    assert monitor.state_dict()["shortcut_alarms"]["gradtoken"]["fired_at"] == 1
+    # drawn probes with labels: 24 labelled references are drawn with them, so one event with a stamped carrier
+    # is the evidence (patience 1): the cue model's first explained epoch already has one
+    assert "'gradtoken'" in text and "epoch 0" in text and "for 1 explained epoch" in text and "probes" in text
+    assert "stamp of their class" in text
+    assert monitor.state_dict()["shortcut_alarms"]["gradtoken"]["fired_at"] == 0
     threshold = monitor.records.shortcut.threshold
-    assert threshold == DEFAULT_THRESHOLD and monitor.records.shortcut.patience == DEFAULT_PATIENCE == 2
+    assert threshold == DEFAULT_THRESHOLD and monitor.records.shortcut.patience == DEFAULT_PATIENCE_WITH_REFERENCES
+    pool, pool_labels = monitor.records.shortcut.references
+    assert pool.shape == (8 + 24, 3, 32, 32) and pool_labels.shape == (32,)
+    assert len(monitor.state_dict()["references"]["indices"]) == 24
 
     events = EventAccumulator(loggers[0].log_dir, size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     events.Reload()
@@ -644,6 +658,8 @@ def test_monitor_checks_the_shortcut_options():
         ExplanationMonitor(shortcut_threshold=2.0)
     with pytest.raises(ValueError, match="patience"):
         ExplanationMonitor(shortcut_patience=0)
+    with pytest.raises(ValueError, match="shortcut_references must be an int >= 0"):
+        ExplanationMonitor(shortcut_references=-1)
     with pytest.raises(ValueError, match="stop_on_shortcut"):
         ExplanationMonitor(shortcut_alarm=False, stop_on_shortcut=True)
     assert ExplanationMonitor(shortcut_alarm=False).records.shortcut is None
@@ -689,6 +705,36 @@ def test_fixed_targets_with_the_alarm_on_warn_that_it_cannot_fire():
         warnings.simplefilter("error")
         for options in ({"targets": [1, 2], "shortcut_alarm": False}, {"targets": "pred"}, {"targets": "label"}):
             ExplanationMonitor(**options)
+
+
+def test_with_references_an_event_counts_only_with_a_stamped_carrier():
+    """The centre reader's rate is far above the threshold at every event, but no object's centre is a stamp among
+    labelled references: with them the alarm stays silent; without them it fires after the default patience."""
+    from lightning_xai.callbacks.shortcut import ShortcutWatch
+
+    model = CentreStripeReader().eval()
+    images, classes, maps = _centred_stripes(8, 0)
+    more, labels, _ = _centred_stripes(24, 100)
+    with_references, without = ShortcutWatch(), ShortcutWatch()
+    with_references.references = (torch.cat([images, more]), torch.cat([classes, labels]))
+    assert with_references.patience == DEFAULT_PATIENCE_WITH_REFERENCES and without.patience == DEFAULT_PATIENCE
+    for epoch in range(3):
+        rates = with_references.update("m", epoch, images, maps[:, None], classes[:, None], model)
+        without.update("m", epoch, images, maps[:, None], classes[:, None], model)
+        assert rates["shortcut_rate"] >= 0.8 and "m" not in with_references.alarms
+    assert without.state_dict()["m"]["fired_at"] == DEFAULT_PATIENCE - 1
+    assert with_references.state_dict()["m"]["fired_at"] is None
+    # a stamp: the same pixels at the centre in the references of each class
+    stamped = images.clone()
+    stamped[4:] = stamped[:4] + 0.01 * torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    marked = ShortcutWatch()
+    marked.references = (torch.cat([stamped, stamped + 0.01]), torch.cat([classes, classes]))
+    marked.update("m", 0, stamped, maps[:, None], classes[:, None], model)
+    assert marked.alarms["m"].carriers and "stamp of their class" in marked.alarms["m"].message()
+    # a resumed run keeps the patience it ran with, though its references are drawn after the state is loaded
+    resumed = ShortcutWatch()
+    resumed.load_state_dict(with_references.state_dict())
+    assert resumed.state_dict()["m"]["patience"] == DEFAULT_PATIENCE_WITH_REFERENCES
 
 
 def test_watch_logs_rate_threshold_and_agreement_and_keeps_the_alarm_across_a_checkpoint():

@@ -29,7 +29,7 @@ from lightning_xai.callbacks.probes import Probe, ProbeSet
 from lightning_xai.callbacks.record_builder import RecordBuilder
 from lightning_xai.callbacks.runner import ProbeRunner
 from lightning_xai.callbacks.schedule import Schedule
-from lightning_xai.callbacks.shortcut import DEFAULT_PATIENCE, DEFAULT_THRESHOLD, ShortcutWatch, probe_coverage_warning
+from lightning_xai.callbacks.shortcut import DEFAULT_THRESHOLD, ShortcutWatch, probe_coverage_warning
 from lightning_xai.callbacks.sinks import Record, sinks_for
 from lightning_xai.callbacks.step_inputs import StepInputCheck
 from lightning_xai.explainers import Explanation
@@ -86,7 +86,8 @@ class ExplanationMonitor(Callback):
         batch_transform: BatchTransform = None,
         shortcut_alarm: bool = True,
         shortcut_threshold: float = DEFAULT_THRESHOLD,
-        shortcut_patience: int = DEFAULT_PATIENCE,
+        shortcut_patience: int | None = None,
+        shortcut_references: int = 24,
         stop_on_shortcut: bool = False,
     ) -> None:
         super().__init__()
@@ -103,7 +104,8 @@ class ExplanationMonitor(Callback):
         self.task, self.name = task, name
         self.class_names = None if class_names is None else list(class_names)
         self.probes = ProbeSet(probe_images, probe_labels, probe_masks, num_probes=num_probes, split=probe_split,
-                               seed=seed, batch_transform=batch_transform, targets=targets, top_k=top_k)
+                               seed=seed, batch_transform=batch_transform, targets=targets, top_k=top_k,
+                               num_references=shortcut_references if shortcut_alarm else 0)
         checks.check_shortcut_targets(shortcut_alarm, self.probes.targets)
         self.stage, self.explain_at_fit_start = stage, explain_at_fit_start
         self.schedule = Schedule(every_n_epochs, every_n_validations)
@@ -182,6 +184,8 @@ class ExplanationMonitor(Callback):
             rank_zero_warn("lightning-xai: the shortcut alarm is off for this multi-label model: it asks whether a "
                            "region moves an image's one predicted class to another, which a multi-label head does "
                            "not have. Pass shortcut_alarm=False to silence this.", category=UserWarning)
+        if self.records.shortcut is not None:
+            self.records.shortcut.references = self.probes.reference_pool()
         coverage = probe_coverage_warning(self.probes.probe.labels) if self.records.shortcut is not None else None
         if coverage is not None:
             rank_zero_warn(f"lightning-xai: {coverage}", category=UserWarning)

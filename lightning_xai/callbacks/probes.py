@@ -89,6 +89,8 @@ class ProbeSet:
     Args:
         images, labels, masks: the user's probes (see :func:`from_tensors`), or ``images=None`` to draw them.
         num_probes, split, seed: how many samples to draw, from which dataloader (``"val"`` or ``"train"``).
+        num_references: with drawn probes, also draw this many labelled samples (seeded by ``seed + 1``) as the
+            shortcut check's references (:meth:`reference_pool`); ``0``: none.
         batch_transform: reads a collated batch into ``(images, labels, masks)`` (default: :func:`.read_batch`).
         targets, top_k: which classes to explain (see :func:`select_targets`).
 
@@ -99,9 +101,10 @@ class ProbeSet:
     def __init__(
         self, images: Tensor | None = None, labels: Tensor | None = None, masks: Tensor | None = None, *,
         num_probes: int = 8, split: str = "val", seed: int = 0, batch_transform: BatchTransform = None,
-        targets: str | int | Sequence[int] = "pred", top_k: int = 2,
+        targets: str | int | Sequence[int] = "pred", top_k: int = 2, num_references: int = 0,
     ) -> None:
         check_choice("probe_split", split, SPLITS)
+        check_count("shortcut_references", num_references, minimum=0)
         for name, value in (("num_probes", num_probes), ("top_k", top_k)):
             check_count(name, value)
         check_count("seed", seed, minimum=0)
@@ -111,20 +114,40 @@ class ProbeSet:
             raise ValueError("targets='label' needs probe_labels when probe_images are given")
         self.given = None if images is None else from_tensors(images, labels, masks)
         self.num_probes, self.split, self.seed, self.batch_transform = num_probes, split, seed, batch_transform
+        self.num_references = num_references
         self.probe: Probe | None = self.given
         """The probes of the current run (``None`` until drawn)."""
+        self.references: Probe | None = None
+        """Labelled samples drawn with the probes for the shortcut check (``None``: none drawn)."""
 
     def reset(self) -> None:
         """A new run: draw the probes again (the user's tensors stay)."""
-        self.probe = self.given
+        self.probe, self.references = self.given, None
 
     def draw(self, trainer: pl.Trainer) -> Probe:
-        """The run's probes, drawn from the trainer's data the first time (see :func:`.batches.draw_samples`)."""
+        """The run's probes, drawn from the trainer's data the first time (see :func:`.batches.draw_samples`), and
+        with them the references."""
         if self.probe is None:
             samples = draw_samples(trainer, self.split, self.num_probes, self.seed, self.batch_transform)
             self.probe = from_tensors(samples.images, samples.labels, samples.masks, source=samples.source)
             self.probe.indices = samples.indices
+            if self.num_references > 0 and self.probe.labels is not None:
+                more = draw_samples(trainer, self.split, self.num_references, self.seed + 1, self.batch_transform)
+                self.references = from_tensors(more.images, more.labels, source=more.source)
+                self.references.indices = more.indices
         return self.probe
+
+    def reference_pool(self) -> tuple[Tensor, Tensor] | None:
+        """The shortcut check's labelled references ``(images (R, C, H, W), labels (R,))``: the probes and the
+        references drawn with them, when both carry class-index labels ``(P,)`` of the probes' shape; else
+        ``None`` (user-given probes, no labels, other label layouts)."""
+        probe, more = self.probe, self.references
+        if probe is None or more is None or probe.labels is None or more.labels is None:
+            return None
+        if probe.labels.dim() != 1 or more.labels.dim() != 1 or probe.labels.is_floating_point() \
+                or more.labels.is_floating_point() or more.images.shape[1:] != probe.images.shape[1:]:
+            return None
+        return torch.cat([probe.images, more.images]), torch.cat([probe.labels, more.labels]).long()
 
     def select(self, logits: Tensor, task: str = "multiclass") -> Tensor:
         """The classes ``(P, K)`` to explain given the probes' class scores ``(P, num_classes)`` of a ``task`` (see
@@ -132,12 +155,16 @@ class ProbeSet:
         return select_targets(self.targets, self.top_k, logits, self.probe.labels, task)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"probe": None if self.probe is None else self.probe.state_dict(), "targets": self.targets}
+        return {"probe": None if self.probe is None else self.probe.state_dict(), "targets": self.targets,
+                "references": None if self.references is None else self.references.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Take the saved probes (a resumed run explains the same images); the targets stay as constructed."""
+        """Take the saved probes and references (a resumed run explains the same images); the targets stay as
+        constructed."""
         if state.get("probe") is not None:
             self.probe = Probe.from_state_dict(state["probe"])
+        if state.get("references") is not None:
+            self.references = Probe.from_state_dict(state["references"])
 
 
 def check_targets(targets: Any) -> str | int | list[int]:

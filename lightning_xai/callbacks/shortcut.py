@@ -17,6 +17,7 @@ from lightning_xai.callbacks import keys
 from lightning_xai.shortcut import *  # noqa: F403 - the analysis's names, importable from here as before
 from lightning_xai.shortcut import (
     DEFAULT_PATIENCE,
+    DEFAULT_PATIENCE_WITH_REFERENCES,
     DEFAULT_REGION,
     DEFAULT_THRESHOLD,
     ShortcutAlarm,
@@ -59,16 +60,22 @@ class ShortcutWatch:
     Args:
         threshold: alarm level of the transplant rate, in ``[0, 1]`` (``0``: fires at the first event whose rate
             is defined; for trying the wiring).
-        patience: consecutive explained events at or above it before the alarm fires.
+        patience: consecutive explained events at or above it before the alarm fires; ``None``:
+            :data:`DEFAULT_PATIENCE_WITH_REFERENCES` when the check has labelled :attr:`references`, else
+            :data:`DEFAULT_PATIENCE`.
         fraction: each probe's region, as a fraction of the pixels.
     """
 
-    def __init__(self, threshold: float = DEFAULT_THRESHOLD, patience: int = DEFAULT_PATIENCE,
+    def __init__(self, threshold: float = DEFAULT_THRESHOLD, patience: int | None = None,
                  fraction: float = DEFAULT_REGION) -> None:
-        ShortcutAlarm("check", threshold, patience)  # validates threshold and patience now
+        ShortcutAlarm("check", threshold, DEFAULT_PATIENCE if patience is None else patience)  # validates now
         if not 0.0 < float(fraction) < 1.0:
             raise ValueError(f"the shortcut region fraction must be in (0, 1), got {fraction}")
-        self.threshold, self.patience, self.fraction = float(threshold), int(patience), float(fraction)
+        self.threshold, self.fraction = float(threshold), float(fraction)
+        self.chosen_patience = None if patience is None else int(patience)
+        self.references: tuple[Tensor, Tensor] | None = None
+        """Labelled reference images ``((R, C, H, W), (R,))`` in the model's input space, or ``None``: with them an
+        event counts toward the alarm only when a probe is a stamped carrier (``docs/methods.md``)."""
         self._alarms: dict[str, ShortcutAlarm] = {}
         self.checks: dict[str, TransplantResult] = {}
         """The latest event's transplant check per method."""
@@ -77,6 +84,13 @@ class ShortcutWatch:
         self.alarms: dict[str, ShortcutEvent] = {}
         """The alarms that fired at the latest event, per method (each method fires once per run)."""
 
+    @property
+    def patience(self) -> int:
+        """The patience in use: the chosen one, or the default for whether there are references."""
+        if self.chosen_patience is not None:
+            return self.chosen_patience
+        return DEFAULT_PATIENCE if self.references is None else DEFAULT_PATIENCE_WITH_REFERENCES
+
     def update(self, method: str, epoch: int, images: Tensor, maps: Tensor, classes: Tensor,
                predict: Callable[[Tensor], Tensor]) -> dict[str, float]:
         """Check ``method``'s maps ``(P, K, H, W)`` of the probes ``images`` ``(P, C, H, W)`` explained for
@@ -84,7 +98,7 @@ class ShortcutWatch:
         :data:`~lightning_xai.shortcut.transplant.PredictFn`). Returns ``shortcut_rate`` and
         ``shortcut_agreement`` (when defined: the probes were explained for two classes or more) and
         ``shortcut_threshold`` (always, so that loggers draw it as a line beside the rate)."""
-        transplant = transplant_check(predict, images, maps, classes, self.fraction)
+        transplant = transplant_check(predict, images, maps, classes, self.fraction, references=self.references)
         agreement = shortcut_score(maps.detach().float().cpu(), classes.detach().cpu())
         self.checks[method], self.agreements[method] = transplant, agreement
         out = {"shortcut_threshold": self.threshold}
@@ -94,7 +108,9 @@ class ShortcutWatch:
             out["shortcut_agreement"] = agreement.score
         alarm = self._alarms.setdefault(method, ShortcutAlarm(method, self.threshold, self.patience))
         self.alarms.pop(method, None)
-        event = alarm.update(epoch, transplant.rate, transplant.probes_above(self.threshold))
+        carriers = transplant.carriers
+        carriers = None if carriers is None else [int(i) for i in torch.nonzero(carriers).flatten()]
+        event = alarm.update(epoch, transplant.rate, transplant.probes_above(self.threshold), carriers)
         if event is not None:
             self.alarms[method] = event
         return out
@@ -138,5 +154,7 @@ class ShortcutWatch:
         self._alarms = {}
         for method, alarm_state in state.items():
             if keep is None or method in keep:
-                self._alarms[method] = ShortcutAlarm(method, self.threshold, self.patience)
+                patience = alarm_state.get("patience", self.patience) if self.chosen_patience is None \
+                    else self.chosen_patience  # the run's own (references are drawn after a resume loads this)
+                self._alarms[method] = ShortcutAlarm(method, self.threshold, patience)
                 self._alarms[method].load_state_dict(alarm_state)

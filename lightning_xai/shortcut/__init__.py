@@ -20,6 +20,7 @@ from lightning_xai.shortcut.agreement import (
 )
 from lightning_xai.shortcut.alarm import (
     DEFAULT_PATIENCE,
+    DEFAULT_PATIENCE_WITH_REFERENCES,
     DEFAULT_THRESHOLD,
     ShortcutAlarm,
     ShortcutEvent,
@@ -40,6 +41,7 @@ from lightning_xai.shortcut.transplant import (
 __all__ = [
     "DEFAULT_FRACTION",
     "DEFAULT_PATIENCE",
+    "DEFAULT_PATIENCE_WITH_REFERENCES",
     "DEFAULT_REGION",
     "DEFAULT_STAMP_RATIO",
     "DEFAULT_THRESHOLD",

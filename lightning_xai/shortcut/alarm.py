@@ -11,6 +11,9 @@ from typing import Any
 DEFAULT_THRESHOLD = 0.25
 #: Consecutive explained events with the rate at or above the threshold before the alarm fires.
 DEFAULT_PATIENCE = 2
+#: The same when the check also has labelled references, so that each event needs a stamped carrier (see
+#: ``docs/methods.md``, "Stamped carriers"): that evidence does not come and go by chance as the rate does.
+DEFAULT_PATIENCE_WITH_REFERENCES = 1
 
 
 def explained_epochs(count: int) -> str:
@@ -22,7 +25,8 @@ def explained_epochs(count: int) -> str:
 class ShortcutEvent:
     """An alarm: ``method``'s transplant rate stayed at or above ``threshold`` for ``patience`` explained epochs
     ending at ``epoch``; ``rates`` are those epochs' values, ``probes`` the donor probes whose own rate reached
-    the threshold at ``epoch``."""
+    the threshold at ``epoch``; ``carriers`` the stamped carriers at ``epoch`` (``None``: the check had no labelled
+    references)."""
 
     method: str
     epoch: int
@@ -30,14 +34,19 @@ class ShortcutEvent:
     threshold: float
     patience: int
     probes: list[int] = field(default_factory=list)
+    carriers: list[int] | None = None
 
     def message(self) -> str:
         values = ", ".join(f"{r:.2f}" for r in self.rates)
+        stamped = "" if self.carriers is None else (
+            f"; probes whose region is also a stamp of their class (the same pixels at the same place in labelled "
+            f"images of that class and not of the others): {self.carriers}")
         return (f"shortcut alarm for {self.method!r} at epoch {self.epoch}: pasting the small region each probe's "
                 f"map points at into the probes of other classes turned their prediction into the donor's class in "
                 f"a share of the pairs at or above {self.threshold:.2f} ({values}) for "
-                f"{explained_epochs(self.patience)}; probes whose region carries their class: {self.probes}. The "
-                f"model may be reading a spurious cue (a watermark, a tag, a border mark) instead of the objects.")
+                f"{explained_epochs(self.patience)}; probes whose region carries their class: {self.probes}"
+                f"{stamped}. The model may be reading a spurious cue (a watermark, a tag, a border mark) instead of "
+                f"the objects.")
 
 
 class ShortcutAlarm:
@@ -63,9 +72,12 @@ class ShortcutAlarm:
     def fired(self) -> bool:
         return self.fired_at is not None
 
-    def update(self, epoch: int, rate: float, probes: list[int] | None = None) -> ShortcutEvent | None:
-        """Record ``rate`` of explained epoch ``epoch``; return the event the first time the alarm fires."""
-        if math.isnan(rate) or rate < self.threshold:
+    def update(self, epoch: int, rate: float, probes: list[int] | None = None, carriers: list[int] | None = None
+               ) -> ShortcutEvent | None:
+        """Record ``rate`` of explained epoch ``epoch``; return the event the first time the alarm fires.
+        ``carriers``: the event's stamped carriers when the check had labelled references (``None``: it had none);
+        an event with references but no stamped carrier does not count, whatever its rate."""
+        if math.isnan(rate) or rate < self.threshold or (carriers is not None and not carriers):
             self.streak = []
             return None
         self.streak.append(float(rate))
@@ -73,7 +85,7 @@ class ShortcutAlarm:
             return None
         self.fired_at = int(epoch)
         return ShortcutEvent(self.method, int(epoch), self.streak[-self.patience:], self.threshold, self.patience,
-                             list(probes or []))
+                             list(probes or []), None if carriers is None else list(carriers))
 
     def state_dict(self) -> dict[str, Any]:
         return {"method": self.method, "threshold": self.threshold, "patience": self.patience,

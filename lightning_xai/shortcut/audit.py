@@ -63,8 +63,10 @@ class ShortcutCheck:
 
     @property
     def suspicious(self) -> bool:
-        """The rate is at or above the threshold (what one explained epoch of the alarm asks)."""
-        return not math.isnan(self.rate) and self.rate >= self.threshold
+        """The rate is at or above the threshold and, with ``references``, a probe is a stamped carrier (what one
+        explained epoch of the callback's alarm asks)."""
+        carriers = self.carriers
+        return not math.isnan(self.rate) and self.rate >= self.threshold and (carriers is None or bool(carriers))
 
 
 def _plain_model(model: nn.Module, images: Tensor, output_transform: Any, forward: Any
