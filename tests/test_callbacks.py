@@ -332,6 +332,9 @@ def test_resume_explains_the_same_probes(tmp_path):
     run.fit(ViTClassifier(**TINY), datamodule=datamodule(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert resumed.probe.indices == first.probe.indices
     assert torch.equal(resumed.probe.images, first.probe.images)
+    # the shortcut check's references: their indices are saved, their images read again (not the new seed's draw)
+    assert resumed.state_dict()["reference_indices"] == first.state_dict()["reference_indices"] is not None
+    assert torch.equal(resumed.records.shortcut.references[0], first.records.shortcut.references[0])
     assert [epoch for epoch, _ in resumed.explained] == [0, 1, 2, 3]
 
 

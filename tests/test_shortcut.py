@@ -606,7 +606,7 @@ def test_alarm_rate_threshold_evidence_and_note_reach_tensorboard_wandb_and_png(
     assert threshold == DEFAULT_THRESHOLD and monitor.records.shortcut.patience == DEFAULT_PATIENCE_WITH_REFERENCES
     pool, pool_labels = monitor.records.shortcut.references
     assert pool.shape == (8 + 24, 3, 32, 32) and pool_labels.shape == (32,)
-    assert len(monitor.state_dict()["references"]["indices"]) == 24
+    assert len(monitor.state_dict()["reference_indices"]) == 24  # indices only: checkpoints stay small
 
     events = EventAccumulator(loggers[0].log_dir, size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     events.Reload()

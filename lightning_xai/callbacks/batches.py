@@ -168,11 +168,11 @@ def through_batch_hooks(trainer: pl.Trainer, split: str, dataloader_idx: int = 0
 
 
 def from_loader(loader: DataLoader, num_samples: int, seed: int, batch_transform: BatchTransform = None,
-                hooks: BatchHooks = None) -> Samples:
+                hooks: BatchHooks = None, indices: list[int] | None = None) -> Samples:
     """Draw ``num_samples`` samples of ``loader``'s dataset (all of them if it has fewer, with a warning) with a
     private generator seeded by ``seed``; collate them with the loader's ``collate_fn``, pass the batch through
     ``hooks`` (the module's batch hooks, see :func:`through_batch_hooks`) and read it with ``batch_transform``
-    (default :func:`read_batch`).
+    (default :func:`read_batch`). ``indices``: take these dataset indices instead of a draw (a resumed run's).
 
     Raises:
         ValueError: the batch hooks fail on the probe batch (the message names ``probe_images``).
@@ -188,7 +188,12 @@ def from_loader(loader: DataLoader, num_samples: int, seed: int, batch_transform
         raise ValueError("the dataset to draw probes from is empty")
     if num_samples > size:
         rank_zero_warn(f"num_probes={num_samples} but the dataset has {size} samples: explaining all {size}")
-    indices = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:num_samples].sort().values.tolist()
+    if indices is None:
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
+        indices = order[:num_samples].sort().values.tolist()
+    elif not all(0 <= int(i) < size for i in indices):
+        raise ValueError(f"the saved sample indices do not fit the dataset of {size} samples: was it changed "
+                         "since the checkpoint was written?")
     collate = loader.collate_fn or default_collate
     with preserved_rng():  # a random transform in __getitem__ or a hook must not advance the user's RNG
         batch = collate([dataset[i] for i in indices])
@@ -209,7 +214,7 @@ def from_loader(loader: DataLoader, num_samples: int, seed: int, batch_transform
 
 
 def draw_samples(trainer: pl.Trainer, split: str, num_samples: int, seed: int,
-                 batch_transform: BatchTransform = None) -> Samples:
+                 batch_transform: BatchTransform = None, indices: list[int] | None = None) -> Samples:
     """Samples drawn from the trainer's ``split`` (``"val"`` or ``"train"``) dataloader (see :func:`from_loader`),
     passed through the module's batch hooks on its device as the Trainer passes its batches (the first dataloader:
     ``dataloader_idx=0``).
@@ -223,4 +228,4 @@ def draw_samples(trainer: pl.Trainer, split: str, num_samples: int, seed: int,
         raise ValueError(f"no {split} dataloader to draw probes from: pass probe_images=... to the callback, or "
                          f"probe_split={other!r}")
     hooks = through_batch_hooks(trainer, split)
-    return from_loader(loader, num_samples, seed, batch_transform, hooks)
+    return from_loader(loader, num_samples, seed, batch_transform, hooks, indices)

@@ -90,7 +90,8 @@ class ProbeSet:
         images, labels, masks: the user's probes (see :func:`from_tensors`), or ``images=None`` to draw them.
         num_probes, split, seed: how many samples to draw, from which dataloader (``"val"`` or ``"train"``).
         num_references: with drawn probes, also draw this many labelled samples (seeded by ``seed + 1``) as the
-            shortcut check's references (:meth:`reference_pool`); ``0``: none.
+            shortcut check's references (:meth:`reference_pool`); ``0``: none. Checkpoints keep their dataset
+            indices, not their images; a resumed run takes the same indices again.
         batch_transform: reads a collated batch into ``(images, labels, masks)`` (default: :func:`.read_batch`).
         targets, top_k: which classes to explain (see :func:`select_targets`).
 
@@ -119,10 +120,11 @@ class ProbeSet:
         """The probes of the current run (``None`` until drawn)."""
         self.references: Probe | None = None
         """Labelled samples drawn with the probes for the shortcut check (``None``: none drawn)."""
+        self._reference_indices: list[int] | None = None  # a resumed run's, to draw the same samples again
 
     def reset(self) -> None:
         """A new run: draw the probes again (the user's tensors stay)."""
-        self.probe, self.references = self.given, None
+        self.probe, self.references, self._reference_indices = self.given, None, None
 
     def draw(self, trainer: pl.Trainer) -> Probe:
         """The run's probes, drawn from the trainer's data the first time (see :func:`.batches.draw_samples`), and
@@ -131,10 +133,13 @@ class ProbeSet:
             samples = draw_samples(trainer, self.split, self.num_probes, self.seed, self.batch_transform)
             self.probe = from_tensors(samples.images, samples.labels, samples.masks, source=samples.source)
             self.probe.indices = samples.indices
-            if self.num_references > 0 and self.probe.labels is not None:
-                more = draw_samples(trainer, self.split, self.num_references, self.seed + 1, self.batch_transform)
-                self.references = from_tensors(more.images, more.labels, source=more.source)
-                self.references.indices = more.indices
+        # drawn probes (also restored from a checkpoint, which keeps the references' indices, not their images)
+        if self.references is None and self.given is None and self.num_references > 0 \
+                and self.probe.labels is not None:
+            more = draw_samples(trainer, self.split, self.num_references, self.seed + 1, self.batch_transform,
+                                self._reference_indices)
+            self.references = from_tensors(more.images, more.labels, source=more.source)
+            self.references.indices = more.indices
         return self.probe
 
     def reference_pool(self) -> tuple[Tensor, Tensor] | None:
@@ -156,15 +161,14 @@ class ProbeSet:
 
     def state_dict(self) -> dict[str, Any]:
         return {"probe": None if self.probe is None else self.probe.state_dict(), "targets": self.targets,
-                "references": None if self.references is None else self.references.state_dict()}
+                "reference_indices": None if self.references is None else self.references.indices}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Take the saved probes and references (a resumed run explains the same images); the targets stay as
-        constructed."""
+        """Take the saved probes (a resumed run explains the same images; its references, kept as indices only so
+        that checkpoints stay small, are read again at those indices); the targets stay as constructed."""
         if state.get("probe") is not None:
             self.probe = Probe.from_state_dict(state["probe"])
-        if state.get("references") is not None:
-            self.references = Probe.from_state_dict(state["references"])
+            self.references, self._reference_indices = None, state.get("reference_indices")
 
 
 def check_targets(targets: Any) -> str | int | list[int]:
