@@ -317,7 +317,8 @@ def summary(results: list[dict], methods: list[str], threshold: float = DEFAULT_
                   f"false alarms {j['false']} -> {'holds' if j['holds'] else 'FAILS'}")
         key = f"rate8_{DEFAULT_REGION}"
         j = judge(results, method, key, threshold, patience)
-        print(f"\n- {method} (the rate alone, as without references, patience {patience}): alarm on {j['hits']} of {j['followers']} runs that follow the cue within one "
+        print(f"\n- {method} (the rate alone, as without references, patience {patience}): alarm on {j['hits']} of "
+              f"{j['followers']} runs that follow the cue within one "
               f"epoch of the damage (lags {j['lags']}); missed {j['missed']}, late {j['late']}; false alarms "
               f"{j['false']} -> {'holds' if j['holds'] else 'FAILS'}")
         if all(f"recur8_{DEFAULT_REGION}" in row for r in results for row in r["rows"][method]):
