@@ -103,9 +103,30 @@ class NoiseBank:
         return (out * self.sigma).to(device=self.like.device, dtype=self.like.dtype)
 
 
+def image_chunks(images: Tensor, size: int) -> list[Tensor]:
+    """Chunks of at most ``size`` consecutive pairs that never mix images: ``(P,)`` image index of each pair,
+    sorted -> the positions ``(p,)`` of each chunk's pairs (none for ``P = 0``).
+
+    Each image's pairs start a new chunk and fill chunks of ``size`` up to its last one, so an image's chunks,
+    and the shapes of the forwards they make, depend on its own pairs only.
+    """
+    if len(images) == 0:
+        return []
+    counts = torch.bincount(images)
+    first = (counts.cumsum(0) - counts).repeat_interleave(counts)  # (P,) position of its image's first pair
+    position = torch.arange(len(images), device=images.device)
+    starts = ((position - first) % size == 0).nonzero().flatten()
+    return list(position.tensor_split(starts[1:].tolist()))
+
+
 @dataclass
 class MaskScorer:
-    """Scores masks of a batch with the ViT-CX causal score, batching masked forwards across images.
+    """Scores masks of a batch with the ViT-CX causal score, in chunks of masked forwards that never mix images.
+
+    A chunk holds up to ``batch_size // 2`` (masked, noisy) pairs of one image, so each image's scores are the
+    same whichever images share the call (float32 matrix products round according to their shape; a rank
+    explains only its share of the probes). An image's last chunk is partial: a call of ``B`` images runs at
+    most ``B - 1`` more forwards than chunks mixing images would, and no more model evaluations.
 
     Attributes:
         probs: model -> softmax probabilities, ``(P, C, H, W) -> (P, num_classes)``.
@@ -114,7 +135,7 @@ class MaskScorer:
         targets: ``(B, K)``.
         clean: ``(B, K)`` target probabilities on the clean images.
         noise: the seeded noise source.
-        batch_size: masked images per forward (each chunk of pairs costs two forwards' worth).
+        batch_size: masked images per forward at most (each chunk of pairs costs two forwards' worth).
     """
 
     probs: Callable[[Tensor], Tensor]
@@ -138,11 +159,10 @@ class MaskScorer:
         Returns:
             ``(B, n, K)`` scores, zero where not selected.
         """
-        batch_idx, mask_idx = select.nonzero(as_tuple=True)
+        batch_idx, mask_idx = select.nonzero(as_tuple=True)  # sorted by image, then mask
         scores = self.images.new_zeros((*select.shape, self.targets.shape[1]), dtype=torch.float32)
-        step = max(1, self.batch_size // 2)
-        for start in range(0, len(batch_idx), step):
-            b, i = batch_idx[start : start + step], mask_idx[start : start + step]
+        for pairs in image_chunks(batch_idx, max(1, self.batch_size // 2)):
+            b, i = batch_idx[pairs], mask_idx[pairs]
             mask = self.masks[b, i].unsqueeze(1).to(self.images.dtype)  # (P, 1, H, W)
             eps = self.noise(draws[b, i], i) * (1 - mask)
             x = self.images[b]
