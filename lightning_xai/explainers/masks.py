@@ -174,9 +174,19 @@ class MaskScorer:
         return scores
 
 
-def coverage_corrected(scores: Tensor, masks: Tensor, counted: Tensor) -> Tensor:
-    """``Σ_i s_i M_i / Σ_j M_j``: ``scores`` ``(B, n, K)``, ``masks`` ``(B, n, H, W)``, ``counted`` ``(B, n, K)``
-    bool (masks in the denominator) -> ``(B, K, H, W)``. Scores of masks not to count must be zero."""
-    numerator = torch.einsum("bnk,bnhw->bkhw", scores, masks)
-    coverage = torch.einsum("bnk,bnhw->bkhw", counted.to(masks.dtype), masks)
-    return numerator / coverage.clamp_min(1e-6)
+def coverage_corrected(scores: Tensor, masks: Tensor, counted: Tensor, valid: Tensor) -> Tensor:
+    """``Σ_i s_i M_i / Σ_j M_j`` over each image's own masks: ``scores`` ``(B, n, K)``, ``masks`` ``(B, n, H, W)``,
+    ``counted`` ``(B, n, K)`` bool (masks in the denominator), ``valid`` ``(B, n)`` bool (each image's masks,
+    first in its row, as :func:`pad_stack` leaves them) -> ``(B, K, H, W)``. Scores of masks not to count must
+    be zero.
+
+    One product per image over its own masks, not one over the batch's padded ``n``: the padding's length
+    depends on the other images of the call, and a float32 product over a longer, zero-padded sum rounds
+    differently (by about 1e-7 relative with one target, on a CPU).
+    """
+    maps = []
+    for image_scores, image_masks, image_counted, n in zip(scores, masks, counted, valid.sum(1).tolist(), strict=True):
+        numerator = torch.einsum("nk,nhw->khw", image_scores[:n], image_masks[:n])
+        coverage = torch.einsum("nk,nhw->khw", image_counted[:n].to(masks.dtype), image_masks[:n])
+        maps.append(numerator / coverage.clamp_min(1e-6))
+    return torch.stack(maps)

@@ -177,7 +177,7 @@ class ViTCX(_MaskExplainer):
         scorer = self.mask_scorer(x, masks, resolved, probs)
         scores = scorer(valid, torch.zeros(valid.shape, dtype=torch.long, device=valid.device))
         counted = valid.unsqueeze(-1).expand_as(scores)
-        maps = coverage_corrected(scores, masks, counted) / valid.sum(1).view(-1, 1, 1, 1)
+        maps = coverage_corrected(scores, masks, counted, valid) / valid.sum(1).view(-1, 1, 1, 1)
         return RawMaps(maps, resolved, probs, {"evaluations": scorer.evaluations})
 
 
@@ -285,7 +285,7 @@ class C2FExplainer(_MaskExplainer):
             masks, valid, parents = self._granules(features, geom)
             scorer = self.mask_scorer(x, masks, resolved, probs)
             mean, decision = self._decide_by_clusters(scorer, valid, parents, probs)
-        coarse_raw = self._coarse(mean, masks, decision)
+        coarse_raw = self._coarse(mean, masks, decision, valid)
         coarse = minmax(coarse_raw)
         importance = self._attention_fusion(record.attn, coarse, geom)
         # S_fine = minmax(S_coarse ⊙ upsample(I)) on the normalised coarse map; the raw map keeps the coarse
@@ -377,8 +377,8 @@ class C2FExplainer(_MaskExplainer):
             live = has_parent & deferred.gather(1, parent_index)
         return mean, decision
 
-    def _coarse(self, mean: Tensor, masks: Tensor, decision: Tensor) -> Tensor:
-        """``Σ_{POS} s̄_i M_i / Σ_{decided j} M_j``: ``(B, n, K)`` scores -> ``(B, K, H, W)``."""
+    def _coarse(self, mean: Tensor, masks: Tensor, decision: Tensor, valid: Tensor) -> Tensor:
+        """``Σ_{POS} s̄_i M_i / Σ_{decided j} M_j``: ``(B, n, K)`` scores, ``(B, n)`` valid -> ``(B, K, H, W)``."""
         positive, counted = decision == 1, decision != 0
         empty = ~positive.any(1)  # (B, K): no positive mask for this image and target
         if empty.any():
@@ -394,7 +394,7 @@ class C2FExplainer(_MaskExplainer):
             top = mean.masked_fill(~counted, float("-inf")).argmax(1)  # (B, K)
             fallback = torch.zeros_like(positive).scatter_(1, top.unsqueeze(1), True)
             positive = torch.where(empty.unsqueeze(1), fallback, positive)
-        return coverage_corrected(mean * positive, masks, counted)
+        return coverage_corrected(mean * positive, masks, counted, valid)
 
     # -- AF -----------------------------------------------------------------------------------------------
     def _attention_fusion(self, attn: list[Tensor], coarse: Tensor, geom: Geometry) -> Tensor:
