@@ -40,6 +40,8 @@ def tiny_vit() -> torch.nn.Module:
 def run_two_processes(script: str, folder, name: str, timeout: float = 300):
     """Write ``script`` (formatted with ``tests`` = this folder and ``out`` = ``folder``) to ``folder/name`` and
     run it with torch.distributed on gloo (for 2 CPU processes); returns the ``CompletedProcess`` (text output).
+    The script imports ``lightning_xai`` from this checkout (first on ``PYTHONPATH``), not from whichever copy the
+    environment has installed: it runs in ``folder``, where the test session's own path does not reach.
 
     Raises:
         subprocess.TimeoutExpired: it ran past ``timeout`` seconds (a hang between the ranks).
@@ -50,7 +52,9 @@ def run_two_processes(script: str, folder, name: str, timeout: float = 300):
 
     path = Path(folder) / name
     path.write_text(script.format(tests=str(Path(__file__).parent), out=str(folder)))
-    env = {**os.environ, "PL_TORCH_DISTRIBUTED_BACKEND": "gloo"}
+    checkout = str(Path(__file__).resolve().parents[1])
+    paths = [checkout, *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PL_TORCH_DISTRIBUTED_BACKEND": "gloo", "PYTHONPATH": os.pathsep.join(paths)}
     return subprocess.run([sys.executable, str(path)], cwd=folder, env=env, timeout=timeout, capture_output=True,
                           text=True)
 

@@ -4,8 +4,9 @@ pieces and logs them as one process would.
 The share of rank ``r`` of ``W`` is the ``r``-th of ``W`` contiguous chunks of the probe indices, so the pieces,
 concatenated in rank order, are in probe order. What a rank computes does not depend on which ranks compute the
 other probes (ViT-CX's and C2F's noise depends only on the method's seed, the draw and the mask, never on the
-batch: :class:`~lightning_xai.explainers.masks.NoiseBank`), so the logged maps and scalars do not depend on the
-world size.
+batch: :class:`~lightning_xai.explainers.masks.NoiseBank`; and none of their forwards or sums mixes probes, since
+float32 matrix products round according to their shape: :class:`~lightning_xai.explainers.masks.MaskScorer`), so
+the logged maps and scalars do not depend on the world size.
 
 Every rank reaches the same collective (one ``gather_object`` to rank 0) once per event, whatever failed on it:
 a rank whose forward or method raised sends what it has and the error, and rank 0 reports it. The collective

@@ -103,9 +103,30 @@ class NoiseBank:
         return (out * self.sigma).to(device=self.like.device, dtype=self.like.dtype)
 
 
+def image_chunks(images: Tensor, size: int) -> list[Tensor]:
+    """Chunks of at most ``size`` consecutive pairs that never mix images: ``(P,)`` image index of each pair,
+    sorted -> the positions ``(p,)`` of each chunk's pairs (none for ``P = 0``).
+
+    Each image's pairs start a new chunk and fill chunks of ``size`` up to its last one, so an image's chunks,
+    and the shapes of the forwards they make, depend on its own pairs only.
+    """
+    if len(images) == 0:
+        return []
+    counts = torch.bincount(images)
+    first = (counts.cumsum(0) - counts).repeat_interleave(counts)  # (P,) position of its image's first pair
+    position = torch.arange(len(images), device=images.device)
+    starts = ((position - first) % size == 0).nonzero().flatten()
+    return list(position.tensor_split(starts[1:].tolist()))
+
+
 @dataclass
 class MaskScorer:
-    """Scores masks of a batch with the ViT-CX causal score, batching masked forwards across images.
+    """Scores masks of a batch with the ViT-CX causal score, in chunks of masked forwards that never mix images.
+
+    A chunk holds up to ``batch_size // 2`` (masked, noisy) pairs of one image, so each image's scores are the
+    same whichever images share the call (float32 matrix products round according to their shape; a rank
+    explains only its share of the probes). An image's last chunk is partial: a call of ``B`` images runs at
+    most ``B - 1`` more forwards than chunks mixing images would, and no more model evaluations.
 
     Attributes:
         probs: model -> softmax probabilities, ``(P, C, H, W) -> (P, num_classes)``.
@@ -114,7 +135,7 @@ class MaskScorer:
         targets: ``(B, K)``.
         clean: ``(B, K)`` target probabilities on the clean images.
         noise: the seeded noise source.
-        batch_size: masked images per forward (each chunk of pairs costs two forwards' worth).
+        batch_size: masked images per forward at most (each chunk of pairs costs two forwards' worth).
     """
 
     probs: Callable[[Tensor], Tensor]
@@ -138,11 +159,10 @@ class MaskScorer:
         Returns:
             ``(B, n, K)`` scores, zero where not selected.
         """
-        batch_idx, mask_idx = select.nonzero(as_tuple=True)
+        batch_idx, mask_idx = select.nonzero(as_tuple=True)  # sorted by image, then mask
         scores = self.images.new_zeros((*select.shape, self.targets.shape[1]), dtype=torch.float32)
-        step = max(1, self.batch_size // 2)
-        for start in range(0, len(batch_idx), step):
-            b, i = batch_idx[start : start + step], mask_idx[start : start + step]
+        for pairs in image_chunks(batch_idx, max(1, self.batch_size // 2)):
+            b, i = batch_idx[pairs], mask_idx[pairs]
             mask = self.masks[b, i].unsqueeze(1).to(self.images.dtype)  # (P, 1, H, W)
             eps = self.noise(draws[b, i], i) * (1 - mask)
             x = self.images[b]
@@ -154,9 +174,19 @@ class MaskScorer:
         return scores
 
 
-def coverage_corrected(scores: Tensor, masks: Tensor, counted: Tensor) -> Tensor:
-    """``Σ_i s_i M_i / Σ_j M_j``: ``scores`` ``(B, n, K)``, ``masks`` ``(B, n, H, W)``, ``counted`` ``(B, n, K)``
-    bool (masks in the denominator) -> ``(B, K, H, W)``. Scores of masks not to count must be zero."""
-    numerator = torch.einsum("bnk,bnhw->bkhw", scores, masks)
-    coverage = torch.einsum("bnk,bnhw->bkhw", counted.to(masks.dtype), masks)
-    return numerator / coverage.clamp_min(1e-6)
+def coverage_corrected(scores: Tensor, masks: Tensor, counted: Tensor, valid: Tensor) -> Tensor:
+    """``Σ_i s_i M_i / Σ_j M_j`` over each image's own masks: ``scores`` ``(B, n, K)``, ``masks`` ``(B, n, H, W)``,
+    ``counted`` ``(B, n, K)`` bool (masks in the denominator), ``valid`` ``(B, n)`` bool (each image's masks,
+    first in its row, as :func:`pad_stack` leaves them) -> ``(B, K, H, W)``. Scores of masks not to count must
+    be zero.
+
+    One product per image over its own masks, not one over the batch's padded ``n``: the padding's length
+    depends on the other images of the call, and a float32 product over a longer, zero-padded sum rounds
+    differently (by about 1e-7 relative with one target, on a CPU).
+    """
+    maps = []
+    for image_scores, image_masks, image_counted, n in zip(scores, masks, counted, valid.sum(1).tolist(), strict=True):
+        numerator = torch.einsum("nk,nhw->khw", image_scores[:n], image_masks[:n])
+        coverage = torch.einsum("nk,nhw->khw", image_counted[:n].to(masks.dtype), image_masks[:n])
+        maps.append(numerator / coverage.clamp_min(1e-6))
+    return torch.stack(maps)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_xai.adapters import Capture, Geometry
+from lightning_xai.adapters import Capture, Geometry, capture
 from lightning_xai.explainers.base import Explainer, RawMaps, minmax, upsample
 from lightning_xai.explainers.masks import (
     MaskScorer,
@@ -30,6 +30,7 @@ from lightning_xai.explainers.masks import (
 )
 from lightning_xai.explainers.registry import register
 from lightning_xai.explainers.relevance import rollout_product
+from lightning_xai.validation import resolve_targets
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parents[1])  # .../lightning_xai
 
@@ -128,9 +129,24 @@ class _MaskExplainer(Explainer):
             return self.handle.probabilities(self.logits(x))
 
     def _clean_pass(self, x: Tensor, targets: Any, what: tuple[str, ...]) -> tuple[Capture, Tensor, Tensor]:
-        with torch.no_grad():
-            _, record, resolved, probs = self.forward_captured(x, what, targets)
-        return record, resolved, probs
+        """The clean forward recording ``what``, one image at a time: ``x`` ``(B, C, H, W)`` -> the record (each
+        list entry ``(B, ...)``), targets ``(B, K)`` and their probabilities ``(B, K)``.
+
+        One forward per image, so that what an image gets does not depend on the other images of the call (a
+        rank explains only its share of the probes, :mod:`lightning_xai.callbacks.ranks`): float32 matrix
+        products round according to their shape, e.g. on a CPU the head's product for 2 images differs in the
+        last bits from the one for 4. The clean pass is one forward per image among the many masked ones.
+        """
+        logits, records = [], []
+        with torch.no_grad(), capture(self.vit, what) as record:
+            for image in x.split(1):
+                logits.append(self.logits(image))
+                records.append({name: list(getattr(record, name)) for name in what})
+                record.clear()
+        layers = {name: [torch.cat(parts) for parts in zip(*(r[name] for r in records), strict=True)] for name in what}
+        scores = torch.cat(logits)
+        resolved = resolve_targets(targets, scores)
+        return Capture(blocks=record.blocks, **layers), resolved, self.handle.probabilities(scores).gather(1, resolved)
 
     def mask_scorer(self, x: Tensor, masks: Tensor, resolved: Tensor, probs: Tensor) -> MaskScorer:
         """The causal scorer of ``masks`` ``(B, n, H, W)`` for images ``x`` ``(B, C, H, W)``, targets ``resolved``
@@ -161,7 +177,7 @@ class ViTCX(_MaskExplainer):
         scorer = self.mask_scorer(x, masks, resolved, probs)
         scores = scorer(valid, torch.zeros(valid.shape, dtype=torch.long, device=valid.device))
         counted = valid.unsqueeze(-1).expand_as(scores)
-        maps = coverage_corrected(scores, masks, counted) / valid.sum(1).view(-1, 1, 1, 1)
+        maps = coverage_corrected(scores, masks, counted, valid) / valid.sum(1).view(-1, 1, 1, 1)
         return RawMaps(maps, resolved, probs, {"evaluations": scorer.evaluations})
 
 
@@ -269,7 +285,7 @@ class C2FExplainer(_MaskExplainer):
             masks, valid, parents = self._granules(features, geom)
             scorer = self.mask_scorer(x, masks, resolved, probs)
             mean, decision = self._decide_by_clusters(scorer, valid, parents, probs)
-        coarse_raw = self._coarse(mean, masks, decision)
+        coarse_raw = self._coarse(mean, masks, decision, valid)
         coarse = minmax(coarse_raw)
         importance = self._attention_fusion(record.attn, coarse, geom)
         # S_fine = minmax(S_coarse ⊙ upsample(I)) on the normalised coarse map; the raw map keeps the coarse
@@ -361,8 +377,8 @@ class C2FExplainer(_MaskExplainer):
             live = has_parent & deferred.gather(1, parent_index)
         return mean, decision
 
-    def _coarse(self, mean: Tensor, masks: Tensor, decision: Tensor) -> Tensor:
-        """``Σ_{POS} s̄_i M_i / Σ_{decided j} M_j``: ``(B, n, K)`` scores -> ``(B, K, H, W)``."""
+    def _coarse(self, mean: Tensor, masks: Tensor, decision: Tensor, valid: Tensor) -> Tensor:
+        """``Σ_{POS} s̄_i M_i / Σ_{decided j} M_j``: ``(B, n, K)`` scores, ``(B, n)`` valid -> ``(B, K, H, W)``."""
         positive, counted = decision == 1, decision != 0
         empty = ~positive.any(1)  # (B, K): no positive mask for this image and target
         if empty.any():
@@ -378,7 +394,7 @@ class C2FExplainer(_MaskExplainer):
             top = mean.masked_fill(~counted, float("-inf")).argmax(1)  # (B, K)
             fallback = torch.zeros_like(positive).scatter_(1, top.unsqueeze(1), True)
             positive = torch.where(empty.unsqueeze(1), fallback, positive)
-        return coverage_corrected(mean * positive, masks, counted)
+        return coverage_corrected(mean * positive, masks, counted, valid)
 
     # -- AF -----------------------------------------------------------------------------------------------
     def _attention_fusion(self, attn: list[Tensor], coarse: Tensor, geom: Geometry) -> Tensor:
