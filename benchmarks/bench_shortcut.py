@@ -249,14 +249,14 @@ def fmt(values: list[float]) -> str:
 
 def with_carriers(results: list[dict], method: str) -> bool:
     """Add ``alarm8`` to every row of ``method`` when the runs hold ``carriers8`` (``eval_shortcut.py
-    --add-carriers``): the rate as the callback's alarm counts it with labelled references, i.e. the rate when a
-    probe is a stamped carrier and 0 otherwise. Returns whether they did."""
+    --add-carriers``): what the callback's alarm counts with labelled references, 1 when a probe is a stamped
+    carrier and 0 otherwise (``nan`` without pairs), judged at any threshold in (0, 1]. Returns whether they did."""
     rows = [row for r in results for row in r["rows"][method]]
     if not rows or not all("carriers8" in row for row in rows):
         return False
     for row in rows:
         rate, share = row[f"rate8_{DEFAULT_REGION}"], row["carriers8"]
-        row["alarm8"] = rate if math.isnan(rate) or (share is not None and share > 0) else 0.0
+        row["alarm8"] = math.nan if math.isnan(rate) else float(share is not None and share > 0)
     return True
 
 
@@ -269,7 +269,7 @@ def summary(results: list[dict], methods: list[str], threshold: float = DEFAULT_
             key, rule_patience = "alarm8", DEFAULT_PATIENCE_WITH_REFERENCES
         print(f"\n## {method}: transplant rate per epoch (8 probes, region {DEFAULT_REGION:.0%}), threshold "
               f"{threshold}, patience {rule_patience}"
-              f"{', an event counts only with a stamped carrier' if key == 'alarm8' else ''}\n")
+              f"{'; with references an event counts when a probe is a stamped carrier' if key == 'alarm8' else ''}\n")
         print("| data | seed | rate per epoch | stamped carriers (share of the 8) | raw rate | control | agreement | "
               "damage per epoch | acc with other cue (end) | follows | damage >= 0.1 at | alarm at | lag |")
         print("|---|---:|---|---|---|---|---|---|---:|---|---:|---:|---:|")
@@ -311,8 +311,8 @@ def summary(results: list[dict], methods: list[str], threshold: float = DEFAULT_
                               f"{min((a for a in after if not math.isnan(a)), default=math.nan):.2f} |")
         if key == "alarm8":
             j = judge(results, method, key, threshold, rule_patience)
-            print(f"\n- {method} (the callback's defaults with labelled references: rate >= {threshold} and a stamped "
-                  f"carrier, patience {rule_patience}): alarm on {j['hits']} of {j['followers']} runs that follow the "
+            print(f"\n- {method} (the callback's defaults with labelled references: a stamped carrier, patience "
+                  f"{rule_patience}): alarm on {j['hits']} of {j['followers']} runs that follow the "
                   f"cue within one epoch of the damage (lags {j['lags']}); missed {j['missed']}, late {j['late']}; "
                   f"false alarms {j['false']} -> {'holds' if j['holds'] else 'FAILS'}")
         key = f"rate8_{DEFAULT_REGION}"

@@ -1,5 +1,6 @@
-"""The shortcut alarm's state machine: one transplant rate per explained event in, an alarm raised once per run
-out (when the rate held at or above a threshold for ``patience`` consecutive explained events)."""
+"""The shortcut alarm's state machine: one transplant check per explained event in, an alarm raised once per run
+out (when, for ``patience`` consecutive explained events, a probe was a stamped carrier, or without labelled
+references the rate held at or above a threshold)."""
 
 from __future__ import annotations
 
@@ -38,15 +39,18 @@ class ShortcutEvent:
 
     def message(self) -> str:
         values = ", ".join(f"{r:.2f}" for r in self.rates)
-        stamped = "" if self.carriers is None else (
-            f"; probes whose region is also a stamp of their class (the same pixels at the same place in labelled "
-            f"images of that class and not of the others): {self.carriers}")
+        if self.carriers is not None:
+            return (f"shortcut alarm for {self.method!r} at epoch {self.epoch}: the small region the maps of probes "
+                    f"{self.carriers} point at is a stamp of their class (the same pixels at the same place in "
+                    f"labelled images of that class and not of the others) and, pasted at its place into the probes "
+                    f"of other classes, turns at least a third of them into that class, for "
+                    f"{explained_epochs(self.patience)}; share of all pairs that follow their donor: {values}. The "
+                    f"model may be reading a spurious cue (a watermark, a tag, a border mark) instead of the objects.")
         return (f"shortcut alarm for {self.method!r} at epoch {self.epoch}: pasting the small region each probe's "
                 f"map points at into the probes of other classes turned their prediction into the donor's class in "
                 f"a share of the pairs at or above {self.threshold:.2f} ({values}) for "
-                f"{explained_epochs(self.patience)}; probes whose region carries their class: {self.probes}"
-                f"{stamped}. The model may be reading a spurious cue (a watermark, a tag, a border mark) instead of "
-                f"the objects.")
+                f"{explained_epochs(self.patience)}; probes whose region carries their class: {self.probes}. The "
+                f"model may be reading a spurious cue (a watermark, a tag, a border mark) instead of the objects.")
 
 
 class ShortcutAlarm:
@@ -75,9 +79,12 @@ class ShortcutAlarm:
     def update(self, epoch: int, rate: float, probes: list[int] | None = None, carriers: list[int] | None = None
                ) -> ShortcutEvent | None:
         """Record ``rate`` of explained epoch ``epoch``; return the event the first time the alarm fires.
-        ``carriers``: the event's stamped carriers when the check had labelled references (``None``: it had none);
-        an event with references but no stamped carrier does not count, whatever its rate."""
-        if math.isnan(rate) or rate < self.threshold or (carriers is not None and not carriers):
+        ``carriers``: the event's stamped carriers when the check had labelled references (``None``: it had none).
+        With them an event counts when there is a stamped carrier, whatever the rate (the evidence is the carrier;
+        the rate, a share of all pairs, also counts the probes that carry no mark); without them, when the rate is
+        at or above the threshold. An undefined rate (no pairs) never counts."""
+        counts = not math.isnan(rate) and (rate >= self.threshold if carriers is None else bool(carriers))
+        if not counts:
             self.streak = []
             return None
         self.streak.append(float(rate))

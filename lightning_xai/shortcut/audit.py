@@ -63,10 +63,10 @@ class ShortcutCheck:
 
     @property
     def suspicious(self) -> bool:
-        """The rate is at or above the threshold and, with ``references``, a probe is a stamped carrier (what one
-        explained epoch of the callback's alarm asks)."""
+        """What one explained epoch of the callback's alarm asks: with ``references``, a probe is a stamped carrier;
+        without, the rate is at or above the threshold."""
         carriers = self.carriers
-        return not math.isnan(self.rate) and self.rate >= self.threshold and (carriers is None or bool(carriers))
+        return not math.isnan(self.rate) and (self.rate >= self.threshold if carriers is None else bool(carriers))
 
 
 def _plain_model(model: nn.Module, images: Tensor, output_transform: Any, forward: Any
