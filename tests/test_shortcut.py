@@ -325,9 +325,12 @@ def test_a_region_is_a_stamp_when_its_pixels_recur_with_its_label_among_the_refe
     assert torch.allclose(weighted, (probes[:, None, :, 1, 1] - references[None, :, :, 1, 1]).abs().mean(-1))
     classes = torch.tensor([0, 0, 2])
     assert stamp_regions(probes, regions, classes, references, labels).tolist() == [True, False, False]
-    # the probes may be among the references: a probe is never its own stamp
+    # the probes may be among the references: a probe is never its own stamp, nor its own image of another class
+    # (explained for class 0 while labelled 1, probe 0 is still a stamp of class 0)
     pool, pool_labels = torch.cat([probes, references]), torch.cat([classes, labels])
     assert stamp_regions(probes, regions, classes, pool, pool_labels).tolist() == [True, False, False]
+    mislabelled = torch.cat([torch.tensor([1, 0, 2]), labels])
+    assert stamp_regions(probes, regions, classes, pool, mislabelled).tolist() == [True, False, False]
     # the ratio is how much nearer the class-mate must be: at 1 a lucky nearest neighbour is enough
     loose = stamp_regions(probes, regions, classes, references, labels, ratio=1.0)
     strict = stamp_regions(probes, regions, classes, references, labels, ratio=0.001)

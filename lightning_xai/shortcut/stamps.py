@@ -73,7 +73,8 @@ def stamp_regions(images: Tensor, regions: Tensor, classes: Tensor, references: 
     The distance of reference ``r`` to probe ``i``'s region is :func:`region_distances`'s (weighted by ``weights``
     ``(B, H, W)``, the maps, when given: the transplant check passes them); ``i``'s region is a stamp
     when its nearest reference labelled ``classes[i]`` is nearer than ``ratio`` times its nearest reference of
-    another label. A reference equal to the probe itself (the probes may be among the references) is left out.
+    another label. A reference equal to the probe itself (the probes may be among the references) is left out of
+    both, also when the probe is explained for a class other than its label.
     ``False`` without a reference of the probe's class or without one of another class.
 
     Args:
@@ -93,7 +94,7 @@ def stamp_regions(images: Tensor, regions: Tensor, classes: Tensor, references: 
     itself = (images.flatten(1)[:, None, :] == references.to(images).flatten(1)[None]).all(-1)  # (B, R)
     classes = classes.to(images.device).long()
     same = (labels[None, :] == classes[:, None]) & ~itself
-    other = labels[None, :] != classes[:, None]
+    other = (labels[None, :] != classes[:, None]) & ~itself  # a probe explained for a class not its label
     nearest_same = torch.where(same, distance, math.inf).amin(1)
     nearest_other = torch.where(other, distance, math.inf).amin(1)
     return ((nearest_same < float(ratio) * nearest_other) & torch.isfinite(nearest_other)).cpu()
