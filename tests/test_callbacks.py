@@ -402,9 +402,10 @@ class Ended(pl.Callback):
 
 if __name__ == "__main__":
     pl.seed_everything(0)
-    # threshold 0 and patience 1: the alarm fires at the first event (4 probes of 4 labels), on rank 0 only
+    # no references (the rate's rule), threshold 0 and patience 1: the alarm fires at the first event (4 probes of
+    # 4 labels), on rank 0 only
     monitor = ExplanationMonitor(methods=["rollout"], num_probes=4, targets="label", shortcut_threshold=0.0,
-                                 shortcut_patience=1, stop_on_shortcut=True)
+                                 shortcut_patience=1, shortcut_references=0, stop_on_shortcut=True)
     trainer = pl.Trainer(max_epochs=4, accelerator="cpu", devices=2, strategy="ddp", logger=False,
                          enable_progress_bar=False, enable_checkpointing=False, default_root_dir={out!r},
                          callbacks=[monitor, Ended()])

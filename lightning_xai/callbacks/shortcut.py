@@ -58,8 +58,9 @@ class ShortcutWatch:
     """Each method's shortcut check and alarm across explanation events.
 
     Args:
-        threshold: alarm level of the transplant rate, in ``[0, 1]`` (``0``: fires at the first event whose rate
-            is defined; for trying the wiring).
+        threshold: alarm level of the transplant rate, in ``[0, 1]``, the alarm's rule without :attr:`references`
+            (``0``: fires at the first event whose rate is defined; for trying the wiring); with references an
+            event counts when a probe is a stamped carrier.
         patience: consecutive explained events at or above it before the alarm fires; ``None``:
             :data:`DEFAULT_PATIENCE_WITH_REFERENCES` when the check has labelled :attr:`references`, else
             :data:`DEFAULT_PATIENCE`.
