@@ -91,7 +91,9 @@ def stamp_regions(images: Tensor, regions: Tensor, classes: Tensor, references: 
         raise ValueError(f"the reference labels must be (R,) for {len(references)} reference images, got "
                          f"{len(labels)} labels")
     distance = region_distances(images, regions, references, chunk, weights)  # (B, R)
-    itself = (images.flatten(1)[:, None, :] == references.to(images).flatten(1)[None]).all(-1)  # (B, R)
+    itself = torch.zeros_like(distance, dtype=torch.bool)  # (B, R): a probe among the references
+    for i, r in (distance == 0).nonzero().tolist():  # equal over the region: compare the whole images (few pairs)
+        itself[i, r] = torch.equal(images[i], references[r].to(images))
     classes = classes.to(images.device).long()
     same = (labels[None, :] == classes[:, None]) & ~itself
     other = (labels[None, :] != classes[:, None]) & ~itself  # a probe explained for a class not its label
