@@ -39,6 +39,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -151,11 +152,9 @@ def candidates(predict, images: Tensor, maps: Tensor, classes: Tensor, q: float,
     return out_rates
 
 
-def evaluate(folder: Path, methods: list[str], probes8: int = 8) -> dict:
-    """Explain the saved run's probes at every saved epoch and compute every candidate."""
-    run = json.loads((folder / "run.json").read_text())
-    saved = torch.load(folder / "probes.pt")
-    probes = saved["probes"]
+def saved_run(folder: Path) -> tuple[dict, dict, ViTClassifier, Callable[[Tensor], Tensor]]:
+    """A run saved by ``bench_shortcut.py --save``: its ``run.json``, its ``probes.pt`` (probes, labels, damage
+    images), the example's model (load each ``epoch<k>.pt`` into it) and its forward without gradients."""
     module = ViTClassifier(num_classes=NUM_CLASSES, lr=2e-3, warmup_epochs=1, **EXAMPLE_VIT)
     module.eval()
 
@@ -163,6 +162,13 @@ def evaluate(folder: Path, methods: list[str], probes8: int = 8) -> dict:
         with torch.no_grad():
             return module(x)
 
+    return json.loads((folder / "run.json").read_text()), torch.load(folder / "probes.pt"), module, predict
+
+
+def evaluate(folder: Path, methods: list[str], probes8: int = 8) -> dict:
+    """Explain the saved run's probes at every saved epoch and compute every candidate."""
+    run, saved, module, predict = saved_run(folder)
+    probes = saved["probes"]
     rows: dict[str, list[dict]] = {m: [] for m in methods}
     for base in run["rows"]:
         epoch = base["epoch"]
@@ -203,17 +209,10 @@ def add_carriers(folder: Path, results: Path, methods: list[str], probes8: int =
     """Fill ``carriers8`` (the callback's rule: the share of its 8 probes that are stamped carriers, with the saved
     probes and their labels as the references) into the saved results of ``folder``'s run, explaining the 8 probes
     as the callback does, without re-computing the other candidates."""
-    run = json.loads((folder / "run.json").read_text())
+    run, saved, module, predict = saved_run(folder)
     path = results / f"{run['kind']}_{run['seed']}.json"
     saved_rows = json.loads(path.read_text())
-    saved = torch.load(folder / "probes.pt")
     probes, labels = saved["probes"], saved["labels"]
-    module = ViTClassifier(num_classes=NUM_CLASSES, lr=2e-3, warmup_epochs=1, **EXAMPLE_VIT)
-
-    def predict(x: Tensor) -> Tensor:
-        with torch.no_grad():
-            return module(x)
-
     for base in run["rows"]:
         module.load_state_dict(torch.load(folder / f"epoch{base['epoch']}.pt"))
         module.eval()

@@ -109,9 +109,8 @@ class ShortcutWatch:
             out["shortcut_agreement"] = agreement.score
         alarm = self._alarms.setdefault(method, ShortcutAlarm(method, self.threshold, self.patience))
         self.alarms.pop(method, None)
-        carriers = transplant.carriers
-        carriers = None if carriers is None else [int(i) for i in torch.nonzero(carriers).flatten()]
-        event = alarm.update(epoch, transplant.rate, transplant.probes_above(self.threshold), carriers)
+        event = alarm.update(epoch, transplant.rate, transplant.probes_above(self.threshold),
+                             transplant.carrier_probes())
         if event is not None:
             self.alarms[method] = event
         return out

@@ -58,8 +58,7 @@ class ShortcutCheck:
     def carriers(self) -> list[int] | None:
         """The stamped carriers (probes whose region is a stamp of their class among the references and carries
         it into at least a third of their transplants); ``None`` when no ``references`` were given."""
-        carriers = self.transplant.carriers
-        return None if carriers is None else [int(i) for i in torch.nonzero(carriers).flatten()]
+        return self.transplant.carrier_probes()
 
     @property
     def suspicious(self) -> bool:

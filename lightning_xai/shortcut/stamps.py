@@ -94,7 +94,17 @@ def stamp_regions(images: Tensor, regions: Tensor, classes: Tensor, references: 
     itself = torch.zeros_like(distance, dtype=torch.bool)  # (B, R): a probe among the references
     for i, r in (distance == 0).nonzero().tolist():  # equal over the region: compare the whole images (few pairs)
         itself[i, r] = torch.equal(images[i], references[r].to(images))
-    classes = classes.to(images.device).long()
+    return nearer_to_class(distance, classes, labels, itself, ratio)
+
+
+def nearer_to_class(distance: Tensor, classes: Tensor, labels: Tensor, itself: Tensor, ratio: float = 1.0) -> Tensor:
+    """Bool ``(B,)``: whether each probe's nearest pool image labelled with its class is nearer than ``ratio`` times
+    its nearest pool image of another label (``False`` without either).
+
+    ``distance`` ``(B, R)`` from each probe's region to each pool image, ``classes`` ``(B,)``, ``labels`` ``(R,)``,
+    ``itself`` ``(B, R)`` bool: the pool image that is the probe, left out of both.
+    """
+    classes, labels = classes.to(distance.device).long(), labels.to(distance.device).long()
     same = (labels[None, :] == classes[:, None]) & ~itself
     other = (labels[None, :] != classes[:, None]) & ~itself  # a probe explained for a class not its label
     nearest_same = torch.where(same, distance, math.inf).amin(1)

@@ -27,7 +27,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_xai.shortcut.stamps import DEFAULT_STAMP_RATIO, stamp_regions, stamped_carriers
+from lightning_xai.shortcut.stamps import (
+    DEFAULT_STAMP_RATIO,
+    nearer_to_class,
+    region_distances,
+    stamp_regions,
+    stamped_carriers,
+)
 
 #: Size of each probe's region, as a fraction of the image's pixels (see ``docs/methods.md`` for how it was chosen).
 DEFAULT_REGION = 0.04
@@ -149,6 +155,11 @@ class TransplantResult:
         donors = ~torch.isnan(self.probe_rates)
         return float(self.carriers[donors].float().mean()) if bool(donors.any()) else math.nan
 
+    def carrier_probes(self) -> list[int] | None:
+        """The stamped carriers' indices (see :attr:`carriers`), ``None`` without references."""
+        carriers = self.carriers
+        return None if carriers is None else [int(i) for i in torch.nonzero(carriers).flatten()]
+
     def probes_above(self, threshold: float) -> list[int]:
         """The donor probes whose own rate is at least ``threshold``."""
         return [int(i) for i in torch.nonzero(self.probe_rates >= threshold).flatten()]
@@ -172,28 +183,9 @@ def recurring_regions(images: Tensor, regions: Tensor, classes: Tensor, chunk: i
     recurs when the nearest other probe of class ``c_i`` is nearer than every probe of another class. ``False``
     for a probe without another probe of its class (nothing to recur in) or without a probe of another class.
     """
-    count = int(regions[0].sum())
-    if regions.dim() != 3 or not bool((regions.flatten(1).sum(1) == count).all()):
-        raise ValueError("regions must be (B, H, W) with the same number of pixels in each (see top_regions)")
-    batch = len(images)
-    index = regions.flatten(1).nonzero()[:, 1].view(batch, count)  # (B, n) each region's pixels
-    flat = images.flatten(2)  # (B, C, H*W)
-    classes = classes.to(images.device)
-    nearest_same = torch.full((batch,), math.inf, device=images.device)
-    nearest_other = torch.full((batch,), math.inf, device=images.device)
-    step = max(1, int(chunk) // max(1, batch))
-    for start in range(0, batch, step):  # donors a chunk at a time: (b, B, C, n) differences
-        part = slice(start, start + step)
-        where = index[part][:, None, None, :].expand(-1, batch, flat.shape[1], -1)
-        own = flat[part].gather(2, index[part][:, None, :].expand(-1, flat.shape[1], -1))  # (b, C, n)
-        others = flat[None].expand(where.shape[0], -1, -1, -1).gather(3, where)  # (b, B, C, n)
-        distance = (others - own[:, None]).abs().float().mean((2, 3))  # (b, B)
-        same = classes[None, :] == classes[part, None]
-        itself = torch.arange(batch, device=images.device)[None, :] == torch.arange(start, start + len(own),
-                                                                                     device=images.device)[:, None]
-        nearest_same[part] = torch.where(same & ~itself, distance, math.inf).amin(1)
-        nearest_other[part] = torch.where(~same, distance, math.inf).amin(1)
-    return ((nearest_same < nearest_other) & torch.isfinite(nearest_other)).cpu()
+    distance = region_distances(images, regions, images, chunk)  # (B, B)
+    itself = torch.eye(len(images), dtype=torch.bool, device=distance.device)
+    return nearer_to_class(distance, classes, classes, itself)
 
 
 def paste(images: Tensor, regions: Tensor, donors: Tensor, recipients: Tensor,
