@@ -381,6 +381,48 @@ def test_stamped_carriers_catch_marks_and_not_objects_that_always_sit_at_the_cen
     assert without.stamps is None and without.carriers is None and without.carrier_share is None
 
 
+def test_references_as_extra_donors_catch_a_mark_no_probe_carries():
+    """With a cue on half the images, 8 probes may carry none: the references explained as extra donors do. Their
+    carriers are listed apart from the probes', the alarm counts them, and the evidence names the reference."""
+    from lightning_xai.callbacks.shortcut import ShortcutWatch
+    from lightning_xai.demos import MEAN, STD, SyntheticObjects, add_cue, cue_region
+    from lightning_xai.shortcut.carriers import carrier_check
+
+    model = MarkReader("position").eval()
+    probes, probe_labels, probe_masks = SyntheticObjects(8, 32, "texture", num_classes=4, seed=3).batch(8)
+    more, labels, masks = SyntheticObjects(24, 32, "texture", num_classes=4, seed=7).batch(24)
+    more[:12] = add_cue(more[:12], labels[:12], "position")  # the first 12 references carry their class's mark
+    more_maps = masks.float().clone()
+    for i in range(12):
+        more_maps[i] = cue_region(32, "position", int(labels[i])).float() + 0.1 * masks[i].float()
+    pool = (torch.cat([probes, more]), torch.cat([probe_labels, labels]))
+    probe_maps = probe_masks.float()
+    alone = transplant_check(model, probes, probe_maps, probe_labels, 0.01, references=pool)
+    assert alone.carrier_probes() == [] and alone.extra_carriers() == []
+    joined = transplant_check(model, probes, probe_maps, probe_labels, 0.01, references=pool,
+                              extra_donors=(more, more_maps[:, None], labels[:, None]))
+    assert joined.carrier_probes() == [] and set(joined.extra_carriers()) <= set(range(12))
+    assert len(joined.extra_carriers()) >= 6, joined.extra_carriers()
+    assert joined.rate == alone.rate  # the rate is the probes' own
+    # only stamps are pasted, each into at most max_recipients images of the pool of other classes
+    check = carrier_check(model, more, more_maps, labels, *pool, fraction=0.01, max_recipients=5)
+    assert set(check.donors.tolist()) <= set(torch.nonzero(check.stamps).flatten().tolist())
+    assert int(torch.bincount(check.donors).max()) <= 5
+    assert (pool[1][check.recipients] != labels[check.donors]).all()
+    assert torch.isnan(check.rates[~check.stamps]).all()
+    # the watch: an event with a reference carrier counts; the note and the evidence name the reference
+    watch = ShortcutWatch()
+    watch.references = pool
+    watch.update("m", 0, probes, probe_maps[:, None], probe_labels[:, None], model,
+                 donors=(more, more_maps[:, None], labels[:, None]))
+    event = watch.alarms["m"]
+    assert event.carriers == [] and event.reference_carriers and "references [" in event.message()
+    pictures, notes = watch.outputs("m", "epoch 0", probes, mean=MEAN, std=STD)
+    assert "xai/m/shortcut_evidence" in pictures and notes
+    flips = watch.checks["m"].carrier.flips(watch.checks["m"].carrier.carriers)
+    assert flips and flips[0][0] >= 8  # the strongest carrier pair's donor is a reference
+
+
 def test_transplant_check_without_pairs_is_undefined_and_bad_input_is_refused():
     model = MarkReader("colour").eval()
     images, labels, _, maps = _cue_batch("colour")
@@ -424,6 +466,8 @@ def test_evidence_and_region_pictures_say_what_they_show():
     picture = evidence_picture(images, result, mean=MEAN, std=STD, class_names=names)
     donor, recipient, before, after = result.strongest()
     assert picture.dtype == "uint8" and picture.shape[1] > 3 * 96 and picture.shape[0] > 96 + 3 * line_height()
+    assert evidence_caption("reference 4", 2, 1, 3) == "pasting this region of reference 4 into probe 2 turns its " \
+        "prediction from '1' into '3'"
     assert evidence_caption(3, 5, 7, 2) == "pasting this region of probe 3 into probe 5 turns its prediction from " \
                                             "'7' into '2'"
     assert f"'{names[before]}' into '{names[after]}'" in evidence_caption(donor, recipient, before, after, names)
@@ -610,6 +654,14 @@ def test_alarm_rate_threshold_evidence_and_note_reach_tensorboard_wandb_and_png(
     pool, pool_labels = monitor.records.shortcut.references
     assert pool.shape == (8 + 24, 3, 32, 32) and pool_labels.shape == (32,)
     assert len(monitor.state_dict()["reference_indices"]) == 24  # indices only: checkpoints stay small
+    # GradToken (one backward) also explains the 24 references, as more donors for the carrier check
+    assert monitor.records.shortcut.donors["gradtoken"].shape == (24, 3, 32, 32)
+    images, maps, classes = monitor.runner.explain_references("gradtoken")
+    assert maps.shape == (24, 1, 32, 32) and classes.shape == (24, 1)
+    from lightning_xai.explainers import create_explainer
+
+    monitor.runner.explainers["c2f"] = create_explainer("c2f", monitor.runner.module)
+    assert monitor.runner.explain_references("c2f") is None  # masked forwards: the probes only, as donors
 
     events = EventAccumulator(loggers[0].log_dir, size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     events.Reload()

@@ -5,8 +5,11 @@ with the numbers of :class:`~lightning_xai.callbacks.evolution.EvolutionTracker`
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
+
+from torch import Tensor
 
 from lightning_xai.callbacks import keys
 from lightning_xai.callbacks.evolution import EvolutionTracker
@@ -51,8 +54,9 @@ class RecordBuilder:
             if self.deletion_insertion:
                 scalars.update(runner.faithfulness(outcome, name))
             if self.shortcut is not None:
+                donors = self._reference_donors(runner, name)
                 scalars.update(self.shortcut.update(name, record.epoch, outcome.images, result.maps, result.targets,
-                                                    runner.predict))
+                                                    runner.predict, donors))
                 images, alerts = self.shortcut.outputs(
                     name, record.label, outcome.images, cmap=self.board.cmap, mean=self.board.mean,
                     std=self.board.std, class_name=self.board.class_name, stopping=self.stop_on_shortcut)
@@ -71,6 +75,22 @@ class RecordBuilder:
         if probe_tiles:
             record.probe_tiles = self.board.probe_tiles(outcome.images)
         return fired
+
+    def _reference_donors(self, runner: ProbeRunner, name: str) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The shortcut alarm's references explained by ``name`` (see :meth:`ProbeRunner.explain_references`), or
+        ``None``; a failure there is warned about and leaves the carrier check to the probes, never loses the
+        event. The method's warnings on them are those it gave on the probes, which the run already reported."""
+        if self.shortcut is None or self.shortcut.references is None:
+            return None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return runner.explain_references(name)
+        except Exception as err:  # noqa: BLE001 - the probes' record must still go out
+            warnings.warn(f"lightning-xai: explaining the shortcut alarm's references with {name!r} failed "
+                          f"({type(err).__name__}: {err}); this event's carrier check used the probes only",
+                          RuntimeWarning, stacklevel=2)
+            return None
 
     def reset(self) -> None:
         """A new run: forget every method's history."""

@@ -152,6 +152,19 @@ class ProbeRunner:
                 on_failure(name, err)
         return outcome
 
+    def explain_references(self, name: str) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The shortcut alarm's labelled references explained by method ``name`` for their predicted class, as more
+        donors for the stamped-carrier check: ``(images (R, C, H, W), maps (R, 1, H, W), classes (R, 1))``, the
+        images as the model takes them; ``None`` when there are no references or the method is not
+        :attr:`~lightning_xai.explainers.Explainer.single_pass` (a masked-forward method would cost several times
+        the probes' explanation per reference). Raises what the explainer raises."""
+        explainer = self.explainers.get(name)
+        if explainer is None or not explainer.single_pass or self.probes.reference_pool() is None:
+            return None
+        images = self.handle.prepare(self.probes.references.images)
+        result = explainer(images)  # for the predicted class
+        return images, result.maps, result.targets
+
     def label_indices(self, outcome: Outcome) -> Tensor | None:
         """The probes' labels as class indices ``(P,)`` (a binary head's ``(P, 1)`` BCE targets included), or
         ``None`` when they have none, or several each (multi-label)."""

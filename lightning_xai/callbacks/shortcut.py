@@ -28,7 +28,7 @@ from lightning_xai.shortcut import (
     transplant_check,
 )
 from lightning_xai.shortcut import __all__ as _analysis
-from lightning_xai.shortcut.pictures import evidence_picture, region_picture
+from lightning_xai.shortcut.pictures import carrier_picture, evidence_picture, region_picture
 
 __all__ = [*_analysis, "MIN_PAIRS", "ShortcutWatch", "probe_coverage_warning"]
 
@@ -80,6 +80,8 @@ class ShortcutWatch:
         self._alarms: dict[str, ShortcutAlarm] = {}
         self.checks: dict[str, TransplantResult] = {}
         """The latest event's transplant check per method."""
+        self.donors: dict[str, Tensor | None] = {}
+        """The latest event's extra donors per method (the references it explained), ``(E, C, H, W)`` or ``None``."""
         self.agreements: dict[str, ShortcutScore] = {}
         """The latest event's agreement statistic per method."""
         self.alarms: dict[str, ShortcutEvent] = {}
@@ -93,13 +95,18 @@ class ShortcutWatch:
         return DEFAULT_PATIENCE if self.references is None else DEFAULT_PATIENCE_WITH_REFERENCES
 
     def update(self, method: str, epoch: int, images: Tensor, maps: Tensor, classes: Tensor,
-               predict: Callable[[Tensor], Tensor]) -> dict[str, float]:
+               predict: Callable[[Tensor], Tensor], donors: tuple[Tensor, Tensor, Tensor] | None = None
+               ) -> dict[str, float]:
         """Check ``method``'s maps ``(P, K, H, W)`` of the probes ``images`` ``(P, C, H, W)`` explained for
         ``classes`` ``(P, K)``, with ``predict`` (the runner's forward, see
-        :data:`~lightning_xai.shortcut.transplant.PredictFn`). Returns ``shortcut_rate`` and
-        ``shortcut_agreement`` (when defined: the probes were explained for two classes or more) and
-        ``shortcut_threshold`` (always, so that loggers draw it as a line beside the rate)."""
-        transplant = transplant_check(predict, images, maps, classes, self.fraction, references=self.references)
+        :data:`~lightning_xai.shortcut.transplant.PredictFn`); ``donors``: the references explained by the method
+        too, ``(images (E, C, H, W), maps (E, 1, H, W), classes (E, 1))``, more donors for the stamped-carrier check
+        (with :attr:`references` only; see :meth:`~lightning_xai.callbacks.runner.ProbeRunner.explain_references`).
+        Returns ``shortcut_rate`` and ``shortcut_agreement`` (when defined: the probes were explained for two
+        classes or more) and ``shortcut_threshold`` (always, so that loggers draw it as a line beside the rate)."""
+        transplant = transplant_check(predict, images, maps, classes, self.fraction, references=self.references,
+                                      extra_donors=donors if self.references is not None else None)
+        self.donors[method] = None if donors is None or self.references is None else donors[0]
         agreement = shortcut_score(maps.detach().float().cpu(), classes.detach().cpu())
         self.checks[method], self.agreements[method] = transplant, agreement
         out = {"shortcut_threshold": self.threshold}
@@ -110,7 +117,7 @@ class ShortcutWatch:
         alarm = self._alarms.setdefault(method, ShortcutAlarm(method, self.threshold, self.patience))
         self.alarms.pop(method, None)
         event = alarm.update(epoch, transplant.rate, transplant.probes_above(self.threshold),
-                             transplant.carrier_probes())
+                             transplant.carrier_probes(), transplant.extra_carriers())
         if event is not None:
             self.alarms[method] = event
         return out
@@ -127,7 +134,9 @@ class ShortcutWatch:
         region_key = keys.image_key(method, "shortcut_region")
         evidence_key = keys.image_key(method, "shortcut_evidence")
         pictures = {region_key: region_picture(agreement, cmap, rate=transplant.rate)}
-        evidence = evidence_picture(images, transplant, mean=mean, std=std, class_names=class_name)
+        evidence = self._carrier_evidence(method, images, mean, std, class_name)
+        if evidence is None:
+            evidence = evidence_picture(images, transplant, mean=mean, std=std, class_names=class_name)
         if evidence is not None:
             pictures[evidence_key] = evidence
         event = self.alarms.get(method)
@@ -138,10 +147,27 @@ class ShortcutWatch:
                 f"and `{keys.scalar_key('shortcut_rate', method)}` for the rate.")
         return pictures, [(keys.scalar_key("shortcut_alarm", method), note)]
 
+    def _carrier_evidence(self, method: str, images: Tensor, mean: Any, std: Any,
+                          class_name: Callable[[int], str] | None) -> np.ndarray | None:
+        """The stamped carriers' strongest pair of ``method``'s latest check (probes ``images`` ``(P, C, H, W)``, then
+        its extra donors; the pool is the probes, then the references), or ``None`` without one."""
+        transplant = self.checks[method]
+        if transplant.carrier is None or self.references is None or not bool(transplant.carrier.carriers.any()):
+            return None
+        count, extra = len(images), self.donors.get(method)
+        donors = images if extra is None else torch.cat([images.detach().cpu(), extra.detach().cpu().to(images.dtype)])
+
+        def name(index: int) -> int | str:
+            return index if index < count else f"reference {index - count}"
+
+        return carrier_picture(donors.detach().cpu(), self.references[0], transplant.carrier, name, name, mean=mean,
+                               std=std, class_names=class_name)
+
     def reset(self) -> None:
         """A new run: forget every method's alarm and latest check."""
         self._alarms.clear()
         self.checks.clear()
+        self.donors.clear()
         self.agreements.clear()
         self.alarms.clear()
 

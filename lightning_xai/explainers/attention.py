@@ -27,6 +27,7 @@ class RawAttention(Explainer):
     """
 
     name = "raw_attention"
+    single_pass = True
     needs_readout = True
 
     def compute(self, x: Tensor, targets: Any, geom: Geometry) -> RawMaps:
@@ -52,6 +53,7 @@ class AttentionRollout(Explainer):
     """
 
     name = "rollout"
+    single_pass = True
     needs_readout = True
 
     def __init__(self, model: nn.Module, *, start_layer: int = 0, **kwargs: Any) -> None:

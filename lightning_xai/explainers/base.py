@@ -174,6 +174,10 @@ class Explainer:
     #: whether the method reads the attention rows of the tokens the head reads (METHODS.md, "The readout
     #: rows"); such a method cannot explain a pooling that no attention row expresses (attention pooling)
     needs_readout: ClassVar[bool] = False
+    #: whether one explanation costs one forward and at most one backward of the batch (gradient and attention
+    #: methods, not the masked-forward ones): the callback's shortcut alarm then also explains its labelled references
+    #: with it, as more donors for the stamped-carrier check
+    single_pass: ClassVar[bool] = False
     #: keyword arguments every explainer takes besides its method-specific options
     COMMON_OPTIONS: ClassVar[tuple[str, ...]] = ("vit", "output_transform", "forward", "task")
 

@@ -37,6 +37,7 @@ class GradientRollout(Explainer):
     """
 
     name = "gae"
+    single_pass = True
     needs_readout = True
 
     def __init__(self, model: nn.Module, *, objective: str = "logit", **kwargs: Any) -> None:
@@ -139,6 +140,7 @@ class GradToken(Explainer):
     """
 
     name = "gradtoken"
+    single_pass = True
     needs_readout = True
 
     def __init__(

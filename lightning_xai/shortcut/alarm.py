@@ -26,8 +26,8 @@ def explained_epochs(count: int) -> str:
 class ShortcutEvent:
     """An alarm: ``method``'s transplant rate stayed at or above ``threshold`` for ``patience`` explained epochs
     ending at ``epoch``; ``rates`` are those epochs' values, ``probes`` the donor probes whose own rate reached
-    the threshold at ``epoch``; ``carriers`` the stamped carriers at ``epoch`` (``None``: the check had no labelled
-    references)."""
+    the threshold at ``epoch``; ``carriers`` the probes that were stamped carriers at ``epoch`` (``None``: the check had
+    no labelled references), ``reference_carriers`` the labelled references that were (explained as extra donors)."""
 
     method: str
     epoch: int
@@ -36,12 +36,19 @@ class ShortcutEvent:
     patience: int
     probes: list[int] = field(default_factory=list)
     carriers: list[int] | None = None
+    reference_carriers: list[int] = field(default_factory=list)
+
+    def carrier_names(self) -> str:
+        """``"probes [1, 3] and references [4]"``: the stamped carriers at ``epoch``."""
+        parts = [f"{what} {indices}" for what, indices in (("probes", self.carriers or []),
+                                                             ("references", self.reference_carriers)) if indices]
+        return " and ".join(parts)
 
     def message(self) -> str:
         values = ", ".join(f"{r:.2f}" for r in self.rates)
         if self.carriers is not None:
-            return (f"shortcut alarm for {self.method!r} at epoch {self.epoch}: the small region the maps of probes "
-                    f"{self.carriers} point at is a stamp of their class (the same pixels at the same place in "
+            return (f"shortcut alarm for {self.method!r} at epoch {self.epoch}: the small region the maps of "
+                    f"{self.carrier_names()} point at is a stamp of their class (the same pixels at the same place in "
                     f"labelled images of that class and not of the others) and, pasted at its place into the probes "
                     f"of other classes, turns at least a third of them into that class, for "
                     f"{explained_epochs(self.patience)}; share of all pairs that follow their donor: {values}. The "
@@ -76,14 +83,17 @@ class ShortcutAlarm:
     def fired(self) -> bool:
         return self.fired_at is not None
 
-    def update(self, epoch: int, rate: float, probes: list[int] | None = None, carriers: list[int] | None = None
-               ) -> ShortcutEvent | None:
+    def update(self, epoch: int, rate: float, probes: list[int] | None = None, carriers: list[int] | None = None,
+               reference_carriers: list[int] | None = None) -> ShortcutEvent | None:
         """Record ``rate`` of explained epoch ``epoch``; return the event the first time the alarm fires.
         ``carriers``: the event's stamped carriers when the check had labelled references (``None``: it had none).
-        With them an event counts when there is a stamped carrier, whatever the rate (the evidence is the carrier;
-        the rate, a share of all pairs, also counts the probes that carry no mark); without them, when the rate is
-        at or above the threshold. An undefined rate (no pairs) never counts."""
-        counts = not math.isnan(rate) and (rate >= self.threshold if carriers is None else bool(carriers))
+        With them an event counts when there is a stamped carrier (a probe, or a reference in ``reference_carriers``),
+        whatever the rate (the evidence is the carrier; the rate, a share of all pairs, also counts the probes that
+        carry no mark); without them, when the rate is at or above the threshold and defined (there were pairs)."""
+        if carriers is None:
+            counts = not math.isnan(rate) and rate >= self.threshold
+        else:
+            counts = bool(carriers) or bool(reference_carriers)
         if not counts:
             self.streak = []
             return None
@@ -92,7 +102,8 @@ class ShortcutAlarm:
             return None
         self.fired_at = int(epoch)
         return ShortcutEvent(self.method, int(epoch), self.streak[-self.patience:], self.threshold, self.patience,
-                             list(probes or []), None if carriers is None else list(carriers))
+                             list(probes or []), None if carriers is None else list(carriers),
+                             list(reference_carriers or []))
 
     def state_dict(self) -> dict[str, Any]:
         return {"method": self.method, "threshold": self.threshold, "patience": self.patience,

@@ -11,7 +11,8 @@ from torch import Tensor
 
 from lightning_xai import render
 from lightning_xai.shortcut.agreement import ShortcutScore
-from lightning_xai.shortcut.transplant import TransplantResult, paste
+from lightning_xai.shortcut.carriers import CarrierResult
+from lightning_xai.shortcut.transplant import TransplantResult
 
 OUTLINE = (255, 255, 255)  # region outlines: white, drawn with a dark inner edge so they show on any colour
 EDGE_DARK = (0, 0, 0)
@@ -41,10 +42,15 @@ def _name(names: Sequence[str] | Callable[[int], str] | None, index: int) -> str
     return f"'{index}'"
 
 
-def evidence_caption(donor: int, recipient: int, before: int, after: int,
+def _image_name(which: int | str) -> str:
+    return f"probe {which}" if isinstance(which, int) else which
+
+
+def evidence_caption(donor: int | str, recipient: int | str, before: int, after: int,
                      class_names: Sequence[str] | Callable[[int], str] | None = None) -> str:
-    """"pasting this region of probe 3 into probe 5 turns its prediction from '7' into '2'"."""
-    return (f"pasting this region of probe {donor} into probe {recipient} turns its prediction from "
+    """"pasting this region of probe 3 into probe 5 turns its prediction from '7' into '2'" (an int names a probe;
+    a string is the image's name as it is, e.g. ``"reference 4"``)."""
+    return (f"pasting this region of {_image_name(donor)} into {_image_name(recipient)} turns its prediction from "
             f"{_name(class_names, before)} into {_name(class_names, after)}")
 
 
@@ -75,17 +81,55 @@ def evidence_picture(
         return None
     donor, recipient, before, after = pair
     images = images.detach().float().cpu()
-    regions = result.regions.to("cpu")
-    pasted = paste(images, regions, torch.tensor([donor]), torch.tensor([recipient]))  # as the check pasted
-    three = torch.cat([images[donor:donor + 1], images[recipient:recipient + 1], pasted])
-    tiles = render.overlay(three, torch.zeros(3, *images.shape[-2:]), alpha=0.0, mean=mean, std=std, size=size)
-    region = regions[donor].numpy()
-    tiles = np.stack([_outline(tiles[0], region), tiles[1], _outline(tiles[2], region)])
-    texts = [f"probe {donor}: {_name(class_names, int(result.classes[donor]))}",
-             f"probe {recipient}: {_name(class_names, before)}",
+    return pair_picture(images[donor], result.regions[donor], images[recipient], donor, recipient,
+                        int(result.classes[donor]), before, after, mean=mean, std=std, class_names=class_names,
+                        size=size)
+
+
+def carrier_picture(
+    donors: Tensor,
+    pool: Tensor,
+    result: CarrierResult,
+    donor_name: Callable[[int], int | str],
+    pool_name: Callable[[int], int | str],
+    *,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    class_names: Sequence[str] | Callable[[int], str] | None = None,
+    size: int = 128,
+) -> np.ndarray | None:
+    """The stamped carriers' strongest pair (see :func:`pair_picture`): a carrier among ``donors`` ``(D, C, H, W)``
+    pasted into an image of ``pool`` ``(R, C, H, W)`` (the images the carrier check ran on); ``donor_name`` and
+    ``pool_name`` name an index (an int is a probe's index). ``None`` when no carrier's pair flipped."""
+    flips = result.flips(result.carriers)
+    if not flips:
+        return None
+    donor, recipient, before, after = flips[0]
+    return pair_picture(donors[donor].detach().float().cpu(), result.regions[donor],
+                        pool[recipient].detach().float().cpu(), donor_name(donor), pool_name(recipient),
+                        int(result.classes[donor]), before, after, mean=mean, std=std, class_names=class_names,
+                        size=size)
+
+
+def pair_picture(donor: Tensor, region: Tensor, recipient: Tensor, donor_name: int | str, recipient_name: int | str,
+                 donor_class: int, before: int, after: int, *, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None, class_names: Sequence[str] | Callable[[int], str] | None = None,
+                 size: int = 128) -> np.ndarray:
+    """One transplant as three captioned tiles: ``donor`` ``(C, H, W)`` with its ``region`` ``(H, W)`` outlined,
+    ``recipient`` ``(C, H, W)`` before, and the recipient with the region pasted, under one caption that says what
+    happened (:func:`evidence_caption`); uint8 ``(H', W', 3)``."""
+    region = region.to("cpu")
+    pasted = torch.where(region[None], donor, recipient)  # as the check pasted
+    three = torch.stack([donor, recipient, pasted])
+    tiles = render.overlay(three, torch.zeros(3, *donor.shape[-2:]), alpha=0.0, mean=mean, std=std, size=size)
+    outline = region.numpy()
+    tiles = np.stack([_outline(tiles[0], outline), tiles[1], _outline(tiles[2], outline)])
+    texts = [f"{_image_name(donor_name)}: {_name(class_names, donor_class)}",
+             f"{_image_name(recipient_name)}: {_name(class_names, before)}",
              f"pasted: {_name(class_names, after)}"]
     row = render.grid(render.caption(tiles, texts, lines=2), ncols=3)
-    return render.caption(row[None], [evidence_caption(donor, recipient, before, after, class_names)], lines=3)[0]
+    caption = evidence_caption(donor_name, recipient_name, before, after, class_names)
+    return render.caption(row[None], [caption], lines=3)[0]
 
 
 def region_caption(score: ShortcutScore, rate: float | None = None) -> str:

@@ -90,11 +90,21 @@ def stamp_regions(images: Tensor, regions: Tensor, classes: Tensor, references: 
     if len(labels) != len(references):
         raise ValueError(f"the reference labels must be (R,) for {len(references)} reference images, got "
                          f"{len(labels)} labels")
+    return stamps_among(images, regions, classes, references.to(images), labels, ratio, chunk, weights)[0]
+
+
+def stamps_among(images: Tensor, regions: Tensor, classes: Tensor, references: Tensor, labels: Tensor,
+                 ratio: float = DEFAULT_STAMP_RATIO, chunk: int = 256, weights: Tensor | None = None
+                 ) -> tuple[Tensor, Tensor]:
+    """:func:`stamp_regions`'s stamps ``(B,)`` (on the CPU), and which reference is the probe itself: bool
+    ``(B, R)`` (on the CPU; a reference equal to the probe over the whole image). ``references`` on the probes'
+    device."""
+    labels = torch.as_tensor(labels).long().flatten().to(images.device)
     distance = region_distances(images, regions, references, chunk, weights)  # (B, R)
     itself = torch.zeros_like(distance, dtype=torch.bool)  # (B, R): a probe among the references
     for i, r in (distance == 0).nonzero().tolist():  # equal over the region: compare the whole images (few pairs)
-        itself[i, r] = torch.equal(images[i], references[r].to(images))
-    return nearer_to_class(distance, classes, labels, itself, ratio)
+        itself[i, r] = torch.equal(images[i], references[r])
+    return nearer_to_class(distance, classes, labels, itself, ratio), itself.cpu()
 
 
 def nearer_to_class(distance: Tensor, classes: Tensor, labels: Tensor, itself: Tensor, ratio: float = 1.0) -> Tensor:

@@ -21,45 +21,22 @@ rarely give (measured in ``docs/methods.md``). Pure functions of tensors plus a 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from lightning_xai.shortcut.stamps import (
-    DEFAULT_STAMP_RATIO,
-    nearer_to_class,
-    region_distances,
-    stamp_regions,
-    stamped_carriers,
+from lightning_xai.shortcut.carriers import DEFAULT_MAX_RECIPIENTS, CarrierResult, carrier_check
+from lightning_xai.shortcut.regions import (  # noqa: F401 - DEFAULT_REGION, PredictFn, paste: importable from here
+    DEFAULT_CHUNK,
+    DEFAULT_REGION,
+    PredictFn,
+    control_shifts,
+    paste,
+    predict_chunked,
+    top_regions,
 )
-
-#: Size of each probe's region, as a fraction of the image's pixels (see ``docs/methods.md`` for how it was chosen).
-DEFAULT_REGION = 0.04
-#: Images per forward of the transplanted batch.
-DEFAULT_CHUNK = 256
-
-PredictFn = Callable[[Tensor], Tensor]
-"""``predict(images (N, C, H, W)) -> logits (N, num_classes)``: the model's forward without gradients, in eval
-mode (the callback hands its probe runner's; outside training a :class:`~lightning_xai.handle.ModelHandle`)."""
-
-
-def top_regions(maps: Tensor, fraction: float = DEFAULT_REGION) -> Tensor:
-    """Bool ``(B, H, W)``: each map's ``ceil(fraction * H * W)`` largest pixels (ties by lower index).
-
-    ``maps`` is ``(B, H, W)`` or ``(B, K, H, W)`` (target ``0`` is used).
-    """
-    if maps.dim() == 4:
-        maps = maps[:, 0]
-    if maps.dim() != 3:
-        raise ValueError(f"maps must be (B, H, W) or (B, K, H, W), got {tuple(maps.shape)}")
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"the region fraction must be in (0, 1), got {fraction}")
-    flat = maps.flatten(1).float()
-    count = max(1, math.ceil(fraction * flat.shape[1]))
-    index = flat.topk(count, dim=1).indices
-    return torch.zeros_like(flat, dtype=torch.bool).scatter_(1, index, True).view(maps.shape)
+from lightning_xai.shortcut.stamps import DEFAULT_STAMP_RATIO, nearer_to_class, region_distances
 
 
 @dataclass
@@ -84,8 +61,9 @@ class TransplantResult:
             without the control; ``-1`` for a pair it did not run on, see ``control_all``).
         recurs: ``(B,)`` bool, whether each probe's region recurs in another probe of its class
             (:func:`recurring_regions`; ``None`` without that condition).
-        stamps: ``(B,)`` bool, whether each probe's region is a stamp of its class among the labelled reference
-            images (:func:`~lightning_xai.shortcut.stamps.stamp_regions`; ``None`` without references).
+        carrier: the stamped-carrier check (:func:`~lightning_xai.shortcut.carriers.carrier_check`) of the probes
+            (its donors ``0 .. B-1``) and of any extra donors (``B ..``), against the labelled references; ``None``
+            without references.
     """
 
     rate: float
@@ -100,7 +78,13 @@ class TransplantResult:
     fraction: float
     moved: Tensor | None = None
     recurs: Tensor | None = None
-    stamps: Tensor | None = None
+    carrier: CarrierResult | None = None
+
+    @property
+    def stamps(self) -> Tensor | None:
+        """``(B,)`` bool, whether each probe's region is a stamp of its class among the labelled references
+        (``None`` without references)."""
+        return None if self.carrier is None else self.carrier.stamps[:len(self.classes)]
 
     @property
     def flipped(self) -> Tensor:
@@ -143,8 +127,9 @@ class TransplantResult:
     @property
     def carriers(self) -> Tensor | None:
         """``(B,)`` bool: the *stamped carriers*, probes whose region is a stamp of their class and carries it into at
-        least a third of their transplants (``None`` without references; see ``docs/methods.md``)."""
-        return None if self.stamps is None else stamped_carriers(self.probe_rates, self.stamps)
+        least a third of their transplants into the references (``None`` without references; see
+        ``docs/methods.md``)."""
+        return None if self.carrier is None else self.carrier.carriers[:len(self.classes)]
 
     @property
     def carrier_share(self) -> float | None:
@@ -159,6 +144,13 @@ class TransplantResult:
         """The stamped carriers' indices (see :attr:`carriers`), ``None`` without references."""
         carriers = self.carriers
         return None if carriers is None else [int(i) for i in torch.nonzero(carriers).flatten()]
+
+    def extra_carriers(self) -> list[int] | None:
+        """The stamped carriers among the extra donors (``transplant_check(..., extra_donors=...)``), as indices into
+        them; ``None`` without references."""
+        if self.carrier is None:
+            return None
+        return [int(i) for i in torch.nonzero(self.carrier.carriers[len(self.classes):]).flatten()]
 
     def probes_above(self, threshold: float) -> list[int]:
         """The donor probes whose own rate is at least ``threshold``."""
@@ -188,34 +180,6 @@ def recurring_regions(images: Tensor, regions: Tensor, classes: Tensor, chunk: i
     return nearer_to_class(distance, classes, classes, itself)
 
 
-def paste(images: Tensor, regions: Tensor, donors: Tensor, recipients: Tensor,
-          shifts: Tensor | None = None) -> Tensor:
-    """``(M, C, H, W)``: recipient ``images[recipients[m]]`` with the pixels of ``regions[donors[m]]`` taken from
-    ``images[donors[m]]``; with ``shifts`` ``(M, 2)``, donor and region are rolled by ``(dy, dx)`` first (the
-    region moved to another place)."""
-    donor_images, masks = images[donors], regions[donors][:, None]
-    if shifts is not None:
-        rows = torch.arange(images.shape[-2], device=images.device)
-        cols = torch.arange(images.shape[-1], device=images.device)
-        y = (rows[None, :] - shifts[:, :1].to(images.device)) % images.shape[-2]  # (M, H)
-        x = (cols[None, :] - shifts[:, 1:].to(images.device)) % images.shape[-1]  # (M, W)
-        m = torch.arange(len(donors), device=images.device)[:, None, None]
-        donor_images = donor_images.permute(0, 2, 3, 1)[m, y[:, :, None], x[:, None, :]].permute(0, 3, 1, 2)
-        masks = masks[:, 0][m, y[:, :, None], x[:, None, :]][:, None]
-    return torch.where(masks.to(images.device), donor_images, images[recipients])
-
-
-def _predict_chunked(predict: PredictFn, images: Tensor, regions: Tensor, donors: Tensor, recipients: Tensor,
-                     chunk: int, num_classes: int, shifts: Tensor | None = None) -> Tensor:
-    """Softmax ``(M, num_classes)`` of every transplanted image, built and run ``chunk`` pairs at a time."""
-    out = [torch.zeros(0, num_classes)]
-    for start in range(0, len(donors), chunk):
-        part = slice(start, start + chunk)
-        batch = paste(images, regions, donors[part], recipients[part], None if shifts is None else shifts[part])
-        out.append(predict(batch).float().softmax(-1).cpu())
-    return torch.cat(out)
-
-
 @torch.no_grad()
 def transplant_check(
     predict: PredictFn,
@@ -230,6 +194,8 @@ def transplant_check(
     control_all: bool = False,
     references: tuple[Tensor, Tensor] | None = None,
     stamp_ratio: float = DEFAULT_STAMP_RATIO,
+    extra_donors: tuple[Tensor, Tensor, Tensor] | None = None,
+    max_recipients: int = DEFAULT_MAX_RECIPIENTS,
     seed: int = 0,
 ) -> TransplantResult:
     """The transplant check on probes ``images`` ``(B, C, H, W)`` (as the model takes them) with their maps
@@ -251,13 +217,18 @@ def transplant_check(
             ``moved`` is ``-1`` (not run), and :attr:`TransplantResult.control_rate` is then the control's rate
             among the pairs it ran on.
         references: ``(images (R, C, H, W), labels (R,))``, labelled images of the data the model learns from (the
-            probes with their labels may be among them; about 24 or more, several per class): each probe's region
-            is also tested for being a stamp of its class among them
-            (:func:`~lightning_xai.shortcut.stamps.stamp_regions`, distances weighted by the maps), which gives
-            :attr:`TransplantResult.stamps`, :attr:`~TransplantResult.carriers` and
-            :attr:`~TransplantResult.carrier_share`; the rate is unchanged.
+            probes with their labels may be among them; about 24 or more, several per class): the stamped-carrier
+            check (:func:`~lightning_xai.shortcut.carriers.carrier_check`) then runs on the probes (and
+            ``extra_donors``) against them: each region is tested for being a stamp of its class among them
+            (distances weighted by the maps), and each stamp is pasted into references of other classes. It gives
+            :attr:`TransplantResult.carrier`, :attr:`~TransplantResult.stamps`, :attr:`~TransplantResult.carriers`
+            and :meth:`~TransplantResult.extra_carriers`; the rate is unchanged.
         stamp_ratio: how much nearer a stamp's nearest reference of its class must be than its nearest reference of
             another class (see :func:`~lightning_xai.shortcut.stamps.stamp_regions`).
+        extra_donors: ``(images (E, C, H, W), maps (E, [K,] H, W), classes (E,) or (E, K))``: more explained images
+            (e.g. the references themselves) that the carrier check also tries as donors; used with
+            ``references`` only. More donors catch a cue that few probes carry (a cue on half the images).
+        max_recipients: most references each stamped donor is pasted into.
 
     Returns:
         a :class:`TransplantResult`.
@@ -277,31 +248,47 @@ def transplant_check(
     before = predict(images).float().softmax(-1).cpu()
     predictions = before.argmax(-1)
     donors, recipients = transplant_pairs(classes, predictions)
-    probs = _predict_chunked(predict, images, regions, donors, recipients, int(chunk), before.shape[-1])
+    probs = predict_chunked(predict, images, regions, donors, recipients, int(chunk), before.shape[-1])
     after, target = probs.argmax(-1), classes[donors]
     gains = probs.gather(1, target[:, None])[:, 0] - before[recipients].gather(1, target[:, None])[:, 0]
     moved = None
     if control:
-        generator = torch.Generator().manual_seed(int(seed))
-        height, width = images.shape[-2:]
-        low = torch.tensor([height // 4, width // 4])
-        shifts = low + (torch.rand(len(donors), 2, generator=generator) * (torch.tensor([height, width]) // 2 + 1)
-                        ).long()
+        shifts = control_shifts(len(donors), *images.shape[-2:], seed=seed)
         ran = torch.ones(len(donors), dtype=torch.bool) if control_all else after == target
         moved = torch.full((len(donors),), -1, dtype=torch.long)
-        moved[ran] = _predict_chunked(predict, images, regions, donors[ran], recipients[ran], int(chunk),
-                                      before.shape[-1], shifts[ran]).argmax(-1)
+        moved[ran] = predict_chunked(predict, images, regions, donors[ran], recipients[ran], int(chunk),
+                                     before.shape[-1], shifts[ran]).argmax(-1)
     recurs = recurring_regions(images, regions, classes, int(chunk)) if recurrence else None
-    stamps = None
+    carrier = None
     if references is not None:
-        pool, labels = references
-        stamps = stamp_regions(images, regions, classes, pool.to(images), labels, stamp_ratio, int(chunk),
-                               weights=maps)
+        carrier = _carriers(predict, images, maps, classes, references, extra_donors, stamp_ratio, fraction,
+                            max_recipients, int(chunk), seed)
     result = TransplantResult(math.nan, torch.full((len(images),), math.nan), regions.cpu(), classes, predictions,
-                              donors, recipients, after, gains, float(fraction), moved, recurs, stamps)
+                              donors, recipients, after, gains, float(fraction), moved, recurs, carrier)
     follows = result.flipped.float()
     counts = torch.zeros(len(images)).index_add_(0, donors, torch.ones(len(donors)))
     hits = torch.zeros(len(images)).index_add_(0, donors, follows)
     result.probe_rates = torch.where(counts > 0, hits / counts.clamp_min(1), result.probe_rates)
     result.rate = float(follows.mean()) if len(donors) else math.nan
     return result
+
+
+def _carriers(predict: PredictFn, images: Tensor, maps: Tensor, classes: Tensor, references: tuple[Tensor, Tensor],
+              extra: tuple[Tensor, Tensor, Tensor] | None, ratio: float, fraction: float, max_recipients: int,
+              chunk: int, seed: int) -> CarrierResult:
+    """The carrier check of the probes (``maps`` ``(B, H, W)``, ``classes`` ``(B,)``) and the ``extra`` donors."""
+    pool, labels = references
+    if extra is not None:
+        more, more_maps, more_classes = extra
+        more_maps = more_maps[:, 0] if more_maps.dim() == 4 else more_maps
+        more_classes = more_classes[:, 0] if more_classes.dim() == 2 else more_classes
+        if more.dim() != 4 or more.shape[1:] != images.shape[1:] or more_maps.shape != (len(more), *maps.shape[1:]) \
+                or more_classes.shape != (len(more),):
+            raise ValueError(f"the extra donors must be images {tuple(images.shape[1:])} with maps (E, [K,] H, W) and "
+                             f"classes (E,) or (E, K), got {tuple(more.shape)}, {tuple(more_maps.shape)} and "
+                             f"{tuple(more_classes.shape)}")
+        images = torch.cat([images, more.to(images)])
+        maps = torch.cat([maps.to(images.device), more_maps.to(images.device, maps.dtype)])
+        classes = torch.cat([classes, more_classes.detach().long().cpu()])
+    return carrier_check(predict, images, maps, classes, pool, labels, fraction=fraction, ratio=ratio,
+                         max_recipients=max_recipients, chunk=chunk, seed=seed)
