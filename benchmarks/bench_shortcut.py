@@ -79,6 +79,16 @@ def is_cue(kind: str) -> bool:
     return "cue_probability" in KINDS[kind]
 
 
+def datamodule(kind: str, seed: int, num_train: int) -> SyntheticDataModule:
+    """The data of one (kind, seed) run, set up for ``fit`` (``eval_callback_alarm.py`` rebuilds a saved run's)."""
+    options = dict(KINDS[kind])
+    options.setdefault("cue_kind", "colour")  # clean kinds: damage measured with the colour mark they never saw
+    data = SyntheticDataModule(family="texture", num_classes=NUM_CLASSES, image_size=32, num_train=num_train,
+                               num_val=512, batch_size=64, seed=seed, num_test=256, **options)
+    data.setup("fit")
+    return data
+
+
 def damage_images(data: SyntheticDataModule, count: int) -> dict[str, torch.Tensor]:
     """The same ``count`` validation images without the cue, with their own class's and with the next class's."""
     plain = SyntheticObjects(count, 32, data.family, NUM_CLASSES, seed=data.seed, split="val",
@@ -167,11 +177,7 @@ def run(kind: str, seed: int, epochs: int, num_train: int, num_probes: int, meth
     """Train one model on ``kind`` data; return its per-method per-epoch rows."""
     print(f"\n# {kind}, seed {seed}", flush=True)
     pl.seed_everything(seed, workers=True)
-    options = dict(KINDS[kind])
-    options.setdefault("cue_kind", "colour")  # clean kinds: damage measured with the colour mark they never saw
-    data = SyntheticDataModule(family="texture", num_classes=NUM_CLASSES, image_size=32, num_train=num_train,
-                               num_val=512, batch_size=64, seed=seed, num_test=256, **options)
-    data.setup("fit")
+    data = datamodule(kind, seed, num_train)
     generator = torch.Generator().manual_seed(1000 + seed)  # the probes: a seeded draw from validation
     indices = torch.randperm(len(data.val_set), generator=generator)[:num_probes]
     probes, _, _ = data.val_set.batch(indices)

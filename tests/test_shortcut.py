@@ -494,6 +494,18 @@ def test_alarm_fires_after_patience_consecutive_epochs_once_per_run():
     assert "for 3 explained epochs" in event.message()
 
 
+def test_with_references_an_event_needs_one_carrier_per_sixteen_donors():
+    """Chance stamps grow with the donors tried: 8 probes need one stamped carrier, 8 probes and 24 references two."""
+    from lightning_xai.shortcut import carriers_needed
+
+    assert [carriers_needed(n) for n in (1, 8, 16, 17, 32, 33)] == [1, 1, 1, 2, 2, 3]
+    alarm = ShortcutAlarm("gradtoken", patience=1)
+    assert alarm.update(0, 0.9, carriers=[], reference_carriers=[5], needed=2) is None  # one chance stamp
+    event = alarm.update(1, 0.0, carriers=[2], reference_carriers=[5], needed=2)  # whatever the rate
+    assert event is not None and event.carrier_names() == "probes [2] and references [5]"
+    assert "probes [2] and references [5] point at" in event.message()
+
+
 def test_alarm_message_reads_right_for_any_patience():
     one = ShortcutAlarm("gradtoken", threshold=0.2, patience=1).update(4, 0.5, probes=[2])
     assert "for 1 explained epoch;" in one.message() and "epochs" not in one.message().split("probes")[0]

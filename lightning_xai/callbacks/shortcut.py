@@ -24,6 +24,7 @@ from lightning_xai.shortcut import (
     ShortcutEvent,
     ShortcutScore,
     TransplantResult,
+    carriers_needed,
     shortcut_score,
     transplant_check,
 )
@@ -116,8 +117,9 @@ class ShortcutWatch:
             out["shortcut_agreement"] = agreement.score
         alarm = self._alarms.setdefault(method, ShortcutAlarm(method, self.threshold, self.patience))
         self.alarms.pop(method, None)
+        donor_count = len(images) + (0 if self.donors[method] is None else len(self.donors[method]))
         event = alarm.update(epoch, transplant.rate, transplant.probes_above(self.threshold),
-                             transplant.carrier_probes(), transplant.extra_carriers())
+                             transplant.carrier_probes(), transplant.extra_carriers(), carriers_needed(donor_count))
         if event is not None:
             self.alarms[method] = event
         return out

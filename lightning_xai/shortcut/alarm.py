@@ -16,6 +16,16 @@ DEFAULT_PATIENCE = 2
 #: ``docs/methods.md``, "Stamped carriers"): that evidence does not come and go by chance as the rate does.
 DEFAULT_PATIENCE_WITH_REFERENCES = 1
 
+#: With labelled references, an event counts toward the alarm when it holds at least one stamped carrier per this many
+#: donors tried (rounded up: 1 for the 8 probes alone, 2 for 8 probes and 24 explained references). Chance stamps grow
+#: with the number of donors; measured in ``docs/methods.md``, "Stamped carriers".
+DONORS_PER_CARRIER = 16
+
+
+def carriers_needed(donors: int) -> int:
+    """Stamped carriers an event needs among ``donors`` donors (see :data:`DONORS_PER_CARRIER`); at least 1."""
+    return max(1, math.ceil(int(donors) / DONORS_PER_CARRIER))
+
 
 def explained_epochs(count: int) -> str:
     """``"1 explained epoch"``, ``"2 explained epochs"``."""
@@ -84,16 +94,17 @@ class ShortcutAlarm:
         return self.fired_at is not None
 
     def update(self, epoch: int, rate: float, probes: list[int] | None = None, carriers: list[int] | None = None,
-               reference_carriers: list[int] | None = None) -> ShortcutEvent | None:
+               reference_carriers: list[int] | None = None, needed: int = 1) -> ShortcutEvent | None:
         """Record ``rate`` of explained epoch ``epoch``; return the event the first time the alarm fires.
         ``carriers``: the event's stamped carriers when the check had labelled references (``None``: it had none).
-        With them an event counts when there is a stamped carrier (a probe, or a reference in ``reference_carriers``),
-        whatever the rate (the evidence is the carrier; the rate, a share of all pairs, also counts the probes that
-        carry no mark); without them, when the rate is at or above the threshold and defined (there were pairs)."""
+        With them an event counts when it holds ``needed`` stamped carriers or more (probes, and references in
+        ``reference_carriers``; see :func:`carriers_needed`), whatever the rate (the evidence is the carrier; the rate,
+        a share of all pairs, also counts the probes that carry no mark); without them, when the rate is at or above
+        the threshold and defined (there were pairs)."""
         if carriers is None:
             counts = not math.isnan(rate) and rate >= self.threshold
         else:
-            counts = bool(carriers) or bool(reference_carriers)
+            counts = len(carriers) + len(reference_carriers or []) >= max(1, int(needed))
         if not counts:
             self.streak = []
             return None

@@ -14,7 +14,7 @@ from lightning_xai.explainers import Explanation, create_explainer
 from lightning_xai.explainers.base import explanation_mode
 from lightning_xai.handle import ModelHandle
 from lightning_xai.shortcut.agreement import ShortcutScore, shortcut_score
-from lightning_xai.shortcut.alarm import DEFAULT_THRESHOLD
+from lightning_xai.shortcut.alarm import DEFAULT_THRESHOLD, carriers_needed
 from lightning_xai.shortcut.transplant import DEFAULT_CHUNK, DEFAULT_REGION, TransplantResult, transplant_check
 from lightning_xai.validation import to_logits
 
@@ -62,10 +62,13 @@ class ShortcutCheck:
 
     @property
     def suspicious(self) -> bool:
-        """What one explained epoch of the callback's alarm asks: with ``references``, a probe is a stamped carrier;
-        without, the rate is at or above the threshold."""
+        """What one explained epoch of the callback's alarm asks: with ``references``, enough images are stamped
+        carriers (:func:`~lightning_xai.shortcut.alarm.carriers_needed`: one per 16 images, rounded up); without,
+        the rate is at or above the threshold."""
         carriers = self.carriers
-        return not math.isnan(self.rate) and (self.rate >= self.threshold if carriers is None else bool(carriers))
+        if carriers is not None:
+            return len(carriers) >= carriers_needed(len(self.transplant.classes))
+        return not math.isnan(self.rate) and self.rate >= self.threshold
 
 
 def _plain_model(model: nn.Module, images: Tensor, output_transform: Any, forward: Any
