@@ -410,6 +410,9 @@ def test_references_as_extra_donors_catch_a_mark_no_probe_carries():
     assert int(torch.bincount(check.donors).max()) <= 5
     assert (pool[1][check.recipients] != labels[check.donors]).all()
     assert torch.isnan(check.rates[~check.stamps]).all()
+    capped = carrier_check(model, more, more_maps, labels, *pool, fraction=0.01, max_donors=2)
+    assert len(set(capped.donors.tolist())) == 2 and int((~torch.isnan(capped.rates)).sum()) == 2
+    assert capped.stamps.equal(check.stamps)  # every stamp is still told; only two are pasted
     # the watch: an event with a reference carrier counts; the note and the evidence name the reference
     watch = ShortcutWatch()
     watch.references = pool
@@ -860,6 +863,35 @@ def test_benchmark_judges_alarms_lags_and_false_alarms_as_stated():
     assert (verdict["hits"], verdict["followers"], verdict["late"], verdict["false"], verdict["lags"]) == \
         (1, 2, ["position90/0"], ["clean/2"], [1, 2]) and not verdict["holds"]
     assert bench.judge(results[:1], "m", "rate", 0.25, 1)["holds"]
+
+
+def test_callback_alarm_replay_judges_each_replay_as_stated():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parent.parent / "benchmarks"
+    sys.path.insert(0, str(folder))
+    try:
+        spec = importlib.util.spec_from_file_location("eval_callback_alarm", folder / "eval_callback_alarm.py")
+        replay = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(replay)
+    finally:
+        sys.path.remove(str(folder))
+
+    def result(fired, damage, other, cue=True):
+        triples = enumerate(zip(fired, damage, other, strict=True))
+        rows = [dict(epoch=e, fired=f, damage=d, acc_other=o) for e, (f, d, o) in triples]
+        return dict(cue=cue, rows=rows)
+
+    damage, follows = [0.0, 0.05, 0.2, 0.4], [0.9, 0.8, 0.4, 0.3]  # the damage passes 0.10 at epoch 2
+    assert replay.verdict(result([0, 0, 0, 1], damage, follows)) == ("on time", 1)
+    assert replay.verdict(result([0, 1, 0, 0], damage, follows)) == ("on time", -1)  # before the damage shows
+    assert replay.verdict(result([0, 0, 0, 0, 1], [*damage, 0.5], [*follows, 0.2])) == ("late", 2)
+    assert replay.verdict(result([0] * 4, damage, follows)) == ("missed", None)
+    assert replay.verdict(result([0] * 4, damage, [0.9, 0.8, 0.7, 0.6])) == ("not following", None)
+    assert replay.verdict(result([0, 0, 1, 0], [0.0] * 4, [0.9] * 4, cue=False)) == ("false alarm", None)
+    assert replay.verdict(result([0] * 4, [0.0] * 4, [0.9] * 4, cue=False)) == ("silent", None)
 
 
 def test_shortcut_example_runs_end_to_end(tmp_path, capsys):

@@ -59,8 +59,8 @@ class ShortcutEvent:
         if self.carriers is not None:
             return (f"shortcut alarm for {self.method!r} at epoch {self.epoch}: the small region the maps of "
                     f"{self.carrier_names()} point at is a stamp of their class (the same pixels at the same place in "
-                    f"labelled images of that class and not of the others) and, pasted at its place into the probes "
-                    f"of other classes, turns at least a third of them into that class, for "
+                    f"labelled images of that class and not of the others) and, pasted at its place into labelled "
+                    f"images of other classes, turns at least a third of them into that class, for "
                     f"{explained_epochs(self.patience)}; share of all pairs that follow their donor: {values}. The "
                     f"model may be reading a spurious cue (a watermark, a tag, a border mark) instead of the objects.")
         return (f"shortcut alarm for {self.method!r} at epoch {self.epoch}: pasting the small region each probe's "

@@ -7,7 +7,7 @@ recipients are the labelled pool (the probes and the references). Only a donor w
 anywhere: a region that is no stamp cannot be a stamped carrier, so on a model without a cue the check costs one
 forward of the pool and the region distances, and the pastes are spent where the evidence is. Each stamped donor
 is pasted into at most ``max_recipients`` pool images of other classes (a seeded choice), with the moved-region
-control on the pairs that followed it.
+control on the pairs that followed it; at most ``max_donors`` stamps are pasted.
 
 Pure functions of tensors plus a ``predict``; no Lightning.
 """
@@ -37,6 +37,9 @@ from lightning_xai.shortcut.stamps import (
 
 #: Most pool images each stamped donor is pasted into (its rate is a share of them; see ``docs/methods.md``).
 DEFAULT_MAX_RECIPIENTS = 16
+#: Most stamped donors pasted per check (in donor order: the probes first), which bounds the pastes of a model that
+#: reads a cue everywhere to ``16 x 16`` (and their control) while the alarm needs two carriers.
+DEFAULT_MAX_DONORS = 16
 
 
 @dataclass
@@ -121,6 +124,7 @@ def carrier_check(
     ratio: float = DEFAULT_STAMP_RATIO,
     level: float = DEFAULT_CARRIER_LEVEL,
     max_recipients: int = DEFAULT_MAX_RECIPIENTS,
+    max_donors: int = DEFAULT_MAX_DONORS,
     chunk: int = DEFAULT_CHUNK,
     seed: int = 0,
 ) -> CarrierResult:
@@ -139,6 +143,8 @@ def carrier_check(
         level: share of its transplants a stamp must carry to be a carrier.
         max_recipients: most pool images each stamped donor is pasted into: those labelled and predicted as
             another class than the donor's, the first in a ``seed``-ed order of the pool.
+        max_donors: most stamped donors pasted (the first in donor order); the others keep a ``nan`` rate and are
+            no carriers.
         chunk: images per forward.
 
     Returns:
@@ -158,15 +164,17 @@ def carrier_check(
                          f"{len(labels)} labels")
     if not 0.0 < float(ratio) <= 1.0:
         raise ValueError(f"the stamp ratio must be in (0, 1], got {ratio}")
-    if int(max_recipients) < 1 or int(chunk) < 1:
-        raise ValueError(f"max_recipients and chunk must be positive ints, got {max_recipients} and {chunk}")
+    if min(int(max_recipients), int(max_donors), int(chunk)) < 1:
+        raise ValueError(f"max_recipients, max_donors and chunk must be positive ints, got {max_recipients}, "
+                         f"{max_donors} and {chunk}")
     pool = pool.to(images)
     classes = classes.detach().long().cpu()
     regions = top_regions(maps, fraction).to(images.device)
     stamps, itself = stamps_among(images, regions, classes, pool, labels, ratio, int(chunk), weights=maps)  # (D,)
     before = _probabilities(predict, pool, int(chunk))  # (R, num_classes)
     predicted = before.argmax(-1)
-    eligible = stamps[:, None] & (labels[None, :] != classes[:, None]) & (predicted[None, :] != classes[:, None]) \
+    tried = stamps & (stamps.long().cumsum(0) <= int(max_donors))
+    eligible = tried[:, None] & (labels[None, :] != classes[:, None]) & (predicted[None, :] != classes[:, None]) \
         & ~itself
     donors, recipients = _recipients(eligible, int(max_recipients), seed)
     everything = torch.cat([images, pool])  # donors first, then the pool: one index space for paste
