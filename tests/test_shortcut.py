@@ -764,6 +764,27 @@ def test_probes_of_too_few_classes_are_warned_about_at_fit_start(tmp_path):
     assert [str(w.message) for w in caught if "pairs of probes of different classes" in str(w.message)]
 
 
+def test_user_given_references_serve_given_and_unlabelled_probes_and_bad_ones_are_refused():
+    from lightning_xai.callbacks import ExplanationMonitor
+    from lightning_xai.callbacks.probes import ProbeSet
+
+    probes, more = torch.rand(8, 3, 32, 32), torch.rand(12, 3, 32, 32)
+    labels, more_labels = torch.arange(8) % 4, torch.arange(12) % 4
+    given = ProbeSet(probes, labels, num_references=(more, more_labels))
+    pool, pool_labels = given.reference_pool()
+    assert pool.shape == (20, 3, 32, 32) and pool_labels.tolist() == [*labels.tolist(), *more_labels.tolist()]
+    assert given.state_dict()["reference_indices"] is None  # given, not drawn: the constructor has them again
+    given.reset()
+    assert given.references is given.given_references
+    unlabelled = ProbeSet(probes, num_references=(more, more_labels))  # the references alone
+    assert unlabelled.reference_pool()[0].shape == (12, 3, 32, 32)
+    assert ProbeSet(probes, labels).reference_pool() is None  # user probes, no references: the rate alone
+    for bad, match in (((more,), "count of samples"), ((more[0], more_labels), r"\(R, C, H, W\)"),
+                       ((more, more_labels[:3]), "12 class indices"), ((more, more_labels.float()), "class indices")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            ExplanationMonitor(probe_images=probes, shortcut_references=bad)
+
+
 def test_fixed_targets_with_the_alarm_on_warn_that_it_cannot_fire():
     import warnings
 

@@ -87,7 +87,7 @@ class ExplanationMonitor(Callback):
         shortcut_alarm: bool = True,
         shortcut_threshold: float = DEFAULT_THRESHOLD,
         shortcut_patience: int | None = None,
-        shortcut_references: int = 24,
+        shortcut_references: int | tuple[torch.Tensor, torch.Tensor] = 24,
         stop_on_shortcut: bool = False,
     ) -> None:
         super().__init__()

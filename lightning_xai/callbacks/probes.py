@@ -91,7 +91,8 @@ class ProbeSet:
         num_probes, split, seed: how many samples to draw, from which dataloader (``"val"`` or ``"train"``).
         num_references: with drawn probes, also draw this many labelled samples (seeded by ``seed + 1``) as the
             shortcut check's references (:meth:`reference_pool`); ``0``: none. Checkpoints keep their dataset
-            indices, not their images; a resumed run takes the same indices again.
+            indices, not their images; a resumed run takes the same indices again. Or ``(images (R, C, H, W),
+            labels (R,))``: the user's labelled references, as the model takes them (with given or drawn probes).
         batch_transform: reads a collated batch into ``(images, labels, masks)`` (default: :func:`.read_batch`).
         targets, top_k: which classes to explain (see :func:`select_targets`).
 
@@ -102,9 +103,13 @@ class ProbeSet:
     def __init__(
         self, images: Tensor | None = None, labels: Tensor | None = None, masks: Tensor | None = None, *,
         num_probes: int = 8, split: str = "val", seed: int = 0, batch_transform: BatchTransform = None,
-        targets: str | int | Sequence[int] = "pred", top_k: int = 2, num_references: int = 0,
+        targets: str | int | Sequence[int] = "pred", top_k: int = 2,
+        num_references: int | tuple[Tensor, Tensor] = 0,
     ) -> None:
         check_choice("probe_split", split, SPLITS)
+        self.given_references = given_references(num_references)
+        if self.given_references is not None:
+            num_references = 0
         check_count("shortcut_references", num_references, minimum=0)
         for name, value in (("num_probes", num_probes), ("top_k", top_k)):
             check_count(name, value)
@@ -118,13 +123,13 @@ class ProbeSet:
         self.num_references = num_references
         self.probe: Probe | None = self.given
         """The probes of the current run (``None`` until drawn)."""
-        self.references: Probe | None = None
-        """Labelled samples drawn with the probes for the shortcut check (``None``: none drawn)."""
+        self.references: Probe | None = self.given_references
+        """Labelled samples drawn with the probes (or given) for the shortcut check (``None``: none)."""
         self._reference_indices: list[int] | None = None  # a resumed run's, to draw the same samples again
 
     def reset(self) -> None:
         """A new run: draw the probes again (the user's tensors stay)."""
-        self.probe, self.references, self._reference_indices = self.given, None, None
+        self.probe, self.references, self._reference_indices = self.given, self.given_references, None
 
     def draw(self, trainer: pl.Trainer) -> Probe:
         """The run's probes, drawn from the trainer's data the first time (see :func:`.batches.draw_samples`), and
@@ -144,14 +149,14 @@ class ProbeSet:
 
     def reference_pool(self) -> tuple[Tensor, Tensor] | None:
         """The shortcut check's labelled references ``(images (R, C, H, W), labels (R,))``: the probes and the
-        references drawn with them, when both carry class-index labels ``(P,)`` of the probes' shape; else
-        ``None`` (user-given probes, no labels, other label layouts)."""
+        references drawn with them (or given), when both carry class-index labels ``(P,)`` of the probes' shape;
+        given references alone when the probes carry none; else ``None`` (no labels, other label layouts)."""
         probe, more = self.probe, self.references
-        if probe is None or more is None or probe.labels is None or more.labels is None:
+        if probe is None or more is None or not _class_indices(more.labels) \
+                or more.images.shape[1:] != probe.images.shape[1:]:
             return None
-        if probe.labels.dim() != 1 or more.labels.dim() != 1 or probe.labels.is_floating_point() \
-                or more.labels.is_floating_point() or more.images.shape[1:] != probe.images.shape[1:]:
-            return None
+        if not _class_indices(probe.labels):
+            return (more.images, more.labels.long()) if more is self.given_references else None
         return torch.cat([probe.images, more.images]), torch.cat([probe.labels, more.labels]).long()
 
     def select(self, logits: Tensor, task: str = "multiclass") -> Tensor:
@@ -160,15 +165,39 @@ class ProbeSet:
         return select_targets(self.targets, self.top_k, logits, self.probe.labels, task)
 
     def state_dict(self) -> dict[str, Any]:
+        drawn = self.references is not None and self.references is not self.given_references
         return {"probe": None if self.probe is None else self.probe.state_dict(), "targets": self.targets,
-                "reference_indices": None if self.references is None else self.references.indices}
+                "reference_indices": self.references.indices if drawn else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Take the saved probes (a resumed run explains the same images; its references, kept as indices only so
         that checkpoints stay small, are read again at those indices); the targets stay as constructed."""
         if state.get("probe") is not None:
             self.probe = Probe.from_state_dict(state["probe"])
-            self.references, self._reference_indices = None, state.get("reference_indices")
+            self.references, self._reference_indices = self.given_references, state.get("reference_indices")
+
+
+def _class_indices(labels: Tensor | None) -> bool:
+    """Whether ``labels`` are class indices ``(N,)`` (integers, one per image)."""
+    return labels is not None and labels.dim() == 1 and not labels.is_floating_point()
+
+
+def given_references(value: Any) -> Probe | None:
+    """The user's ``shortcut_references=(images (R, C, H, W), labels (R,))`` as a :class:`Probe`, or ``None`` for
+    a count; raises naming the option when the pair is malformed."""
+    if isinstance(value, (bool, int)) or value is None:
+        return None
+    hint = "shortcut_references must be a count of samples to draw, or (images (R, C, H, W), labels (R,))"
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(f"{hint}, got {type(value).__name__}")
+    images, labels = (torch.as_tensor(v) for v in value)
+    if images.dim() != 4 or not images.is_floating_point() or len(images) == 0:
+        raise ValueError(f"{hint}: the images must be a float tensor (R, C, H, W), got {tuple(images.shape)} "
+                         f"{images.dtype}")
+    if not _class_indices(labels) or len(labels) != len(images):
+        raise ValueError(f"{hint}: the labels must be {len(images)} class indices (R,), got {tuple(labels.shape)} "
+                         f"{labels.dtype}")
+    return from_tensors(images, labels, source="shortcut_references")
 
 
 def check_targets(targets: Any) -> str | int | list[int]:

@@ -156,13 +156,18 @@ class ShortcutWatch:
         transplant = self.checks[method]
         if transplant.carrier is None or self.references is None or not bool(transplant.carrier.carriers.any()):
             return None
-        count, extra = len(images), self.donors.get(method)
+        count, extra, pool = len(images), self.donors.get(method), self.references[0]
         donors = images if extra is None else torch.cat([images.detach().cpu(), extra.detach().cpu().to(images.dtype)])
+        leading = count if len(pool) >= count and torch.equal(pool[:count], images.detach().cpu().to(pool.dtype)) \
+            else 0  # the pool is the probes, then the references (or the user's references alone)
 
-        def name(index: int) -> int | str:
+        def donor_name(index: int) -> int | str:
             return index if index < count else f"reference {index - count}"
 
-        return carrier_picture(donors.detach().cpu(), self.references[0], transplant.carrier, name, name, mean=mean,
+        def pool_name(index: int) -> int | str:
+            return index if index < leading else f"reference {index - leading}"
+
+        return carrier_picture(donors.detach().cpu(), pool, transplant.carrier, donor_name, pool_name, mean=mean,
                                std=std, class_names=class_name)
 
     def reset(self) -> None:
