@@ -79,11 +79,11 @@ def is_cue(kind: str) -> bool:
     return "cue_probability" in KINDS[kind]
 
 
-def datamodule(kind: str, seed: int, num_train: int) -> SyntheticDataModule:
+def datamodule(kind: str, seed: int, num_train: int, num_classes: int = NUM_CLASSES) -> SyntheticDataModule:
     """The data of one (kind, seed) run, set up for ``fit`` (``eval_callback_alarm.py`` rebuilds a saved run's)."""
     options = dict(KINDS[kind])
     options.setdefault("cue_kind", "colour")  # clean kinds: damage measured with the colour mark they never saw
-    data = SyntheticDataModule(family="texture", num_classes=NUM_CLASSES, image_size=32, num_train=num_train,
+    data = SyntheticDataModule(family="texture", num_classes=num_classes, image_size=32, num_train=num_train,
                                num_val=512, batch_size=64, seed=seed, num_test=256, **options)
     data.setup("fit")
     return data
@@ -91,12 +91,12 @@ def datamodule(kind: str, seed: int, num_train: int) -> SyntheticDataModule:
 
 def damage_images(data: SyntheticDataModule, count: int) -> dict[str, torch.Tensor]:
     """The same ``count`` validation images without the cue, with their own class's and with the next class's."""
-    plain = SyntheticObjects(count, 32, data.family, NUM_CLASSES, seed=data.seed, split="val",
+    plain = SyntheticObjects(count, 32, data.family, data.num_classes, seed=data.seed, split="val",
                              placement=data.placement, background=data.background)
     images, labels, _ = plain.batch(range(count))
     kind = data.cue_kind
     return dict(labels=labels, none=images, own=add_cue(images, labels, kind),
-                other=add_cue(images, (labels + 1) % NUM_CLASSES, kind))
+                other=add_cue(images, (labels + 1) % data.num_classes, kind))
 
 
 class ProbeRecorder(pl.Callback):
@@ -173,11 +173,11 @@ class CheckpointSaver(pl.Callback):
 
 
 def run(kind: str, seed: int, epochs: int, num_train: int, num_probes: int, methods: list[str],
-        save: Path | None = None) -> dict:
+        save: Path | None = None, num_classes: int = NUM_CLASSES) -> dict:
     """Train one model on ``kind`` data; return its per-method per-epoch rows."""
     print(f"\n# {kind}, seed {seed}", flush=True)
     pl.seed_everything(seed, workers=True)
-    data = datamodule(kind, seed, num_train)
+    data = datamodule(kind, seed, num_train, num_classes)
     generator = torch.Generator().manual_seed(1000 + seed)  # the probes: a seeded draw from validation
     indices = torch.randperm(len(data.val_set), generator=generator)[:num_probes]
     probes, _, _ = data.val_set.batch(indices)
@@ -187,13 +187,13 @@ def run(kind: str, seed: int, epochs: int, num_train: int, num_probes: int, meth
         recorder = CheckpointSaver(save, damage)
     else:
         recorder = ProbeRecorder(probes, damage, methods)
-    module = ViTClassifier(num_classes=NUM_CLASSES, lr=2e-3, warmup_epochs=1, **EXAMPLE_VIT)
+    module = ViTClassifier(num_classes=num_classes, lr=2e-3, warmup_epochs=1, **EXAMPLE_VIT)
     start = time.perf_counter()
     pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                callbacks=[recorder]).fit(module, datamodule=data)
     out = dict(kind=kind, seed=seed, cue=is_cue(kind), rows=recorder.rows, epochs=epochs, num_train=num_train,
-               minutes=(time.perf_counter() - start) / 60)
+               num_classes=num_classes, minutes=(time.perf_counter() - start) / 60)
     if save is not None:
         torch.save(dict(probes=probes, labels=data.val_set.batch(indices)[1], damage=damage), save / "probes.pt")
         (save / "run.json").write_text(json.dumps(out))
@@ -344,6 +344,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["gradtoken"])
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--num-train", type=int, default=2048)
+    parser.add_argument("--classes", type=int, default=NUM_CLASSES, help="classes of the data (2..6)")
     parser.add_argument("--probes", type=int, default=32, help="validation probes explained (rates on 8 too)")
     parser.add_argument("--quick", action="store_true", help="one seed, colour90 and clean, 1024 images, 3 epochs")
     parser.add_argument("--json", default=None, help="save the runs here (JSON)")
@@ -368,7 +369,7 @@ def main() -> None:
     for seed in seeds:
         for kind in kinds:
             save = Path(args.save) / f"{kind}_{seed}" if args.save else None
-            results.append(run(kind, seed, epochs, num_train, args.probes, args.methods, save))
+            results.append(run(kind, seed, epochs, num_train, args.probes, args.methods, save, args.classes))
             if args.json:
                 Path(args.json).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.json).write_text(json.dumps(results))

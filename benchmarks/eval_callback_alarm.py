@@ -40,12 +40,13 @@ def replay(folder: Path, method: str, seed: int, num_probes: int = 8, num_refere
     """One saved run through the callback's watch with probe draw ``seed``; per epoch the damage, the rate and
     the carriers (probes' and references')."""
     run = json.loads((folder / "run.json").read_text())
-    data = datamodule(run["kind"], run["seed"], run["num_train"])
+    num_classes = run.get("num_classes", NUM_CLASSES)
+    data = datamodule(run["kind"], run["seed"], run["num_train"], num_classes)
     loader = data.val_dataloader()
     probes, references = from_loader(loader, num_probes, seed), from_loader(loader, num_references, seed + 1)
     watch = ShortcutWatch()
     watch.references = (torch.cat([probes.images, references.images]), torch.cat([probes.labels, references.labels]))
-    module = ViTClassifier(num_classes=NUM_CLASSES, lr=2e-3, warmup_epochs=1, **EXAMPLE_VIT)
+    module = ViTClassifier(num_classes=num_classes, lr=2e-3, warmup_epochs=1, **EXAMPLE_VIT)
     single_pass = get_explainer(method).single_pass
     rows = []
     for row in run["rows"]:
@@ -66,7 +67,8 @@ def replay(folder: Path, method: str, seed: int, num_probes: int = 8, num_refere
         rows.append(dict(epoch=row["epoch"], damage=row["damage"], acc_other=row["acc_other"],
                          rate=scalars.get("shortcut_rate", float("nan")), probe_carriers=check.carrier_probes(),
                          reference_carriers=check.extra_carriers(), fired=method in watch.alarms))
-    return dict(kind=run["kind"], seed=run["seed"], draw=seed, method=method, cue=is_cue(run["kind"]), rows=rows)
+    return dict(kind=run["kind"], seed=run["seed"], draw=seed, method=method, cue=is_cue(run["kind"]),
+                num_classes=num_classes, rows=rows)
 
 
 def verdict(result: dict) -> tuple[str, int | None]:
