@@ -19,6 +19,7 @@ probe draws (the callback's ``seed``), which is how a user's run varies.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -30,10 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_shortcut import DAMAGE_LEVEL, EXAMPLE_VIT, NUM_CLASSES, datamodule, is_cue  # noqa: E402
 
 import lightning_xai as lx  # noqa: E402
+from lightning_xai.callbacks import shortcut as callback_shortcut  # noqa: E402
 from lightning_xai.callbacks.batches import from_loader  # noqa: E402
 from lightning_xai.callbacks.shortcut import ShortcutWatch  # noqa: E402
 from lightning_xai.demos import ViTClassifier  # noqa: E402
 from lightning_xai.explainers.registry import get_explainer  # noqa: E402
+from lightning_xai.shortcut import transplant_check  # noqa: E402
 
 
 def replay(folder: Path, method: str, seed: int, num_probes: int = 8, num_references: int = 24) -> dict:
@@ -116,8 +119,12 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="save the replayed runs here")
     parser.add_argument("--load", nargs="+", default=None, help="judge runs saved with --json")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--stamp-ratio", type=float, default=None, help="the stamp test's ratio (sensitivity; "
+                        "default: the library's)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.stamp_ratio is not None:  # the watch calls transplant_check with the library's default ratio
+        callback_shortcut.transplant_check = functools.partial(transplant_check, stamp_ratio=args.stamp_ratio)
     if args.load:
         results = [r for path in args.load for r in json.loads(Path(path).read_text())]
     else:
