@@ -118,6 +118,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="the callback's probe-draw seeds")
     parser.add_argument("--json", default=None, help="save the replayed runs here")
     parser.add_argument("--load", nargs="+", default=None, help="judge runs saved with --json")
+    parser.add_argument("--references", type=int, default=24, help="the callback's shortcut_references")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--stamp-ratio", type=float, default=None, help="the stamp test's ratio (sensitivity; "
                         "default: the library's)")
@@ -132,7 +133,7 @@ def main() -> None:
         for folder in args.folders:
             for method in args.methods:
                 for seed in args.seeds:
-                    results.append(replay(Path(folder), method, seed))
+                    results.append(replay(Path(folder), method, seed, num_references=args.references))
                     print(f"{Path(folder).name} {method} draw {seed}: {verdict(results[-1])[0]}", flush=True)
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -750,6 +750,11 @@ def test_probes_of_too_few_classes_are_warned_about_at_fit_start(tmp_path):
     text = probe_coverage_warning(torch.tensor([0] * 7 + [1]))  # 14 pairs
     assert "2 class(es)" in text and f"at least {MIN_PAIRS}" in text and "num_probes" in text
     assert probe_coverage_warning(None) is None and probe_coverage_warning(torch.rand(8, 4)) is None
+    from lightning_xai.callbacks.shortcut import pool_coverage_warning
+
+    # with references the carriers are pasted into the labelled pool: the pool needs two classes, the probes none
+    assert pool_coverage_warning(torch.tensor([0] * 7 + [1] + [2] * 24)) is None
+    assert "all of class [3]" in pool_coverage_warning(torch.tensor([3] * 32))
 
     data = SyntheticDataModule(family="texture", num_classes=4, image_size=32, num_train=64, num_val=64, seed=0)
     data.setup("fit")

@@ -29,7 +29,12 @@ from lightning_xai.callbacks.probes import Probe, ProbeSet
 from lightning_xai.callbacks.record_builder import RecordBuilder
 from lightning_xai.callbacks.runner import ProbeRunner
 from lightning_xai.callbacks.schedule import Schedule
-from lightning_xai.callbacks.shortcut import DEFAULT_THRESHOLD, ShortcutWatch, probe_coverage_warning
+from lightning_xai.callbacks.shortcut import (
+    DEFAULT_THRESHOLD,
+    ShortcutWatch,
+    pool_coverage_warning,
+    probe_coverage_warning,
+)
 from lightning_xai.callbacks.sinks import Record, sinks_for
 from lightning_xai.callbacks.step_inputs import StepInputCheck
 from lightning_xai.explainers import Explanation
@@ -184,9 +189,11 @@ class ExplanationMonitor(Callback):
             rank_zero_warn("lightning-xai: the shortcut alarm is off for this multi-label model: it asks whether a "
                            "region moves an image's one predicted class to another, which a multi-label head does "
                            "not have. Pass shortcut_alarm=False to silence this.", category=UserWarning)
+        coverage = None
         if self.records.shortcut is not None:
-            self.records.shortcut.references = self.probes.reference_pool()
-        coverage = probe_coverage_warning(self.probes.probe.labels) if self.records.shortcut is not None else None
+            pool = self.records.shortcut.references = self.probes.reference_pool()
+            coverage = probe_coverage_warning(self.probes.probe.labels) if pool is None else pool_coverage_warning(
+                pool[1])
         if coverage is not None:
             rank_zero_warn(f"lightning-xai: {coverage}", category=UserWarning)
 

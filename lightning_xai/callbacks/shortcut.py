@@ -31,7 +31,7 @@ from lightning_xai.shortcut import (
 from lightning_xai.shortcut import __all__ as _analysis
 from lightning_xai.shortcut.pictures import carrier_picture, evidence_picture, region_picture
 
-__all__ = [*_analysis, "MIN_PAIRS", "ShortcutWatch", "probe_coverage_warning"]
+__all__ = [*_analysis, "MIN_PAIRS", "ShortcutWatch", "pool_coverage_warning", "probe_coverage_warning"]
 
 #: Fewest pairs of probes of different classes the alarm's rate is measured on (8 probes over 4 classes give 48;
 #: see the README's "Shortcut alarm" for what was measured).
@@ -39,8 +39,8 @@ MIN_PAIRS = 24
 
 
 def probe_coverage_warning(labels: Tensor | None) -> str | None:
-    """What is wrong with the probes for the shortcut alarm, or ``None``: ``labels`` ``(P,)`` class indices of the
-    drawn probes (other label layouts and ``None`` are not judged). The rate is a share of the pairs ``(i, j)``
+    """What is wrong with the probes for the shortcut alarm without references, or ``None``: ``labels`` ``(P,)`` class
+    indices of the probes (other label layouts and ``None`` are not judged). The rate is a share of the pairs ``(i, j)``
     of probes of different classes; with fewer than :data:`MIN_PAIRS` of them one pair moves it by more than 4 %
     and the alarm is a coin toss (or, with one class only, never fires)."""
     if labels is None or labels.dim() != 1 or labels.dtype.is_floating_point:
@@ -53,6 +53,19 @@ def probe_coverage_warning(labels: Tensor | None) -> str | None:
             f"{pairs} pairs of probes of different classes; the shortcut alarm's rate needs at least {MIN_PAIRS} "
             f"(e.g. 8 probes over 3 classes or more): raise num_probes, pass probe_images covering more classes, or "
             f"pass shortcut_alarm=False")
+
+
+def pool_coverage_warning(labels: Tensor) -> str | None:
+    """What is wrong with the shortcut check's labelled pool (the probes and the references, ``labels`` ``(R,)``),
+    or ``None``. With references the alarm's evidence is the stamped carriers, pasted into pool images of other
+    classes, so the probes' own class coverage does not matter; the pool needs two classes or more."""
+    classes = torch.unique(labels)
+    if len(classes) >= 2:
+        return None
+    return (f"the probes and the shortcut references ({len(labels)} labelled images) are all of class "
+            f"{classes.tolist()}: the shortcut alarm pastes regions into images of other classes and has none; raise "
+            f"shortcut_references, pass shortcut_references=(images, labels) covering more classes, or pass "
+            f"shortcut_alarm=False")
 
 
 class ShortcutWatch:
