@@ -424,6 +424,10 @@ def test_references_as_extra_donors_catch_a_mark_no_probe_carries():
     assert "xai/m/shortcut_evidence" in pictures and notes
     flips = watch.checks["m"].carrier.flips(watch.checks["m"].carrier.carriers)
     assert flips and flips[0][0] >= 8  # the strongest carrier pair's donor is a reference
+    # the picture shows a pair into a probe when there is one (the user knows the probes), the strongest of those
+    into_probes = [f for f in flips if f[1] < 8]
+    assert into_probes and watch.carrier_pair("m", 8, 8) == into_probes[0]
+    assert watch.carrier_pair("m", 8, 0) == flips[0]  # a pool of references only: the strongest pair
 
 
 def test_transplant_check_without_pairs_is_undefined_and_bad_input_is_refused():

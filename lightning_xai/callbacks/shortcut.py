@@ -180,8 +180,17 @@ class ShortcutWatch:
         def pool_name(index: int) -> int | str:
             return index if index < leading else f"reference {index - leading}"
 
-        return carrier_picture(donors.detach().cpu(), pool, transplant.carrier, donor_name, pool_name, mean=mean,
-                               std=std, class_names=class_name)
+        pair = self.carrier_pair(method, count, leading)
+        return carrier_picture(donors.detach().cpu(), pool, transplant.carrier, donor_name, pool_name, pair,
+                               mean=mean, std=std, class_names=class_name)
+
+    def carrier_pair(self, method: str, probes: int, leading: int) -> tuple[int, int, int, int] | None:
+        """The stamped carriers' pair that ``method``'s evidence picture shows, ``(donor, pool index, before,
+        after)``: the strongest among those the user knows best, into a probe first, then from a probe (the probes
+        are logged; ``probes``: how many donors are probes, ``leading``: how many pool images are), or ``None``."""
+        carrier = self.checks[method].carrier
+        flips = [] if carrier is None else carrier.flips(carrier.carriers)  # strongest first
+        return min(flips, key=lambda f: (f[1] >= leading, f[0] >= probes)) if flips else None  # min is stable
 
     def reset(self) -> None:
         """A new run: forget every method's alarm and latest check."""

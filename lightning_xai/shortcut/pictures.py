@@ -92,6 +92,7 @@ def carrier_picture(
     result: CarrierResult,
     donor_name: Callable[[int], int | str],
     pool_name: Callable[[int], int | str],
+    pair: tuple[int, int, int, int] | None = None,
     *,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
@@ -100,8 +101,9 @@ def carrier_picture(
 ) -> np.ndarray | None:
     """The stamped carriers' strongest pair (see :func:`pair_picture`): a carrier among ``donors`` ``(D, C, H, W)``
     pasted into an image of ``pool`` ``(R, C, H, W)`` (the images the carrier check ran on); ``donor_name`` and
-    ``pool_name`` name an index (an int is a probe's index). ``None`` when no carrier's pair flipped."""
-    flips = result.flips(result.carriers)
+    ``pool_name`` name an index (an int is a probe's index); ``pair``: one of ``result.flips()`` to draw instead.
+    ``None`` when no carrier's pair flipped."""
+    flips = result.flips(result.carriers) if pair is None else [pair]
     if not flips:
         return None
     donor, recipient, before, after = flips[0]
