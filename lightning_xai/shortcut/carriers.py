@@ -26,6 +26,7 @@ from lightning_xai.shortcut.regions import (
     PredictFn,
     control_shifts,
     predict_chunked,
+    target_zero,
     top_regions,
 )
 from lightning_xai.shortcut.stamps import (
@@ -150,14 +151,7 @@ def carrier_check(
     Returns:
         a :class:`CarrierResult`.
     """
-    if maps.dim() == 4:
-        maps = maps[:, 0]
-    if classes.dim() == 2:
-        classes = classes[:, 0]
-    if images.dim() != 4 or maps.shape[0] != images.shape[0] or maps.shape[-2:] != images.shape[-2:] \
-            or classes.shape != maps.shape[:1]:
-        raise ValueError(f"images must be (D, C, H, W), maps (D, [K,] H, W) of the same D, H and W, and classes (D,) "
-                         f"or (D, K); got {tuple(images.shape)}, {tuple(maps.shape)} and {tuple(classes.shape)}")
+    maps, classes = target_zero(images, maps, classes, "D")
     labels = torch.as_tensor(labels).long().flatten().cpu()
     if pool.dim() != 4 or len(labels) != len(pool):
         raise ValueError(f"the pool must be images (R, C, H, W) with labels (R,), got {tuple(pool.shape)} and "

@@ -38,6 +38,20 @@ def top_regions(maps: Tensor, fraction: float = DEFAULT_REGION) -> Tensor:
     index = flat.topk(count, dim=1).indices
     return torch.zeros_like(flat, dtype=torch.bool).scatter_(1, index, True).view(maps.shape)
 
+def target_zero(images: Tensor, maps: Tensor, classes: Tensor, count: str = "B") -> tuple[Tensor, Tensor]:
+    """The maps ``(N, H, W)`` and classes ``(N,)`` of target ``0`` for ``images`` ``(N, C, H, W)`` with their maps
+    ``(N, [K,] H, W)`` and the classes ``(N,)`` or ``(N, K)`` those explain; raises naming the shapes (``count``: the
+    letter the message calls ``N``)."""
+    maps = maps[:, 0] if maps.dim() == 4 else maps
+    classes = classes[:, 0] if classes.dim() == 2 else classes
+    if images.dim() != 4 or maps.dim() != 3 or maps.shape[0] != images.shape[0] \
+            or maps.shape[-2:] != images.shape[-2:] or classes.shape != maps.shape[:1]:
+        raise ValueError(f"images must be ({count}, C, H, W), maps ({count}, [K,] H, W) of the same {count}, H and W, "
+                         f"and classes ({count},) or ({count}, K); got {tuple(images.shape)}, {tuple(maps.shape)} "
+                         f"and {tuple(classes.shape)}")
+    return maps, classes
+
+
 def paste(images: Tensor, regions: Tensor, donors: Tensor, recipients: Tensor,
           shifts: Tensor | None = None) -> Tensor:
     """``(M, C, H, W)``: recipient ``images[recipients[m]]`` with the pixels of ``regions[donors[m]]`` taken from

@@ -34,6 +34,7 @@ from lightning_xai.shortcut.regions import (  # noqa: F401 - DEFAULT_REGION, Pre
     control_shifts,
     paste,
     predict_chunked,
+    target_zero,
     top_regions,
 )
 from lightning_xai.shortcut.stamps import DEFAULT_STAMP_RATIO, nearer_to_class, region_distances
@@ -233,14 +234,7 @@ def transplant_check(
     Returns:
         a :class:`TransplantResult`.
     """
-    if maps.dim() == 4:
-        maps = maps[:, 0]
-    if classes.dim() == 2:
-        classes = classes[:, 0]
-    if images.dim() != 4 or maps.shape[0] != images.shape[0] or maps.shape[-2:] != images.shape[-2:] \
-            or classes.shape != maps.shape[:1]:
-        raise ValueError(f"images must be (B, C, H, W), maps (B, [K,] H, W) of the same B, H and W, and classes (B,) "
-                         f"or (B, K); got {tuple(images.shape)}, {tuple(maps.shape)} and {tuple(classes.shape)}")
+    maps, classes = target_zero(images, maps, classes)
     if int(chunk) < 1:
         raise ValueError(f"chunk must be a positive int, got {chunk}")
     regions = top_regions(maps, fraction).to(images.device)
@@ -279,14 +273,11 @@ def _carriers(predict: PredictFn, images: Tensor, maps: Tensor, classes: Tensor,
     """The carrier check of the probes (``maps`` ``(B, H, W)``, ``classes`` ``(B,)``) and the ``extra`` donors."""
     pool, labels = references
     if extra is not None:
-        more, more_maps, more_classes = extra
-        more_maps = more_maps[:, 0] if more_maps.dim() == 4 else more_maps
-        more_classes = more_classes[:, 0] if more_classes.dim() == 2 else more_classes
-        if more.dim() != 4 or more.shape[1:] != images.shape[1:] or more_maps.shape != (len(more), *maps.shape[1:]) \
-                or more_classes.shape != (len(more),):
-            raise ValueError(f"the extra donors must be images {tuple(images.shape[1:])} with maps (E, [K,] H, W) and "
-                             f"classes (E,) or (E, K), got {tuple(more.shape)}, {tuple(more_maps.shape)} and "
-                             f"{tuple(more_classes.shape)}")
+        more = extra[0]
+        more_maps, more_classes = target_zero(more, extra[1], extra[2], "E")
+        if more.shape[1:] != images.shape[1:]:
+            raise ValueError(f"the extra donors must be images {tuple(images.shape[1:])} like the probes, got "
+                             f"{tuple(more.shape)}")
         images = torch.cat([images, more.to(images)])
         maps = torch.cat([maps.to(images.device), more_maps.to(images.device, maps.dtype)])
         classes = torch.cat([classes, more_classes.detach().long().cpu()])
