@@ -428,6 +428,21 @@ def test_references_as_extra_donors_catch_a_mark_no_probe_carries():
     into_probes = [f for f in flips if f[1] < 8]
     assert into_probes and watch.carrier_pair("m", 8, 8) == into_probes[0]
     assert watch.carrier_pair("m", 8, 0) == flips[0]  # a pool of references only: the strongest pair
+    # the pool's predictions: one forward per event, whatever the number of methods
+    sizes = []
+
+    def counting(images):
+        sizes.append(len(images))
+        return model(images)
+
+    watch.start_event()
+    for method in ("m", "n"):
+        watch.update(method, 1, probes, probe_maps[:, None], probe_labels[:, None], counting,
+                     donors=(more, more_maps[:, None], labels[:, None]))
+    assert sizes.count(32) == 1 and watch.checks["n"].extra_carriers() == watch.checks["m"].extra_carriers()
+    watch.update("m", 2, probes, probe_maps[:, None], probe_labels[:, None], counting,
+                 donors=(more, more_maps[:, None], labels[:, None]))
+    assert sizes.count(32) == 2  # "m" again: a new event (the model may have changed), without start_event
 
 
 def test_transplant_check_without_pairs_is_undefined_and_bad_input_is_refused():

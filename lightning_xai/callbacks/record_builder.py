@@ -49,6 +49,8 @@ class RecordBuilder:
         """
         record.scalars = runner.probe_scalars(outcome)
         fired = []
+        if self.shortcut is not None:
+            self.shortcut.start_event()
         for name, result in outcome.results.items():
             scalars = self.tracker.update(name, record.epoch, record.step, result.maps, runner.probes.probe.masks)
             if self.deletion_insertion:

@@ -29,6 +29,7 @@ from lightning_xai.shortcut import (
     transplant_check,
 )
 from lightning_xai.shortcut import __all__ as _analysis
+from lightning_xai.shortcut.carriers import probabilities_of
 from lightning_xai.shortcut.pictures import carrier_picture, evidence_picture, region_picture
 
 __all__ = [*_analysis, "MIN_PAIRS", "ShortcutWatch", "pool_coverage_warning", "probe_coverage_warning"]
@@ -94,6 +95,8 @@ class ShortcutWatch:
         self._alarms: dict[str, ShortcutAlarm] = {}
         self.checks: dict[str, TransplantResult] = {}
         """The latest event's transplant check per method."""
+        self._pool_probabilities: Tensor | None = None  # this event's, shared by its methods (start_event)
+        self._event_methods: set[str] = set()
         self.donors: dict[str, Tensor | None] = {}
         """The latest event's extra donors per method (the references it explained), ``(E, C, H, W)`` or ``None``."""
         self.agreements: dict[str, ShortcutScore] = {}
@@ -108,6 +111,11 @@ class ShortcutWatch:
             return self.chosen_patience
         return DEFAULT_PATIENCE if self.references is None else DEFAULT_PATIENCE_WITH_REFERENCES
 
+    def start_event(self) -> None:
+        """A new explanation event: the model changed, so the references' predictions are computed again (once,
+        for every method of the event). :meth:`update` also starts one when a method comes a second time."""
+        self._pool_probabilities, self._event_methods = None, set()
+
     def update(self, method: str, epoch: int, images: Tensor, maps: Tensor, classes: Tensor,
                predict: Callable[[Tensor], Tensor], donors: tuple[Tensor, Tensor, Tensor] | None = None
                ) -> dict[str, float]:
@@ -118,8 +126,14 @@ class ShortcutWatch:
         (with :attr:`references` only; see :meth:`~lightning_xai.callbacks.runner.ProbeRunner.explain_references`).
         Returns ``shortcut_rate`` and ``shortcut_agreement`` (when defined: the probes were explained for two
         classes or more) and ``shortcut_threshold`` (always, so that loggers draw it as a line beside the rate)."""
+        if method in self._event_methods:  # a method comes once per event: this is the next one
+            self.start_event()
+        self._event_methods.add(method)
+        if self.references is not None and self._pool_probabilities is None:  # once per event, for every method
+            self._pool_probabilities = probabilities_of(predict, self.references[0].to(images))
         transplant = transplant_check(predict, images, maps, classes, self.fraction, references=self.references,
-                                      extra_donors=donors if self.references is not None else None)
+                                      extra_donors=donors if self.references is not None else None,
+                                      pool_probabilities=self._pool_probabilities)
         self.donors[method] = None if donors is None or self.references is None else donors[0]
         agreement = shortcut_score(maps.detach().float().cpu(), classes.detach().cpu())
         self.checks[method], self.agreements[method] = transplant, agreement
@@ -194,6 +208,7 @@ class ShortcutWatch:
 
     def reset(self) -> None:
         """A new run: forget every method's alarm and latest check."""
+        self.start_event()
         self._alarms.clear()
         self.checks.clear()
         self.donors.clear()

@@ -96,7 +96,7 @@ class CarrierResult:
                 for m in index]
 
 
-def _probabilities(predict: PredictFn, images: Tensor, chunk: int) -> Tensor:
+def probabilities_of(predict: PredictFn, images: Tensor, chunk: int = DEFAULT_CHUNK) -> Tensor:
     """Softmax ``(N, num_classes)`` of ``images`` (float32, on the CPU), ``chunk`` at a time."""
     return torch.cat([predict(images[start:start + chunk]).float().softmax(-1).cpu()
                       for start in range(0, len(images), chunk)])
@@ -128,6 +128,7 @@ def carrier_check(
     max_donors: int = DEFAULT_MAX_DONORS,
     chunk: int = DEFAULT_CHUNK,
     seed: int = 0,
+    pool_probabilities: Tensor | None = None,
 ) -> CarrierResult:
     """The stamped-carrier check of donors ``images`` ``(D, C, H, W)`` with their maps ``(D, [K,] H, W)`` and the
     classes ``(D,)`` or ``(D, K)`` those explain (target ``0`` of each), against a labelled pool.
@@ -147,11 +148,14 @@ def carrier_check(
         max_donors: most stamped donors pasted (the first in donor order); the others keep a ``nan`` rate and are
             no carriers.
         chunk: images per forward.
+        pool_probabilities: ``(R, num_classes)`` the model's probabilities of the pool, when already computed
+            (:func:`probabilities_of`; several methods' checks of one event share them), else one forward here.
 
     Returns:
         a :class:`CarrierResult`.
     """
     maps, classes = target_zero(images, maps, classes, "D")
+    given = pool_probabilities
     labels = torch.as_tensor(labels).long().flatten().cpu()
     if pool.dim() != 4 or len(labels) != len(pool):
         raise ValueError(f"the pool must be images (R, C, H, W) with labels (R,), got {tuple(pool.shape)} and "
@@ -165,7 +169,9 @@ def carrier_check(
     classes = classes.detach().long().cpu()
     regions = top_regions(maps, fraction).to(images.device)
     stamps, itself = stamps_among(images, regions, classes, pool, labels, ratio, int(chunk), weights=maps)  # (D,)
-    before = _probabilities(predict, pool, int(chunk))  # (R, num_classes)
+    before = probabilities_of(predict, pool, int(chunk)) if given is None else given.float().cpu()  # (R, classes)
+    if len(before) != len(pool):
+        raise ValueError(f"pool_probabilities must be ({len(pool)}, num_classes), got {tuple(before.shape)}")
     predicted = before.argmax(-1)
     tried = stamps & (stamps.long().cumsum(0) <= int(max_donors))
     eligible = tried[:, None] & (labels[None, :] != classes[:, None]) & (predicted[None, :] != classes[:, None]) \

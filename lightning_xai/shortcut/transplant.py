@@ -198,6 +198,7 @@ def transplant_check(
     extra_donors: tuple[Tensor, Tensor, Tensor] | None = None,
     max_recipients: int = DEFAULT_MAX_RECIPIENTS,
     seed: int = 0,
+    pool_probabilities: Tensor | None = None,
 ) -> TransplantResult:
     """The transplant check on probes ``images`` ``(B, C, H, W)`` (as the model takes them) with their maps
     ``(B, [K,] H, W)`` and the classes ``(B,)`` or ``(B, K)`` those maps explain (target ``0`` of each is used).
@@ -230,6 +231,8 @@ def transplant_check(
             (e.g. the references themselves) that the carrier check also tries as donors; used with
             ``references`` only. More donors catch a cue that few probes carry (a cue on half the images).
         max_recipients: most references each stamped donor is pasted into.
+        pool_probabilities: ``(R, num_classes)`` the model's probabilities of the references, when already
+            computed (see :func:`~lightning_xai.shortcut.carriers.carrier_check`).
 
     Returns:
         a :class:`TransplantResult`.
@@ -256,7 +259,7 @@ def transplant_check(
     carrier = None
     if references is not None:
         carrier = _carriers(predict, images, maps, classes, references, extra_donors, stamp_ratio, fraction,
-                            max_recipients, int(chunk), seed)
+                            max_recipients, int(chunk), seed, pool_probabilities)
     result = TransplantResult(math.nan, torch.full((len(images),), math.nan), regions.cpu(), classes, predictions,
                               donors, recipients, after, gains, float(fraction), moved, recurs, carrier)
     follows = result.flipped.float()
@@ -269,7 +272,7 @@ def transplant_check(
 
 def _carriers(predict: PredictFn, images: Tensor, maps: Tensor, classes: Tensor, references: tuple[Tensor, Tensor],
               extra: tuple[Tensor, Tensor, Tensor] | None, ratio: float, fraction: float, max_recipients: int,
-              chunk: int, seed: int) -> CarrierResult:
+              chunk: int, seed: int, probabilities: Tensor | None) -> CarrierResult:
     """The carrier check of the probes (``maps`` ``(B, H, W)``, ``classes`` ``(B,)``) and the ``extra`` donors."""
     pool, labels = references
     if extra is not None:
@@ -282,4 +285,4 @@ def _carriers(predict: PredictFn, images: Tensor, maps: Tensor, classes: Tensor,
         maps = torch.cat([maps.to(images.device), more_maps.to(images.device, maps.dtype)])
         classes = torch.cat([classes, more_classes.detach().long().cpu()])
     return carrier_check(predict, images, maps, classes, pool, labels, fraction=fraction, ratio=ratio,
-                         max_recipients=max_recipients, chunk=chunk, seed=seed)
+                         max_recipients=max_recipients, chunk=chunk, seed=seed, pool_probabilities=probabilities)
