@@ -46,8 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-train", type=int, default=2048, help="training images per run")
     parser.add_argument("--seed", type=int, default=0, help="data and training seed")
     parser.add_argument("--out", default="runs/shortcut", help="TensorBoard log directory")
-    parser.add_argument("--timeline", default="runs/shortcut/cue_timeline.png",
-                        help="where to save the cue run's GradToken timeline")
+    parser.add_argument("--timeline", default=None,
+                        help="where to save the cue run's GradToken timeline (default: OUT/cue_timeline.png)")
     parser.add_argument("--stop", action="store_true", help="stop the cue run when the alarm fires")
     return parser.parse_args(argv)
 
@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{monitor.records.shortcut.threshold:.2f})")
         print(f"  alarm: {alarms[0].message}" if alarms else "  no alarm")
         if kind == "cue":
-            path = save_png(monitor.timeline("gradtoken"), Path(args.timeline).resolve())
+            timeline = Path(args.timeline) if args.timeline else Path(args.out) / "cue_timeline.png"
+            path = save_png(monitor.timeline("gradtoken"), timeline.resolve())
             print(f"  the cue run's GradToken timeline: {path}")
     print(f"\nTensorBoard logs: {out}\n{tensorboard_command(shlex.quote(str(out)))}\n  (SCALARS: "
           "xai/gradtoken/shortcut_rate and shortcut_threshold; IMAGES: xai/gradtoken/shortcut_evidence and "

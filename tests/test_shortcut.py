@@ -947,8 +947,8 @@ def test_shortcut_example_runs_end_to_end(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("shortcut_example", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    timeline = tmp_path / "timeline.png"
-    example.main(["--epochs", "1", "--num-train", "128", "--out", str(tmp_path / "runs"), "--timeline", str(timeline)])
+    timeline = tmp_path / "runs" / "cue_timeline.png"  # by default beside the logs (--timeline moves it)
+    example.main(["--epochs", "1", "--num-train", "128", "--out", str(tmp_path / "runs")])
     out = capsys.readouterr().out
     assert "clean run: validation accuracy" in out and "cue run: validation accuracy" in out
     assert timeline.exists() and len(list((tmp_path / "runs").rglob("events.out.tfevents.*"))) == 2
