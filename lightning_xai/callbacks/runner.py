@@ -157,9 +157,10 @@ class ProbeRunner:
         donors for the stamped-carrier check: ``(images (R, C, H, W), maps (R, 1, H, W), classes (R, 1))``, the
         images as the model takes them; ``None`` when there are no references or the method is not
         :attr:`~lightning_xai.explainers.Explainer.single_pass` (a masked-forward method would cost several times
-        the probes' explanation per reference). Raises what the explainer raises."""
+        the probes' explanation per reference). The caller asks only when the references make a labelled pool
+        (:meth:`~lightning_xai.callbacks.probes.ProbeSet.reference_pool`). Raises what the explainer raises."""
         explainer = self.explainers.get(name)
-        if explainer is None or not explainer.single_pass or self.probes.reference_pool() is None:
+        if explainer is None or not explainer.single_pass or self.probes.references is None:
             return None
         images = self.handle.prepare(self.probes.references.images)
         result = explainer(images)  # for the predicted class

@@ -184,8 +184,9 @@ class ShortcutWatch:
         if transplant.carrier is None or self.references is None or not bool(transplant.carrier.carriers.any()):
             return None
         count, extra, pool = len(images), self.donors.get(method), self.references[0]
-        donors = images if extra is None else torch.cat([images.detach().cpu(), extra.detach().cpu().to(images.dtype)])
-        leading = count if len(pool) >= count and torch.equal(pool[:count], images.detach().cpu().to(pool.dtype)) \
+        probes = images.detach().cpu()
+        donors = probes if extra is None else torch.cat([probes, extra.detach().cpu().to(probes.dtype)])
+        leading = count if len(pool) >= count and torch.equal(pool[:count], probes.to(pool.dtype)) \
             else 0  # the pool is the probes, then the references (or the user's references alone)
 
         def donor_name(index: int) -> int | str:
@@ -195,7 +196,7 @@ class ShortcutWatch:
             return index if index < leading else f"reference {index - leading}"
 
         pair = self.carrier_pair(method, count, leading)
-        return carrier_picture(donors.detach().cpu(), pool, transplant.carrier, donor_name, pool_name, pair,
+        return carrier_picture(donors, pool, transplant.carrier, donor_name, pool_name, pair,
                                mean=mean, std=std, class_names=class_name)
 
     def carrier_pair(self, method: str, probes: int, leading: int) -> tuple[int, int, int, int] | None:

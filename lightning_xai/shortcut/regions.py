@@ -38,6 +38,7 @@ def top_regions(maps: Tensor, fraction: float = DEFAULT_REGION) -> Tensor:
     index = flat.topk(count, dim=1).indices
     return torch.zeros_like(flat, dtype=torch.bool).scatter_(1, index, True).view(maps.shape)
 
+
 def target_zero(images: Tensor, maps: Tensor, classes: Tensor, count: str = "B") -> tuple[Tensor, Tensor]:
     """The maps ``(N, H, W)`` and classes ``(N,)`` of target ``0`` for ``images`` ``(N, C, H, W)`` with their maps
     ``(N, [K,] H, W)`` and the classes ``(N,)`` or ``(N, K)`` those explain; raises naming the shapes (``count``: the

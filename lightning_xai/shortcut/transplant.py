@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_xai.shortcut.carriers import DEFAULT_MAX_RECIPIENTS, CarrierResult, carrier_check
+from lightning_xai.shortcut.carriers import DEFAULT_MAX_RECIPIENTS, CarrierResult, carrier_check, probabilities_of
 from lightning_xai.shortcut.regions import (  # noqa: F401 - DEFAULT_REGION, PredictFn, paste: importable from here
     DEFAULT_CHUNK,
     DEFAULT_REGION,
@@ -242,7 +242,7 @@ def transplant_check(
         raise ValueError(f"chunk must be a positive int, got {chunk}")
     regions = top_regions(maps, fraction).to(images.device)
     classes = classes.detach().long().cpu()
-    before = predict(images).float().softmax(-1).cpu()
+    before = probabilities_of(predict, images, int(chunk))
     predictions = before.argmax(-1)
     donors, recipients = transplant_pairs(classes, predictions)
     probs = predict_chunked(predict, images, regions, donors, recipients, int(chunk), before.shape[-1])
