@@ -68,3 +68,23 @@ def test_row_labels_name_the_options(bench_quality):
     labels = [bench_quality.row_label(method, options) for method, options in bench_quality.ROWS]
     assert len(set(labels)) == len(labels)
     assert {"c2f", "c2f (contrast)", "c2f (clusters)"} <= set(labels)
+
+
+def test_gae_before_issue_17_gives_todays_maps(bench_quality):
+    """The fused table's "before" GAE (recorded attention, whole rollout product) is the same method as today's
+    (fused path, readout row read from the left): only then is its time a fair "before"."""
+    import timm
+    import torch
+
+    import lightning_xai as lx
+
+    bench_explainers = importlib.import_module("bench_explainers")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=3,
+                              num_classes=5).eval()
+    images = torch.randn(2, 3, 32, 32)
+    targets = torch.tensor([[1, 3], [4, 0]])
+    before = bench_explainers.GAEBefore(model)(images, targets)
+    today = lx.explain(model, images, method="gae", targets=targets)
+    assert before.maps.abs().amax() > 0
+    torch.testing.assert_close(today.maps, before.maps, rtol=1e-5, atol=1e-6)

@@ -13,9 +13,9 @@ from torch import Tensor, nn
 
 from lightning_xai.adapters import Geometry, depth
 from lightning_xai.explainers.base import Explainer, RawMaps
-from lightning_xai.explainers.fused import attention_matrices, attention_matrix, fused_forward
+from lightning_xai.explainers.fused import attention_matrix, fused_forward
 from lightning_xai.explainers.registry import register
-from lightning_xai.explainers.relevance import query_row, rollout_product
+from lightning_xai.explainers.relevance import query_row, rollout_readout
 
 
 @register
@@ -75,12 +75,12 @@ class AttentionRollout(Explainer):
     def compute(self, x: Tensor, targets: Any, geom: Geometry) -> RawMaps:
         blocks = list(range(self.start_layer, depth(self.vit)))
         fused = fused_forward(self, x, targets, blocks)
-        if fused is not None:  # each block's attention recomputed from q, k as the product consumes it
+        # the readout row of the product, read from the left: last block first, one (T, T) matrix at a time
+        if fused is not None:  # each block's attention recomputed from q, k as the row consumes it
             record, resolved, probs = fused
-            product = rollout_product(attention_matrices(record))
+            row = rollout_readout((attention_matrix(record, i) for i in reversed(range(len(record.blocks)))), geom)
         else:
             with torch.no_grad():
                 _, captured, resolved, probs = self.forward_captured(x, ("attn",), targets)
-            product = rollout_product([a.float() for a in captured.attn], self.start_layer)
-        row = query_row(product, geom)
+            row = rollout_readout((a.float() for a in reversed(captured.attn[self.start_layer:])), geom)
         return RawMaps(row.unsqueeze(1).expand(-1, resolved.shape[1], -1, -1), resolved, probs)

@@ -16,7 +16,7 @@ from lightning_xai.adapters import Geometry, depth
 from lightning_xai.explainers.base import Explainer, RawMaps
 from lightning_xai.explainers.fused import fused_gradients, gae_step, readout_contributions_fused
 from lightning_xai.explainers.registry import register
-from lightning_xai.explainers.relevance import query_row, readout_contribution
+from lightning_xai.explainers.relevance import patch_row, readout_contribution, readout_start
 
 OBJECTIVES = ("logit", "log_softmax")
 
@@ -52,27 +52,27 @@ class GradientRollout(Explainer):
         return checked
 
     def compute(self, x: Tensor, targets: Any, geom: Geometry) -> RawMaps:
+        # R = (I + W^L) ... (I + W^1) read from the left by the readout row: r <- r + r W^l, last block first, so
+        # one (T, T) matrix per block and target at a time and no (T, T) product (T^2 per block, not T^3)
         fused = fused_gradients(self, x, targets, self.objective)
         if fused is not None:  # one block's matrices at a time, recomputed from q, k, v and dy/do
             record, resolved, probs = fused.record, fused.targets, fused.probs
             steps = (
-                gae_step(record.q[i], record.k[i], record.v[i], grad, record.scale[i], record.logit_bias(i))
-                for i, grad in enumerate(fused.grads)
+                gae_step(record.q[i], record.k[i], record.v[i], fused.grads[i], record.scale[i], record.logit_bias(i))
+                for i in reversed(range(len(fused.grads)))
             )
-            tokens = record.q[0].shape[-2]
         else:
             attn, grads, resolved, probs = self.attention_gradients(x, targets, self.objective)
-            steps = ((grad * layer.unsqueeze(1)).clamp_min(0).mean(2) for layer, grad in zip(attn, grads, strict=True))
-            tokens = attn[0].shape[-1]
-        batch, k = resolved.shape
-        relevance = torch.eye(tokens, device=x.device).expand(batch, k, tokens, tokens)
-        positive = torch.zeros(batch, k, dtype=torch.bool, device=x.device)
+            steps = ((grad * layer.unsqueeze(1)).clamp_min(0).mean(2)
+                     for layer, grad in zip(reversed(attn), reversed(grads), strict=True))
+        row = readout_start(geom, tuple(resolved.shape), x.new_zeros((), dtype=torch.float32))  # (B, K, T)
+        positive = torch.zeros(resolved.shape, dtype=torch.bool, device=x.device)
         for weighted in steps:  # (B, K, T, T)
             positive |= weighted.flatten(2).amax(-1) > 0
-            relevance = relevance + weighted @ relevance
+            row = row + (row.unsqueeze(-2) @ weighted).squeeze(-2)
         if not bool(positive.all()):
             warn_no_positive_relevance(int((~positive).sum()), positive.numel())
-        return RawMaps(query_row(relevance, geom), resolved, probs)
+        return RawMaps(patch_row(row, geom), resolved, probs)
 
 
 class NoPositiveRelevanceWarning(UserWarning):

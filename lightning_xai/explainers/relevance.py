@@ -29,6 +29,34 @@ def rollout_product(attn: Iterable[Tensor], start: int = 0) -> Tensor:
     return result
 
 
+def readout_start(geom: Geometry, batch: tuple[int, ...], like: Tensor) -> Tensor:
+    """The readout weights ``w`` ``(T,)`` (:meth:`Geometry.readout_weights`) expanded to ``(*batch, T)``, in
+    ``like``'s dtype and device: the row vector that reads a product of token-by-token matrices from the left."""
+    weights = geom.readout_weights(device=like.device, dtype=like.dtype)
+    return weights.expand(*batch, -1).clone()
+
+
+def patch_row(row: Tensor, geom: Geometry) -> Tensor:
+    """A relevance row over the tokens ``(..., T)`` -> its patch entries on the grid ``(..., h, w)``."""
+    return row[..., geom.num_prefix :].unflatten(-1, geom.grid)
+
+
+def rollout_readout(attn_last_first: Iterable[Tensor], geom: Geometry) -> Tensor:
+    """:func:`query_row` of :func:`rollout_product`, without the product: ``w^T Â^L ... Â^s`` read from the left, one
+    row vector times one ``(T, T)`` matrix per block, for the blocks' attention ``(B, H, T, T)`` given **last block
+    first** -> ``(B, h, w)``. The same numbers as the product's readout rows (the same sums, grouped otherwise), at
+    ``T^2`` per block where the product costs ``T^3``."""
+    row = None
+    for layer in attn_last_first:
+        step = rownorm_with_identity(layer)  # (B, T, T)
+        if row is None:
+            row = readout_start(geom, step.shape[:1], step)
+        row = (row.unsqueeze(-2) @ step).squeeze(-2)
+    if row is None:
+        raise ValueError("no block to roll out")
+    return patch_row(row, geom)
+
+
 def query_row(matrix: Tensor, geom: Geometry) -> Tensor:
     """Relevance of each patch for what the head reads, read off a token-by-token matrix (METHODS.md's "row 0").
 
