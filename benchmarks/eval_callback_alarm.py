@@ -37,6 +37,7 @@ from lightning_xai.callbacks.shortcut import ShortcutWatch  # noqa: E402
 from lightning_xai.demos import ViTClassifier  # noqa: E402
 from lightning_xai.explainers.registry import get_explainer  # noqa: E402
 from lightning_xai.shortcut import transplant_check  # noqa: E402
+from lightning_xai.shortcut.alarm import carriers_needed  # noqa: E402
 
 
 def replay(folder: Path, method: str, seed: int, num_probes: int = 8, num_references: int = 24) -> dict:
@@ -67,17 +68,30 @@ def replay(folder: Path, method: str, seed: int, num_probes: int = 8, num_refere
             donors = (references.images, more.maps, more.targets)
         scalars = watch.update(method, row["epoch"], probes.images, result.maps, result.targets, predict, donors)
         check = watch.checks[method]
+        pasted = check.carrier.rates[~check.carrier.rates.isnan()] if check.carrier is not None else torch.zeros(0)
         rows.append(dict(epoch=row["epoch"], damage=row["damage"], acc_other=row["acc_other"],
                          rate=scalars.get("shortcut_rate", float("nan")), probe_carriers=check.carrier_probes(),
-                         reference_carriers=check.extra_carriers(), fired=method in watch.alarms))
+                         reference_carriers=check.extra_carriers(), fired=method in watch.alarms,
+                         stamp_rates=[round(float(r), 4) for r in pasted],
+                         donors=len(probes.images) + (0 if donors is None else len(donors[0]))))
     return dict(kind=run["kind"], seed=run["seed"], draw=seed, method=method, cue=is_cue(run["kind"]),
                 num_classes=num_classes, rows=rows)
 
 
-def verdict(result: dict) -> tuple[str, int | None]:
-    """``("on time" | "late" | "missed" | "false alarm" | "silent" | "not following", lag)``."""
+def fires_at_level(row: dict, level: float) -> bool:
+    """Whether ``row``'s event would count with carrier level ``level`` (patience 1): at least
+    ``carriers_needed(donors)`` stamped donors whose rate reaches ``level``."""
+    return sum(r >= level for r in row["stamp_rates"]) >= carriers_needed(row["donors"])
+
+
+def verdict(result: dict, level: float | None = None) -> tuple[str, int | None]:
+    """``("on time" | "late" | "missed" | "false alarm" | "silent" | "not following", lag)``; ``level``: judge the
+    alarm with this carrier level instead of the one the replay ran with (rows saved with their stamps' rates)."""
     rows = result["rows"]
-    fired = next((r["epoch"] for r in rows if r["fired"]), None)
+    if level is None:
+        fired = next((r["epoch"] for r in rows if r["fired"]), None)
+    else:
+        fired = next((r["epoch"] for r in rows if fires_at_level(r, level)), None)
     if not result["cue"]:
         return ("false alarm" if fired is not None else "silent"), None
     if rows[-1]["acc_other"] >= 0.5:
@@ -89,17 +103,18 @@ def verdict(result: dict) -> tuple[str, int | None]:
     return ("late" if lag is not None and lag > 1 else "on time"), lag
 
 
-def summary(results: list[dict]) -> None:
+def summary(results: list[dict], level: float | None = None) -> None:
     for method in sorted({r["method"] for r in results}):
         print(f"\n## {method}: the callback's alarm (defaults), per run and probe draw")
         counts: dict[str, int] = {}
         lags = []
         for result in sorted((r for r in results if r["method"] == method),
                              key=lambda r: (r["kind"], r["seed"], r["draw"])):
-            what, lag = verdict(result)
+            what, lag = verdict(result, level)
             counts[what] = counts.get(what, 0) + 1
             lags += [] if lag is None else [lag]
-            carriers = [len(r["probe_carriers"] or []) + len(r["reference_carriers"] or []) for r in result["rows"]]
+            carriers = [len(r["probe_carriers"] or []) + len(r["reference_carriers"] or []) if level is None
+                        else sum(v >= level for v in r["stamp_rates"]) for r in result["rows"]]
             damage = [round(r["damage"], 2) for r in result["rows"]]
             print(f"{result['kind']:>11}/{result['seed']} draw {result['draw']}: {what:<13} lag {lag!s:>4}  "
                   f"carriers per epoch {carriers}  damage {damage}")
@@ -120,6 +135,8 @@ def main() -> None:
     parser.add_argument("--load", nargs="+", default=None, help="judge runs saved with --json")
     parser.add_argument("--references", type=int, default=24, help="the callback's shortcut_references")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--level", type=float, default=None, help="judge saved rows (--load) with this carrier level "
+                        "(sensitivity; default: as replayed, the library's)")
     parser.add_argument("--stamp-ratio", type=float, default=None, help="the stamp test's ratio (sensitivity; "
                         "default: the library's)")
     args = parser.parse_args()
@@ -138,7 +155,7 @@ def main() -> None:
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(results))
-    summary(results)
+    summary(results, args.level)
 
 
 if __name__ == "__main__":
