@@ -137,12 +137,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--level", type=float, default=None, help="judge saved rows (--load) with this carrier level "
                         "(sensitivity; default: as replayed, the library's)")
-    parser.add_argument("--stamp-ratio", type=float, default=None, help="the stamp test's ratio (sensitivity; "
+    parser.add_argument("--stamp-margin", type=float, default=None, help="the stamp test's margin (sensitivity; "
                         "default: the library's)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.stamp_ratio is not None:  # the watch calls transplant_check with the library's default ratio
-        callback_shortcut.transplant_check = functools.partial(transplant_check, stamp_ratio=args.stamp_ratio)
+    if args.stamp_margin is not None:  # the watch calls transplant_check with the library's default margin
+        callback_shortcut.transplant_check = functools.partial(transplant_check, stamp_margin=args.stamp_margin)
     if args.load:
         results = [r for path in args.load for r in json.loads(Path(path).read_text())]
     else:

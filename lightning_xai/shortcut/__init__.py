@@ -29,7 +29,14 @@ from lightning_xai.shortcut.alarm import (
     explained_epochs,
 )
 from lightning_xai.shortcut.audit import ShortcutCheck, check_shortcut
-from lightning_xai.shortcut.stamps import DEFAULT_STAMP_RATIO, region_distances, stamp_regions, stamped_carriers
+from lightning_xai.shortcut.stamps import (
+    DEFAULT_MATCH_TOLERANCE,
+    DEFAULT_STAMP_MARGIN,
+    region_distances,
+    region_match_shares,
+    stamp_regions,
+    stamped_carriers,
+)
 from lightning_xai.shortcut.transplant import (
     DEFAULT_REGION,
     TransplantResult,
@@ -45,7 +52,8 @@ __all__ = [
     "DEFAULT_PATIENCE",
     "DEFAULT_PATIENCE_WITH_REFERENCES",
     "DEFAULT_REGION",
-    "DEFAULT_STAMP_RATIO",
+    "DEFAULT_MATCH_TOLERANCE",
+    "DEFAULT_STAMP_MARGIN",
     "DEFAULT_THRESHOLD",
     "DONORS_PER_CARRIER",
     "ShortcutAlarm",
@@ -62,6 +70,7 @@ __all__ = [
     "paste",
     "recurring_regions",
     "region_distances",
+    "region_match_shares",
     "shortcut_score",
     "stamp_regions",
     "stamped_carriers",

@@ -31,7 +31,9 @@ from lightning_xai.shortcut.regions import (
 )
 from lightning_xai.shortcut.stamps import (
     DEFAULT_CARRIER_LEVEL,
-    DEFAULT_STAMP_RATIO,
+    DEFAULT_MATCH_TOLERANCE,
+    DEFAULT_STAMP_MARGIN,
+    check_stamp_options,
     stamped_carriers,
     stamps_among,
 )
@@ -122,7 +124,8 @@ def carrier_check(
     labels: Tensor,
     *,
     fraction: float = DEFAULT_REGION,
-    ratio: float = DEFAULT_STAMP_RATIO,
+    margin: float = DEFAULT_STAMP_MARGIN,
+    tolerance: float = DEFAULT_MATCH_TOLERANCE,
     level: float = DEFAULT_CARRIER_LEVEL,
     max_recipients: int = DEFAULT_MAX_RECIPIENTS,
     max_donors: int = DEFAULT_MAX_DONORS,
@@ -139,9 +142,9 @@ def carrier_check(
         pool: ``(R, C, H, W)`` labelled images of the data the model learns from (the donors may be among them:
             an image equal to the donor is never its own reference or recipient); ``labels``: ``(R,)``.
         fraction: each region's size as a fraction of the pixels, in ``(0, 1)``.
-        ratio: a region is a stamp when its nearest pool image of its class is nearer than ``ratio`` times its
-            nearest pool image of another label (:func:`~lightning_xai.shortcut.stamps.stamp_regions`; distances
-            weighted by the maps).
+        margin, tolerance: a region is a stamp when a pool image of its class repeats a share of it (pixels within
+            ``tolerance`` standard deviations, weighted by the maps) larger by ``margin`` than any pool image of
+            another label does (:func:`~lightning_xai.shortcut.stamps.stamp_regions`).
         level: share of its transplants a stamp must carry to be a carrier.
         max_recipients: most pool images each stamped donor is pasted into: those labelled and predicted as
             another class than the donor's, the first in a ``seed``-ed order of the pool.
@@ -160,15 +163,14 @@ def carrier_check(
     if pool.dim() != 4 or len(labels) != len(pool):
         raise ValueError(f"the pool must be images (R, C, H, W) with labels (R,), got {tuple(pool.shape)} and "
                          f"{len(labels)} labels")
-    if not 0.0 < float(ratio) <= 1.0:
-        raise ValueError(f"the stamp ratio must be in (0, 1], got {ratio}")
+    check_stamp_options(margin, tolerance)
     if min(int(max_recipients), int(max_donors), int(chunk)) < 1:
         raise ValueError(f"max_recipients, max_donors and chunk must be positive ints, got {max_recipients}, "
                          f"{max_donors} and {chunk}")
     pool = pool.to(images)
     classes = classes.detach().long().cpu()
     regions = top_regions(maps, fraction).to(images.device)
-    stamps, itself = stamps_among(images, regions, classes, pool, labels, ratio, int(chunk), weights=maps)  # (D,)
+    stamps, itself = stamps_among(images, regions, classes, pool, labels, margin, int(chunk), maps, tolerance)  # (D,)
     before = probabilities_of(predict, pool, int(chunk)) if given is None else given.float().cpu()  # (R, classes)
     if len(before) != len(pool):
         raise ValueError(f"pool_probabilities must be ({len(pool)}, num_classes), got {tuple(before.shape)}")

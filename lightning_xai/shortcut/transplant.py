@@ -37,7 +37,7 @@ from lightning_xai.shortcut.regions import (  # noqa: F401 - DEFAULT_REGION, Pre
     target_zero,
     top_regions,
 )
-from lightning_xai.shortcut.stamps import DEFAULT_STAMP_RATIO, nearer_to_class, region_distances
+from lightning_xai.shortcut.stamps import DEFAULT_STAMP_MARGIN, nearer_to_class, region_distances
 
 
 @dataclass
@@ -194,7 +194,7 @@ def transplant_check(
     recurrence: bool = False,
     control_all: bool = False,
     references: tuple[Tensor, Tensor] | None = None,
-    stamp_ratio: float = DEFAULT_STAMP_RATIO,
+    stamp_margin: float = DEFAULT_STAMP_MARGIN,
     extra_donors: tuple[Tensor, Tensor, Tensor] | None = None,
     max_recipients: int = DEFAULT_MAX_RECIPIENTS,
     seed: int = 0,
@@ -222,11 +222,11 @@ def transplant_check(
             probes with their labels may be among them; about 24 or more, several per class): the stamped-carrier
             check (:func:`~lightning_xai.shortcut.carriers.carrier_check`) then runs on the probes (and
             ``extra_donors``) against them: each region is tested for being a stamp of its class among them
-            (distances weighted by the maps), and each stamp is pasted into references of other classes. It gives
+            (repeated pixels weighted by the maps), and each stamp is pasted into references of other classes. It gives
             :attr:`TransplantResult.carrier`, :attr:`~TransplantResult.stamps`, :attr:`~TransplantResult.carriers`
             and :meth:`~TransplantResult.extra_carriers`; the rate is unchanged.
-        stamp_ratio: how much nearer a stamp's nearest reference of its class must be than its nearest reference of
-            another class (see :func:`~lightning_xai.shortcut.stamps.stamp_regions`).
+        stamp_margin: how much larger a share of a stamp's region a reference of its class must repeat than any
+            reference of another class (see :func:`~lightning_xai.shortcut.stamps.stamp_regions`).
         extra_donors: ``(images (E, C, H, W), maps (E, [K,] H, W), classes (E,) or (E, K))``: more explained images
             (e.g. the references themselves) that the carrier check also tries as donors; used with
             ``references`` only. More donors catch a cue that few probes carry (a cue on half the images).
@@ -258,7 +258,7 @@ def transplant_check(
     recurs = recurring_regions(images, regions, classes, int(chunk)) if recurrence else None
     carrier = None
     if references is not None:
-        carrier = _carriers(predict, images, maps, classes, references, extra_donors, stamp_ratio, fraction,
+        carrier = _carriers(predict, images, maps, classes, references, extra_donors, stamp_margin, fraction,
                             max_recipients, int(chunk), seed, pool_probabilities)
     result = TransplantResult(math.nan, torch.full((len(images),), math.nan), regions.cpu(), classes, predictions,
                               donors, recipients, after, gains, float(fraction), moved, recurs, carrier)
@@ -271,7 +271,7 @@ def transplant_check(
 
 
 def _carriers(predict: PredictFn, images: Tensor, maps: Tensor, classes: Tensor, references: tuple[Tensor, Tensor],
-              extra: tuple[Tensor, Tensor, Tensor] | None, ratio: float, fraction: float, max_recipients: int,
+              extra: tuple[Tensor, Tensor, Tensor] | None, margin: float, fraction: float, max_recipients: int,
               chunk: int, seed: int, probabilities: Tensor | None) -> CarrierResult:
     """The carrier check of the probes (``maps`` ``(B, H, W)``, ``classes`` ``(B,)``) and the ``extra`` donors."""
     pool, labels = references
@@ -284,5 +284,5 @@ def _carriers(predict: PredictFn, images: Tensor, maps: Tensor, classes: Tensor,
         images = torch.cat([images, more.to(images)])
         maps = torch.cat([maps.to(images.device), more_maps.to(images.device, maps.dtype)])
         classes = torch.cat([classes, more_classes.detach().long().cpu()])
-    return carrier_check(predict, images, maps, classes, pool, labels, fraction=fraction, ratio=ratio,
+    return carrier_check(predict, images, maps, classes, pool, labels, fraction=fraction, margin=margin,
                          max_recipients=max_recipients, chunk=chunk, seed=seed, pool_probabilities=probabilities)
