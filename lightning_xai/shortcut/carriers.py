@@ -5,9 +5,9 @@ at its place into labelled images of other classes? (``docs/methods.md``, "Stamp
 The donors are images with maps (the probes, and where the method is cheap, the labelled references too); the
 recipients are the labelled pool (the probes and the references). Only a donor whose region is a stamp is pasted
 anywhere: a region that is no stamp cannot be a stamped carrier, so on a model without a cue the check costs one
-forward of the pool and the region distances, and the pastes are spent where the evidence is. Each stamped donor
-is pasted into at most ``max_recipients`` pool images of other classes (a seeded choice), with the moved-region
-control on the pairs that followed it; at most ``max_donors`` stamps are pasted.
+forward of the pool and the regions' repeated-pixel shares, and the pastes are spent where the evidence is. Each
+stamped donor is pasted into at most ``max_recipients`` pool images of other classes (a seeded choice), with the
+moved-region control on the pairs that followed it; at most ``max_donors`` stamps are pasted.
 
 Pure functions of tensors plus a ``predict``; no Lightning.
 """
