@@ -14,6 +14,7 @@ Pure functions of tensors; no model, no Lightning.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -29,55 +30,11 @@ DEFAULT_STAMP_MARGIN = 0.15
 DEFAULT_CARRIER_LEVEL = 1 / 3
 
 
-def region_distances(images: Tensor, regions: Tensor, pool: Tensor, chunk: int = 256,
-                     weights: Tensor | None = None) -> Tensor:
-    """``(B, R)``: mean absolute difference between each image's pixels and each pool image's pixels over the
-    image's region, at the same places, all channels; with ``weights`` ``(B, H, W)`` (e.g. the maps, >= 0), the
-    mean is weighted by them within the region (the pixels the map points at most count most).
-
-    ``images`` ``(B, C, H, W)``, ``regions`` ``(B, H, W)`` bool with the same number of pixels each (as
-    :func:`~lightning_xai.shortcut.transplant.top_regions` gives), ``pool`` ``(R, C, H, W)``. ``chunk`` bounds the
-    ``(b, R, C, n)`` differences held at once.
-    """
-    if regions.dim() != 3 or len(regions) != len(images):
-        raise ValueError(f"regions must be (B, H, W) for images (B, C, H, W), got {tuple(regions.shape)} and "
-                         f"{tuple(images.shape)}")
-    count = int(regions[0].sum()) if len(regions) else 0
-    if not bool((regions.flatten(1).sum(1) == count).all()):
-        raise ValueError("regions must be (B, H, W) with the same number of pixels in each (see top_regions)")
-    if pool.dim() != 4 or pool.shape[1:] != images.shape[1:]:
-        raise ValueError(f"the reference images must be (R, C, H, W) like the probes {tuple(images.shape[1:])}, got "
-                         f"{tuple(pool.shape)}")
-    batch, size = len(images), len(pool)
-    index = regions.flatten(1).nonzero()[:, 1].view(batch, count).to(images.device)  # (B, n)
-    flat, others = images.flatten(2), pool.to(images).flatten(2)  # (B, C, N), (R, C, N)
-    if weights is None:
-        weight = torch.ones(batch, count, device=images.device)
-    else:
-        weight = weights.detach().float().to(images.device).flatten(1).clamp_min(0).gather(1, index)  # (B, n)
-        weight = torch.where(weight.sum(1, keepdim=True) > 0, weight, torch.ones_like(weight))
-    weight = weight / weight.sum(1, keepdim=True)
-    out = torch.empty(batch, size, device=images.device)
-    step = max(1, int(chunk) // max(1, size))
-    for start in range(0, batch, step):  # a few donors at a time: (b, R, C, n) differences
-        part = index[start:start + step]
-        own = flat[start:start + step].gather(2, part[:, None, :].expand(-1, flat.shape[1], -1))  # (b, C, n)
-        where = part[:, None, None, :].expand(-1, size, flat.shape[1], -1)
-        theirs = others[None].expand(len(part), -1, -1, -1).gather(3, where)  # (b, R, C, n)
-        difference = (theirs - own[:, None]).abs().float().mean(2)  # (b, R, n)
-        out[start:start + step] = (difference * weight[start:start + step, None, :]).sum(2)
-    return out
-
-
-def region_match_shares(images: Tensor, regions: Tensor, pool: Tensor, tolerance: float, chunk: int = 256,
-                        weights: Tensor | None = None) -> Tensor:
-    """``(B, R)``: the share of each image's region that each pool image repeats, pixel for pixel: the pixels of the
-    region whose values are within ``tolerance`` (absolute, in the images' units) of the pool image's at the same place
-    in every channel, each pixel counted with its weight (``weights`` ``(B, H, W)``, e.g. the maps, >= 0; equal
-    weights without them). ``1``: the pool image holds the same pixels over the whole region.
-
-    Shapes as for :func:`region_distances`; ``chunk`` bounds the ``(b, R, C, n)`` differences held at once.
-    """
+def _weighted_over_region(images: Tensor, regions: Tensor, pool: Tensor, chunk: int, weights: Tensor | None,
+                          per_pixel: Callable[[Tensor], Tensor]) -> Tensor:
+    """``(B, R)``: ``per_pixel`` of the absolute differences between each image's region pixels and each pool image's
+    at the same places (``(b, R, C, n)`` -> ``(b, R, n)``), averaged over the region with ``weights`` ``(B, H, W)``
+    (>= 0, normalised within the region; equal without them). Checks the shapes (see :func:`region_distances`)."""
     if regions.dim() != 3 or len(regions) != len(images):
         raise ValueError(f"regions must be (B, H, W) for images (B, C, H, W), got {tuple(regions.shape)} and "
                          f"{tuple(images.shape)}")
@@ -101,9 +58,35 @@ def region_match_shares(images: Tensor, regions: Tensor, pool: Tensor, tolerance
         own = flat[start:start + step].gather(2, part[:, None, :].expand(-1, flat.shape[1], -1))  # (b, C, n)
         where = part[:, None, None, :].expand(-1, size, flat.shape[1], -1)
         theirs = others[None].expand(len(part), -1, -1, -1).gather(3, where)  # (b, R, C, n)
-        same = (theirs - own[:, None]).abs().amax(2) <= float(tolerance)  # (b, R, n): every channel
-        out[start:start + step] = (same.float() * weight[start:start + step, None, :]).sum(2)
+        values = per_pixel((theirs - own[:, None]).abs().float())  # (b, R, n)
+        out[start:start + step] = (values * weight[start:start + step, None, :]).sum(2)
     return out
+
+
+def region_distances(images: Tensor, regions: Tensor, pool: Tensor, chunk: int = 256,
+                     weights: Tensor | None = None) -> Tensor:
+    """``(B, R)``: mean absolute difference between each image's pixels and each pool image's pixels over the
+    image's region, at the same places, all channels; with ``weights`` ``(B, H, W)`` (e.g. the maps, >= 0), the
+    mean is weighted by them within the region (the pixels the map points at most count most).
+
+    ``images`` ``(B, C, H, W)``, ``regions`` ``(B, H, W)`` bool with the same number of pixels each (as
+    :func:`~lightning_xai.shortcut.transplant.top_regions` gives), ``pool`` ``(R, C, H, W)``. ``chunk`` bounds the
+    ``(b, R, C, n)`` differences held at once.
+    """
+    return _weighted_over_region(images, regions, pool, chunk, weights, lambda difference: difference.mean(2))
+
+
+def region_match_shares(images: Tensor, regions: Tensor, pool: Tensor, tolerance: float, chunk: int = 256,
+                        weights: Tensor | None = None) -> Tensor:
+    """``(B, R)``: the share of each image's region that each pool image repeats, pixel for pixel: the pixels of the
+    region whose values are within ``tolerance`` (absolute, in the images' units) of the pool image's at the same place
+    in every channel, each pixel counted with its weight (``weights`` ``(B, H, W)``, e.g. the maps, >= 0; equal
+    weights without them). ``1``: the pool image holds the same pixels over the whole region.
+
+    Shapes as for :func:`region_distances`; ``chunk`` bounds the ``(b, R, C, n)`` differences held at once.
+    """
+    return _weighted_over_region(images, regions, pool, chunk, weights,
+                                 lambda difference: (difference.amax(2) <= float(tolerance)).float())
 
 
 def stamp_regions(images: Tensor, regions: Tensor, classes: Tensor, references: Tensor, labels: Tensor,
