@@ -65,7 +65,7 @@ class GradientRollout(Explainer):
             attn, grads, resolved, probs = self.attention_gradients(x, targets, self.objective)
             steps = ((grad * layer.unsqueeze(1)).clamp_min(0).mean(2)
                      for layer, grad in zip(reversed(attn), reversed(grads), strict=True))
-        row = readout_start(geom, tuple(resolved.shape), x.new_zeros((), dtype=torch.float32))  # (B, K, T)
+        row = readout_start(geom, tuple(resolved.shape), x.device)  # (B, K, T)
         positive = torch.zeros(resolved.shape, dtype=torch.bool, device=x.device)
         for weighted in steps:  # (B, K, T, T)
             positive |= weighted.flatten(2).amax(-1) > 0

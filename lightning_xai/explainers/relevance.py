@@ -29,10 +29,11 @@ def rollout_product(attn: Iterable[Tensor], start: int = 0) -> Tensor:
     return result
 
 
-def readout_start(geom: Geometry, batch: tuple[int, ...], like: Tensor) -> Tensor:
-    """The readout weights ``w`` ``(T,)`` (:meth:`Geometry.readout_weights`) expanded to ``(*batch, T)``, in
-    ``like``'s dtype and device: the row vector that reads a product of token-by-token matrices from the left."""
-    weights = geom.readout_weights(device=like.device, dtype=like.dtype)
+def readout_start(geom: Geometry, batch: tuple[int, ...], device: torch.device | str,
+                  dtype: torch.dtype = torch.float32) -> Tensor:
+    """The readout weights ``w`` ``(T,)`` (:meth:`Geometry.readout_weights`) expanded to ``(*batch, T)``: the row
+    vector that reads a product of token-by-token matrices from the left."""
+    weights = geom.readout_weights(device=device, dtype=dtype)
     return weights.expand(*batch, -1).clone()
 
 
@@ -50,7 +51,7 @@ def rollout_readout(attn_last_first: Iterable[Tensor], geom: Geometry) -> Tensor
     for layer in attn_last_first:
         step = rownorm_with_identity(layer)  # (B, T, T)
         if row is None:
-            row = readout_start(geom, step.shape[:1], step)
+            row = readout_start(geom, step.shape[:1], step.device, step.dtype)
         row = (row.unsqueeze(-2) @ step).squeeze(-2)
     if row is None:
         raise ValueError("no block to roll out")

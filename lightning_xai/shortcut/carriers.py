@@ -33,7 +33,6 @@ from lightning_xai.shortcut.stamps import (
     DEFAULT_CARRIER_LEVEL,
     DEFAULT_MATCH_TOLERANCE,
     DEFAULT_STAMP_MARGIN,
-    check_stamp_options,
     stamped_carriers,
     stamps_among,
 )
@@ -163,7 +162,6 @@ def carrier_check(
     if pool.dim() != 4 or len(labels) != len(pool):
         raise ValueError(f"the pool must be images (R, C, H, W) with labels (R,), got {tuple(pool.shape)} and "
                          f"{len(labels)} labels")
-    check_stamp_options(margin, tolerance)
     if min(int(max_recipients), int(max_donors), int(chunk)) < 1:
         raise ValueError(f"max_recipients, max_donors and chunk must be positive ints, got {max_recipients}, "
                          f"{max_donors} and {chunk}")

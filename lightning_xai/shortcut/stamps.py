@@ -121,21 +121,16 @@ def stamp_regions(images: Tensor, regions: Tensor, classes: Tensor, references: 
                         tolerance)[0]
 
 
-def check_stamp_options(margin: float, tolerance: float) -> None:
-    """Raise ``ValueError`` for a stamp margin outside ``(0, 1]`` or a tolerance that is not positive."""
-    if not 0.0 < float(margin) <= 1.0:
-        raise ValueError(f"the stamp margin must be in (0, 1] (a share of the region), got {margin}")
-    if not float(tolerance) > 0.0:
-        raise ValueError(f"the match tolerance must be > 0 (standard deviations of the pixel values), got {tolerance}")
-
-
 def stamps_among(images: Tensor, regions: Tensor, classes: Tensor, references: Tensor, labels: Tensor,
                  margin: float = DEFAULT_STAMP_MARGIN, chunk: int = 256, weights: Tensor | None = None,
                  tolerance: float = DEFAULT_MATCH_TOLERANCE) -> tuple[Tensor, Tensor]:
     """:func:`stamp_regions`'s stamps ``(B,)`` (on the CPU), and which reference is the probe itself: bool
     ``(B, R)`` (on the CPU; a reference equal to the probe over the whole image). ``references`` on the probes'
     device."""
-    check_stamp_options(margin, tolerance)
+    if not 0.0 < float(margin) <= 1.0:
+        raise ValueError(f"the stamp margin must be in (0, 1] (a share of the region), got {margin}")
+    if not float(tolerance) > 0.0:
+        raise ValueError(f"the match tolerance must be > 0 (standard deviations of the pixel values), got {tolerance}")
     labels = torch.as_tensor(labels).long().flatten().to(images.device)
     scale = float(references.float().std()) if references.numel() > 1 else 1.0
     shares = region_match_shares(images, regions, references, float(tolerance) * max(scale, 1e-12), chunk,
