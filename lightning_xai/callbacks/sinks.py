@@ -35,7 +35,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from lightning_xai.callbacks import descriptions, keys
 from lightning_xai.explainers import Explanation
-from lightning_xai.render import encode_png, save_png
+from lightning_xai.png import encode_png
+from lightning_xai.render import save_png
 
 
 @dataclass
@@ -92,6 +93,9 @@ class Sink:
     """
 
     name: str | None = None
+    pictures: frozenset[str] = frozenset()
+    """The :class:`Record` pictures it reads (see :data:`~lightning_xai.callbacks.presentation.PICTURE_KINDS`): only
+    those are drawn for an event."""
 
     def tag(self, key: str) -> str:
         """``key`` as this monitor logs it (see :func:`.keys.named`)."""
@@ -107,6 +111,8 @@ class Sink:
 class TensorBoardSink(Sink):
     """Images per probe, scalars with their descriptions, and the Custom Scalars layout (once per run: per sink,
     which lives for one ``fit``; a resumed run writes it again into its new event file)."""
+
+    pictures = frozenset({"probe_overlays", "probe_timelines"})
 
     def __init__(self, logger: Any) -> None:
         self.experiment = logger.experiment
@@ -179,6 +185,11 @@ class TensorBoardSink(Sink):
 
 
 class WandbSink(Sink):
+    """The event as one W&B row: scalars, the overlay grid, the timeline, the probes once, the per-probe table,
+    pictures and alerts (staged so that Lightning's metrics of the same step share the row)."""
+
+    pictures = frozenset({"grids", "timelines", "rows"})
+
     def __init__(self, logger: Any) -> None:
         try:
             import wandb
@@ -260,6 +271,8 @@ class WandbSink(Sink):
 class PngSink(Sink):
     """PNG files under ``root/xai/<method>/`` plus ``root/xai/metrics.csv`` (``root/xai/<name>/...`` for a named
     monitor); scalars also to ``logger``."""
+
+    pictures = frozenset({"grids", "timelines"})
 
     def __init__(self, root: Path, logger: Any = None, name: str | None = None) -> None:
         self.root = Path(root) / "xai" / (name or "")
