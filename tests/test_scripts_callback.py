@@ -192,11 +192,15 @@ def test_binary_shortcut_check_sees_the_sigmoid_probabilities(binary_run):
     """The shortcut check reads probabilities as a softmax of what the runner predicts: for a one-logit head
     that must be ``[1 - sigmoid(z), sigmoid(z)]`` (a softmax of the scores ``[-z, z]`` would be sigmoid(2z))."""
     import lightning_xai as lx
+    from lightning_xai.shortcut.carriers import probabilities_of
 
     module, monitor = binary_run
     z = scores_of(module, monitor.probe.images)[:, 0]
     probs = monitor.runner.predict(monitor.probe.images).softmax(-1)
     torch.testing.assert_close(probs[:, 1], torch.sigmoid(z), atol=1e-5, rtol=1e-4)
+    outcome = monitor.runner.run(lambda name, err: None)  # the event's forward: the check takes its probabilities
+    torch.testing.assert_close(monitor.runner.probabilities(outcome),
+                               probabilities_of(monitor.runner.predict, outcome.images), rtol=0, atol=0)
     check = lx.check_shortcut(module, monitor.probe.images, method="gradtoken", task="binary")
     assert check.transplant.classes.tolist() == (z > 0).long().tolist()
     with pytest.raises(ValueError, match="multi-label"):

@@ -29,6 +29,7 @@ from lightning_xai.shortcut import (
     transplant_check,
     transplant_pairs,
 )
+from lightning_xai.shortcut.carriers import probabilities_of
 
 AGREEMENT_LEVEL = 0.4  # the agreement statistic's former alarm level (8x its chance level), kept as a reference
 
@@ -470,6 +471,24 @@ def test_transplant_check_without_pairs_is_undefined_and_bad_input_is_refused():
         transplant_check(model, images, maps[:, :16], labels)
     with pytest.raises(ValueError, match="chunk"):
         transplant_check(model, images, maps, labels, chunk=0)
+
+
+def test_transplant_check_takes_known_probabilities_instead_of_a_forward():
+    model = MarkReader("colour").eval()
+    images, labels, _, maps = _cue_batch("colour")
+    calls = []
+
+    def predict(x):
+        calls.append(x.shape == images.shape and torch.equal(x, images))
+        return model(x)
+
+    ran = transplant_check(predict, images, maps, labels)
+    assert sum(calls) == 1  # the probes' own forward
+    given = transplant_check(predict, images, maps, labels, probabilities=probabilities_of(model, images))
+    assert sum(calls) == 1  # not again
+    assert ran.rate == given.rate and torch.equal(ran.after, given.after) and torch.equal(ran.gains, given.gains)
+    with pytest.raises(ValueError, match="probabilities must be"):
+        transplant_check(model, images, maps, labels, probabilities=probabilities_of(model, images[:3]))
 
 
 def test_check_shortcut_audits_a_model_outside_training_and_leaves_it_as_it_was(tiny_vit):

@@ -158,6 +158,36 @@ def test_probe_captions_show_true_and_predicted_class_and_wrong_rows_are_marked(
     assert unlabelled.shape[2] == render.band_height(2) + 96  # two caption lines without labels, as before
 
 
+def test_board_draws_only_the_pictures_asked_for_and_every_sink_names_what_it_reads():
+    from lightning_xai.callbacks.presentation import PICTURE_KINDS
+    from lightning_xai.callbacks.sinks import PngSink, RawMapSink, Sink, TensorBoardSink, WandbSink
+
+    images = torch.rand(2, 3, 32, 32)
+    result = Explanation(method="m", maps=torch.rand(2, 1, 32, 32), raw=torch.rand(2, 1, 32, 32),
+                         targets=torch.tensor([[0], [1]]), probs=torch.tensor([[0.9], [0.6]]))
+
+    def draw(board, label, **kw):
+        return board.draw(images, label, result.targets, result.probs, {"m": result}, **kw)
+
+    full, tensorboard = Board(), Board()
+    everything = [draw(full, f"ep {i}") for i in range(2)]
+    only = [draw(tensorboard, f"ep {i}", kinds={"probe_overlays", "probe_timelines"}) for i in range(2)]
+    for all_kinds, some in zip(everything, only, strict=True):
+        assert not some.grids and not some.timelines and not some.rows
+        np.testing.assert_array_equal(some.probe_overlays["m"], all_kinds.probe_overlays["m"])
+        np.testing.assert_array_equal(some.probe_timelines["m"], all_kinds.probe_timelines["m"])
+    np.testing.assert_array_equal(tensorboard.timeline("m"), full.timeline("m"))  # the history is kept anyway
+    nothing = draw(Board(), "ep 0", kinds=())
+    assert not (nothing.grids or nothing.probe_overlays or nothing.timelines or nothing.probe_timelines or nothing.rows)
+    with pytest.raises(ValueError, match="unknown picture kinds.*'grid'"):
+        draw(Board(), "ep 0", kinds={"grid"})
+    read = {TensorBoardSink: ("probe_overlays", "probe_timelines"), WandbSink: ("grids", "timelines", "rows"),
+            PngSink: ("grids", "timelines"), RawMapSink: ()}
+    for sink, kinds in read.items():
+        assert sink.pictures == frozenset(kinds) and sink.pictures <= PICTURE_KINDS
+    assert Sink.pictures == frozenset()
+
+
 def test_overlay_grid_pages_hold_at_most_page_probes():
     board = Board()
     rows = np.zeros((PAGE_PROBES * 2 + 3, 2, 20, 10, 3), np.uint8)

@@ -47,7 +47,9 @@ class EventPipeline:
             with preserved_rng():
                 outcome = runner.run(lambda name, err: fail(err, f"explaining with {name!r}"), warned)
                 what = "computing the event's scalars and pictures"
-                alarms = self.records.fill(record, outcome, runner, probe_tiles=not self.probes_logged)
+                pictures = frozenset().union(*(sink.pictures for sink in self.sinks))  # only what is written
+                alarms = self.records.fill(record, outcome, runner, probe_tiles=not self.probes_logged,
+                                           pictures=pictures)
         except Exception as err:  # noqa: BLE001 - an explanation failure must never lose the training run
             fail(err, what)
             return None

@@ -7,7 +7,7 @@ uint8 maps that also go into checkpoints.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,8 @@ from lightning_xai.explainers import Explanation
 HISTORY_LIMIT = 48  # timeline frames kept per method; older ones are thinned, first and newest always kept
 HISTORY_SIDE = 64  # history maps are stored with their longer side at most this many pixels
 PAGE_PROBES = 16  # probes per page of an overlay grid (W&B, PNG): 64 probes made one grid 9,922 px tall
+#: the kinds of :class:`Pictures` (its fields); :meth:`Board.draw` draws those its caller's sinks read
+PICTURE_KINDS = frozenset({"grids", "probe_overlays", "timelines", "probe_timelines", "rows"})
 
 
 @dataclass
@@ -202,25 +204,39 @@ class Board:
         ]
 
     def draw(self, images: Tensor, label: str, targets: Tensor, probs: Tensor, results: dict[str, Explanation],
-             labels: Tensor | None = None, predictions: Tensor | None = None) -> Pictures:
-        """All pictures of one event: ``images`` ``(P, C, H, W)``, ``targets``/``probs`` ``(P, K)``; ``labels`` and
-        ``predictions`` ``(P,)`` class indices when each probe has one label (shown, and wrong rows marked)."""
+             labels: Tensor | None = None, predictions: Tensor | None = None,
+             kinds: Collection[str] = PICTURE_KINDS) -> Pictures:
+        """The pictures of one event: ``images`` ``(P, C, H, W)``, ``targets``/``probs`` ``(P, K)``; ``labels`` and
+        ``predictions`` ``(P,)`` class indices when each probe has one label (shown, and wrong rows marked).
+
+        ``kinds``: which :data:`PICTURE_KINDS` to draw (the others stay empty): those the sinks read, since
+        TensorBoard's pictures and W&B's differ and drawing costs time in the training loop. The event joins the
+        history (:meth:`timeline`) in any case."""
+        kinds = frozenset(kinds)
+        unknown = kinds - PICTURE_KINDS
+        if unknown:
+            raise ValueError(f"unknown picture kinds {sorted(unknown)}; the kinds are {sorted(PICTURE_KINDS)}")
         self._images = images.detach().float().cpu()
         if labels is not None and predictions is not None:
             labels, predictions = labels.cpu().long(), predictions.cpu().long()
         else:
             labels = predictions = None
-        tiles = {name: self.overlays(images, result.maps) for name, result in results.items()}
-        pictures = Pictures(rows=self.rows(targets, probs, tiles, labels))
+        overlaid = kinds & {"grids", "probe_overlays", "rows"}
+        tiles = {name: self.overlays(images, result.maps) for name, result in results.items()} if overlaid else {}
+        pictures = Pictures(rows=self.rows(targets, probs, tiles, labels) if "rows" in kinds else [])
         for name, result in results.items():
-            rows = self.probe_rows(images, result, tiles[name], label, labels, predictions)
-            pictures.grids[name] = self.grid_pages(rows)
-            pictures.probe_overlays[name] = render.grids(rows, ncols=rows.shape[1])
+            if kinds & {"grids", "probe_overlays"}:
+                rows = self.probe_rows(images, result, tiles[name], label, labels, predictions)
+                if "grids" in kinds:
+                    pictures.grids[name] = self.grid_pages(rows)
+                if "probe_overlays" in kinds:
+                    pictures.probe_overlays[name] = render.grids(rows, ncols=rows.shape[1])
             self.add_frame(name, label, result.maps[:, 0])
-            pictures.timelines[name] = self.timeline(name)
+            if "timelines" in kinds:
+                pictures.timelines[name] = self.timeline(name)
             columns = self.probe_timeline_columns(name)
-            if columns != self._shown.get(name):  # re-logging an unchanged picture costs bytes and time
-                pictures.probe_timelines[name] = self.probe_timelines(name)
+            if "probe_timelines" in kinds and columns != self._shown.get(name):  # re-logging an unchanged
+                pictures.probe_timelines[name] = self.probe_timelines(name)  # picture costs bytes and time
                 self._shown[name] = columns
         return pictures
 

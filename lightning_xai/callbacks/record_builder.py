@@ -6,14 +6,14 @@ with the numbers of :class:`~lightning_xai.callbacks.evolution.EvolutionTracker`
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from torch import Tensor
 
 from lightning_xai.callbacks import keys
 from lightning_xai.callbacks.evolution import EvolutionTracker
-from lightning_xai.callbacks.presentation import Board
+from lightning_xai.callbacks.presentation import PICTURE_KINDS, Board
 from lightning_xai.callbacks.runner import Outcome, ProbeRunner
 from lightning_xai.callbacks.shortcut import ShortcutWatch
 from lightning_xai.callbacks.sinks import Record
@@ -38,11 +38,12 @@ class RecordBuilder:
         self.tracker, self.board, self.shortcut = tracker, board, shortcut
         self.deletion_insertion, self.stop_on_shortcut = deletion_insertion, stop_on_shortcut
 
-    def fill(self, record: Record, outcome: Outcome, runner: ProbeRunner, probe_tiles: bool = False
-             ) -> list[ShortcutEvent]:
+    def fill(self, record: Record, outcome: Outcome, runner: ProbeRunner, probe_tiles: bool = False,
+             pictures: Collection[str] = PICTURE_KINDS) -> list[ShortcutEvent]:
         """Put the event's scalars (``xai/...``: the probes', then each method's evolution, shortcut and
-        faithfulness numbers), pictures, shortcut region pictures and alarm notes, and explanations into
-        ``record``; with ``probe_tiles``, the probe images too (the first event of a run).
+        faithfulness numbers), pictures (the ``pictures`` kinds, those the sinks read), shortcut region pictures
+        and alarm notes, and explanations into ``record``; with ``probe_tiles``, the probe images too (the first
+        event of a run).
 
         Returns:
             the shortcut alarms that fired at this event (each method's fires once per run).
@@ -51,6 +52,7 @@ class RecordBuilder:
         fired = []
         if self.shortcut is not None:
             self.shortcut.start_event()
+            probabilities = runner.probabilities(outcome)  # the probes' own, once for every method's check
         for name, result in outcome.results.items():
             scalars = self.tracker.update(name, record.epoch, record.step, result.maps, runner.probes.probe.masks)
             if self.deletion_insertion:
@@ -58,7 +60,7 @@ class RecordBuilder:
             if self.shortcut is not None:
                 donors = self._reference_donors(runner, name)
                 scalars.update(self.shortcut.update(name, record.epoch, outcome.images, result.maps, result.targets,
-                                                    runner.predict, donors))
+                                                    runner.predict, donors, probabilities))
                 images, alerts = self.shortcut.outputs(
                     name, record.label, outcome.images, cmap=self.board.cmap, mean=self.board.mean,
                     std=self.board.std, class_name=self.board.class_name, stopping=self.stop_on_shortcut)
@@ -71,7 +73,7 @@ class RecordBuilder:
         labels = runner.label_indices(outcome)
         predictions = outcome.logits.argmax(-1) if labels is not None else None
         pictures = self.board.draw(outcome.images, record.label, outcome.targets, outcome.probs, outcome.results,
-                                   labels=labels, predictions=predictions)
+                                   labels=labels, predictions=predictions, kinds=pictures)
         record.grids, record.timelines, record.rows = pictures.grids, pictures.timelines, pictures.rows
         record.probe_overlays, record.probe_timelines = pictures.probe_overlays, pictures.probe_timelines
         if probe_tiles:

@@ -186,6 +186,12 @@ class ProbeRunner:
         with explanation_mode(self.module), torch.no_grad():
             return self.handle.log_probabilities(self.handle.logits(images))
 
+    def probabilities(self, outcome: Outcome) -> Tensor:
+        """The probes' probabilities ``(P, num_classes)``, float32 on the CPU, from the outcome's logits: what
+        :func:`~lightning_xai.shortcut.carriers.probabilities_of` gives for :meth:`predict` on the probes (the same
+        forward on the same batch), without running it again."""
+        return self.handle.log_probabilities(outcome.logits).float().softmax(-1).cpu()
+
     def probe_scalars(self, outcome: Outcome) -> dict[str, float]:
         """``xai/target_probability`` (the mean probability of the explained classes) and, with labels:
         ``xai/probe_accuracy`` (multiclass: argmax = label; binary: ``z > 0`` = label, the argmax of the scores

@@ -117,13 +117,15 @@ class ShortcutWatch:
         self._pool_probabilities, self._event_methods = None, set()
 
     def update(self, method: str, epoch: int, images: Tensor, maps: Tensor, classes: Tensor,
-               predict: Callable[[Tensor], Tensor], donors: tuple[Tensor, Tensor, Tensor] | None = None
-               ) -> dict[str, float]:
+               predict: Callable[[Tensor], Tensor], donors: tuple[Tensor, Tensor, Tensor] | None = None,
+               probabilities: Tensor | None = None) -> dict[str, float]:
         """Check ``method``'s maps ``(P, K, H, W)`` of the probes ``images`` ``(P, C, H, W)`` explained for
         ``classes`` ``(P, K)``, with ``predict`` (the runner's forward, see
         :data:`~lightning_xai.shortcut.transplant.PredictFn`); ``donors``: the references explained by the method
         too, ``(images (E, C, H, W), maps (E, 1, H, W), classes (E, 1))``, more donors for the stamped-carrier check
-        (with :attr:`references` only; see :meth:`~lightning_xai.callbacks.runner.ProbeRunner.explain_references`).
+        (with :attr:`references` only; see :meth:`~lightning_xai.callbacks.runner.ProbeRunner.explain_references`);
+        ``probabilities``: the model's probabilities of the probes ``(P, num_classes)`` when already known (see
+        :meth:`~lightning_xai.callbacks.runner.ProbeRunner.probabilities`), which spares the check a forward.
         Returns ``shortcut_rate`` and ``shortcut_agreement`` (when defined: the probes were explained for two
         classes or more) and ``shortcut_threshold`` (always, so that loggers draw it as a line beside the rate)."""
         if method in self._event_methods:  # a method comes once per event: this is the next one
@@ -133,7 +135,7 @@ class ShortcutWatch:
             self._pool_probabilities = probabilities_of(predict, self.references[0].to(images))
         transplant = transplant_check(predict, images, maps, classes, self.fraction, references=self.references,
                                       extra_donors=donors if self.references is not None else None,
-                                      pool_probabilities=self._pool_probabilities)
+                                      pool_probabilities=self._pool_probabilities, probabilities=probabilities)
         self.donors[method] = None if donors is None or self.references is None else donors[0]
         agreement = shortcut_score(maps.detach().float().cpu(), classes.detach().cpu())
         self.checks[method], self.agreements[method] = transplant, agreement

@@ -199,6 +199,7 @@ def transplant_check(
     max_recipients: int = DEFAULT_MAX_RECIPIENTS,
     seed: int = 0,
     pool_probabilities: Tensor | None = None,
+    probabilities: Tensor | None = None,
 ) -> TransplantResult:
     """The transplant check on probes ``images`` ``(B, C, H, W)`` (as the model takes them) with their maps
     ``(B, [K,] H, W)`` and the classes ``(B,)`` or ``(B, K)`` those maps explain (target ``0`` of each is used).
@@ -233,6 +234,9 @@ def transplant_check(
         max_recipients: most references each stamped donor is pasted into.
         pool_probabilities: ``(R, num_classes)`` the model's probabilities of the references, when already
             computed (see :func:`~lightning_xai.shortcut.carriers.carrier_check`).
+        probabilities: ``(B, num_classes)`` the model's probabilities of ``images``, when already computed (as
+            :func:`~lightning_xai.shortcut.carriers.probabilities_of` gives them for ``predict``); else one forward
+            here.
 
     Returns:
         a :class:`TransplantResult`.
@@ -242,7 +246,10 @@ def transplant_check(
         raise ValueError(f"chunk must be a positive int, got {chunk}")
     regions = top_regions(maps, fraction).to(images.device)
     classes = classes.detach().long().cpu()
-    before = probabilities_of(predict, images, int(chunk))
+    before = probabilities_of(predict, images, int(chunk)) if probabilities is None else probabilities.float().cpu()
+    if before.shape[0] != len(images):
+        raise ValueError(f"probabilities must be (B, num_classes) for the {len(images)} images, got "
+                         f"{tuple(before.shape)}")
     predictions = before.argmax(-1)
     donors, recipients = transplant_pairs(classes, predictions)
     probs = predict_chunked(predict, images, regions, donors, recipients, int(chunk), before.shape[-1])
