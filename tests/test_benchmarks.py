@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import importlib
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -88,3 +90,21 @@ def test_gae_before_issue_17_gives_todays_maps(bench_quality):
     today = lx.explain(model, images, method="gae", targets=targets)
     assert before.maps.abs().amax() > 0
     torch.testing.assert_close(today.maps, before.maps, rtol=1e-5, atol=1e-6)
+
+
+def test_callback_overhead_benchmark_runs_every_arm_and_prints_its_table(tmp_path):
+    """A tiny run of the overhead benchmark (2 epochs of 256 images): every arm trains and is timed, the hook's
+    share is printed for each monitor arm, and the monitor does not change the validation accuracy."""
+    command = [sys.executable, str(BENCHMARKS / "bench_callback_overhead.py"), "--epochs", "2", "--repeats", "1",
+               "--num-train", "256", "--gradtoken", "--log-dir", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = [line for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [line.split(" | ")[0] for line in table] == [
+        "| without callback", "| ExplanationMonitor with (GradToken + C2F, 8 probes)",
+        "| ExplanationMonitor with, shortcut_alarm=False (GradToken + C2F, 8 probes)",
+        "| ExplanationMonitor with, methods='gradtoken' (GradToken, 8 probes)"]
+    assert len({line.rsplit(" | ", 1)[1] for line in table}) == 1  # the same accuracy: training is unchanged
+    shares = [line for line in done.stdout.splitlines() if line.startswith("  with")]
+    assert len(shares) == 3 and all("%" in line for line in shares)
