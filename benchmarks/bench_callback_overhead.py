@@ -116,7 +116,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|")
     for arm in arms:
         w, c = median[arm]
-        methods = "GradToken" if "gradtoken" in arm else "GradToken + C2F"
+        methods = "GradToken" if (arms[arm] or {}).get("methods") == "gradtoken" else "GradToken + C2F"
         label = "without callback" if arm == "without" else f"ExplanationMonitor {arm} ({methods}, 8 probes)"
         print(f"| {label} | {w:.2f} | {w / base_wall:.3f} | {c:.2f} | {c / base_cpu:.3f} | {accuracy[arm]:.3f} |")
     print("\nThe monitor's hook (every explanation event) in CPU time, over the rest of the same epoch's CPU time")

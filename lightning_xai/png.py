@@ -30,7 +30,8 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
 
 
 def encode_png(image: np.ndarray, level: int = PNG_COMPRESS_LEVEL) -> bytes:
-    """uint8 ``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)`` (grey, RGB, RGBA) -> PNG bytes.
+    """uint8 ``(H, W)`` or ``(H, W, 1)`` (grey), ``(H, W, 2)`` (grey and alpha), ``(H, W, 3)`` (RGB) or
+    ``(H, W, 4)`` (RGBA) -> PNG bytes.
 
     Other dtypes are cast to uint8 (as ``np.asarray(image, dtype=np.uint8)`` does); ``level`` is zlib's (0-9).
     """
@@ -38,7 +39,7 @@ def encode_png(image: np.ndarray, level: int = PNG_COMPRESS_LEVEL) -> bytes:
     if pixels.ndim == 2:
         pixels = pixels[..., None]
     if pixels.ndim != 3 or pixels.shape[2] not in _COLOUR_TYPES or 0 in pixels.shape[:2]:
-        raise ValueError(f"a PNG needs a non-empty (H, W) or (H, W, 1|3|4) image, got shape {tuple(image.shape)}")
+        raise ValueError(f"a PNG needs a non-empty (H, W) or (H, W, 1|2|3|4) image, got shape {tuple(image.shape)}")
     height, width, channels = pixels.shape
     rows = pixels.reshape(height, width * channels)
     filtered = np.empty((height, 1 + width * channels), dtype=np.uint8)

@@ -153,11 +153,6 @@ def attention_matrix(record: QKVRecord, index: int) -> Tensor:
     return attention_rows(record.q[index], record.k[index], record.scale[index], slice(None), record.logit_bias(index))
 
 
-def attention_matrices(record: QKVRecord) -> Iterator[Tensor]:
-    """Each recorded block's attention matrix ``(B, H, T, T)`` in block order, one at a time."""
-    return (attention_matrix(record, i) for i in range(len(record.blocks)))
-
-
 #: readout rows of one chunk: a slice when they are consecutive (a view, no gather), else an index tensor
 RowChunk = tuple[slice | Tensor, Tensor | None]
 

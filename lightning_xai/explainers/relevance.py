@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable
 
 import torch
@@ -17,15 +16,15 @@ def rownorm_with_identity(attn: Tensor) -> Tensor:
     return mixed / mixed.sum(-1, keepdim=True)
 
 
-def rollout_product(attn: Iterable[Tensor], start: int = 0) -> Tensor:
-    """``R = Â^L ... Â^{start+1}`` with ``Â^l = rownorm(mean_h A^l + I)``: ``(B, H, T, T)`` per block, in block
-    order (a list, or an iterator that makes each block's matrix as the product consumes it) -> ``(B, T, T)``."""
+def rollout_product(attn: Iterable[Tensor]) -> Tensor:
+    """``R = Â^L ... Â^1`` with ``Â^l = rownorm(mean_h A^l + I)``: ``(B, H, T, T)`` per block, in block order ->
+    ``(B, T, T)`` (C2F's cross-layer relation matrix; a readout row alone is :func:`rollout_readout`)."""
     result = None
-    for layer in itertools.islice(attn, start, None):
+    for layer in attn:
         step = rownorm_with_identity(layer)
         result = step if result is None else step @ result
     if result is None:
-        raise ValueError(f"start layer {start} leaves no block to roll out")
+        raise ValueError("no block to roll out")
     return result
 
 
